@@ -1,0 +1,91 @@
+// CPU backend of the NF4 ops: the shared math of peft_kernels/nf4.h in loops parallel over blocks.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "peft_kernels/nf4_op.h"
+
+namespace peft_kernels::nf4 {
+namespace {
+
+template <class T> float load(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+template <class T> void store(T* p, int64_t i, float v) { p[i] = static_cast<T>(v); }  // c10 casts round to nearest even
+
+// Calls f.template operator()<T>() with T the C++ type of `dtype`.
+template <class F> void dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f.template operator()<float>(); break;
+    case DType::kFloat16: f.template operator()<c10::Half>(); break;
+    case DType::kBFloat16: f.template operator()<c10::BFloat16>(); break;
+  }
+}
+
+// ~16K elements per task: enough work per task to amortize at::parallel_for's scheduling.
+int64_t grain(int64_t blocksize) { return std::max<int64_t>(1, 16384 / blocksize); }
+
+struct Cpu {
+  struct Guard {
+    explicit Guard(at::Device) {}
+  };
+
+  static void encode(const EncodeParams& p) {
+    dispatch(p.dtype, [&]<class T>() {
+      const T* w = static_cast<const T*>(p.weight);
+      at::parallel_for(0, p.numel / p.blocksize, grain(p.blocksize), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t base = b * p.blocksize;
+          float m = 0.0f;
+          for (int64_t i = base; i < base + p.blocksize; ++i) m = absmax_step(m, load(w, i));
+          const float inv = inv_scale(m);
+          for (int64_t i = base; i < base + p.blocksize; i += 2) {
+            p.codes[i / 2] = pack(nf4::encode(load(w, i), inv), nf4::encode(load(w, i + 1), inv));
+          }
+          p.absmax[b] = m;
+        }
+      });
+    });
+  }
+
+  static void quantize8(const Quantize8Params& p) {
+    const int64_t nblocks = (p.numel + p.blocksize - 1) / p.blocksize;
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t begin = b * p.blocksize, end = std::min(begin + p.blocksize, p.numel);
+        float m = 0.0f;
+        for (int64_t i = begin; i < end; ++i) m = absmax_step(m, p.x[i]);
+        const float inv = inv_scale(m);
+        for (int64_t i = begin; i < end; ++i) p.q[i] = encode8(p.code, p.x[i], inv);
+        p.absmax[b] = m;
+      }
+    });
+  }
+
+  static void decode(const DecodeParams& p) {
+    dispatch(p.dtype, [&]<class T>() {
+      T* out = static_cast<T*>(p.out);
+      at::parallel_for(0, p.numel / p.blocksize, grain(p.blocksize), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const float scale = p.nested_absmax != nullptr
+                                  ? nested_absmax(p.code8, static_cast<const uint8_t*>(p.absmax)[b],
+                                                  p.nested_absmax[b / p.nested_blocksize], *p.offset)
+                                  : static_cast<const float*>(p.absmax)[b];
+          for (int64_t i = b * p.blocksize; i < (b + 1) * p.blocksize; i += 2) {
+            const uint8_t byte = p.codes[i / 2];
+            store(out, i, nf4::decode(high(byte), scale));
+            store(out, i + 1, nf4::decode(low(byte), scale));
+          }
+        }
+      });
+    });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
+  m.impl("nf4_quantize", &quantize_op<Cpu>);
+  m.impl("nf4_dequantize", &dequantize_op<Cpu>);
+}
+
+}  // namespace peft_kernels::nf4

@@ -1,0 +1,42 @@
+// Kernel-side prelude of every csrc/cuda/*.cu file. Under nvcc it is plain CUDA; in the cudasim build
+// (g++ -x c++ -DPEFT_KERNELS_CUDASIM) the same source runs on the CPU through csrc/sim/cudasim.h.
+#pragma once
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define KLAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define DYN_SMEM(T, name) extern __shared__ T name[]
+#elif defined(PEFT_KERNELS_CUDASIM)
+#include "cudasim.h"
+#else
+#error "csrc/cuda sources build with nvcc, or with the host compiler and -DPEFT_KERNELS_CUDASIM"
+#endif
+
+#include <cstdint>
+
+namespace peft_kernels::cuda {
+
+template <class T> __device__ __forceinline__ float load_f32(const T* p, int64_t i);
+template <> __device__ __forceinline__ float load_f32<float>(const float* p, int64_t i) { return p[i]; }
+template <> __device__ __forceinline__ float load_f32<__half>(const __half* p, int64_t i) { return __half2float(p[i]); }
+template <> __device__ __forceinline__ float load_f32<__nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
+
+// Round-to-nearest-even stores, as torch's .to(dtype) and bitsandbytes' CPU casts do.
+template <class T> __device__ __forceinline__ void store_f32(T* p, int64_t i, float v);
+template <> __device__ __forceinline__ void store_f32<float>(float* p, int64_t i, float v) { p[i] = v; }
+template <> __device__ __forceinline__ void store_f32<__half>(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
+template <> __device__ __forceinline__ void store_f32<__nv_bfloat16>(__nv_bfloat16* p, int64_t i, float v) {
+  p[i] = __float2bfloat16_rn(v);
+}
+
+// Grid size for a grid-stride loop over `work` items of `per_block` each: capped so huge tensors reuse
+// blocks instead of exceeding gridDim.x limits (65535 blocks keep every SM of an H200 busy many times over).
+inline unsigned grid_for(int64_t work, int per_block) {
+  const int64_t blocks = (work + per_block - 1) / per_block;
+  return static_cast<unsigned>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+}
+
+}  // namespace peft_kernels::cuda

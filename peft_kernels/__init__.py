@@ -1,0 +1,10 @@
+"""peft_kernels: fused C++/CUDA kernels for parameter-efficient fine-tuning, with drop-in modules."""
+
+import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's libraries must be loaded first)
+
+from ._ops import build_info
+from .nf4 import NF4Weight, dynamic_map
+from .ops import nf4_dequantize, nf4_quantize
+
+__all__ = ["NF4Weight", "build_info", "dynamic_map", "nf4_dequantize", "nf4_quantize"]
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""Pure-PyTorch references of every op, written for clarity, not speed. Tests compare the kernels (CPU,
+CUDA and the CUDA sources run by the CPU executor) with these; benchmarks use them as the baseline.
+
+NF4 semantics follow bitsandbytes 0.50 exactly (python_tests/test_nf4.py checks bytes against it):
+
+* Quantize a block: ``absmax = max|w|``; ``s = clamp(w * (1 / max(absmax, 1e-38)), -1, 1)`` in fp32; the
+  code is the number of NF4 midpoints strictly below ``s`` — a value exactly on a midpoint takes the lower
+  code (``torch.bucketize(right=False)``).
+* Double quantization: ``offset = absmax.mean()``; ``absmax - offset`` in blocks of 256 is scaled by the
+  reciprocal of the block's max magnitude, snapped to a 65536-step grid over [-1, 1], and mapped to the
+  entry of the 256-entry dynamic map nearest to the grid point (ties to the lower entry) — what
+  bitsandbytes' CPU kernel computes through its lookup table.
+* Dequantize: ``NF4[q] * absmax`` in fp32, then one round-to-nearest-even cast; a double-quantized absmax is
+  ``dynamic[q8] * nested_absmax + offset``, each operation rounded to fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The 16 NF4 levels as fp32, in bitsandbytes' order (sorted).
+NF4_CODE = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+NESTED_BLOCKSIZE = 256
+
+
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The NF4 levels, fp32 [16]."""
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+def nf4_quantize(
+    weight: torch.Tensor, blocksize: int, nested_code: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of ``torch.ops.peft_kernels.nf4_quantize`` (same outputs, bit for bit)."""
+    code = nf4_code(weight.device)
+    w = weight.reshape(-1, blocksize).float()
+    absmax = w.abs().amax(dim=1)
+    scaled = (w * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
+    q = torch.bucketize(scaled.reshape(-1), (code[:-1] + code[1:]) / 2).to(torch.uint8)
+    codes = (q[0::2] << 4) | q[1::2]
+    if nested_code is None:
+        return codes, absmax, absmax.new_empty(0), absmax.new_zeros(())
+    offset = absmax.mean()
+    qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE)
+    return codes, qabsmax, nested_absmax, offset
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization of fp32 ``x`` [n] with a sorted 256-entry ``code``, as bitsandbytes'
+    CPU kernel does it: scale by 1/absmax, snap to a 65536-step grid over [-1, 1], take the code entry
+    nearest to the grid point (exact ties to the lower entry).
+
+    Returns (q uint8 [n], absmax fp32 [ceil(n / blocksize)]); the last block may be partial.
+    """
+    n = x.numel()
+    nblocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(x, (0, nblocks * blocksize - n))
+    absmax = padded.reshape(nblocks, blocksize).abs().amax(dim=1)
+    scaled = x * (1.0 / absmax.clamp(min=1e-38)).repeat_interleave(blocksize)[:n]
+    step = (((scaled.clamp(-1, 1) + 1) * 0.5) * 65535 + 0.5).floor()
+    grid = step / 65535 * 2 - 1
+    lo = (torch.searchsorted(code, grid, right=True) - 1).clamp(0, 255)
+    hi = (lo + 1).clamp(max=255)
+    closer_hi = (code[hi] - grid).abs() < (grid - code[lo]).abs()
+    return torch.where(closer_hi & (lo < 255), hi, lo).to(torch.uint8), absmax
+
+
+def nf4_dequantize(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Reference of ``torch.ops.peft_kernels.nf4_dequantize``: [2 * codes.numel()] of ``dtype``."""
+    if nested_absmax is not None:
+        scale8 = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: absmax.numel()]
+        absmax = nested_code[absmax.long()] * scale8 + offset
+    q = torch.stack([codes >> 4, codes & 15], dim=1).reshape(-1).long()
+    values = nf4_code(codes.device)[q].reshape(-1, blocksize) * absmax[:, None]
+    return values.reshape(-1).to(dtype)
