@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "peft_kernels/alloc.h"
 #include "peft_kernels/check.h"
 #include "peft_kernels/nf4.h"
 #include "peft_kernels/nf4_params.h"
@@ -40,8 +41,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_op(const at:
   typename Backend::Guard guard(weight.device());
   const auto opts = weight.options();
   const int64_t nblocks = n / blocksize;
-  at::Tensor codes = at::empty({n / 2}, opts.dtype(at::kByte));
-  at::Tensor absmax = at::empty({nblocks}, opts.dtype(at::kFloat));
+  at::Tensor codes = empty_output({n / 2}, opts.dtype(at::kByte));
+  at::Tensor absmax = empty_output({nblocks}, opts.dtype(at::kFloat));
   Backend::encode(EncodeParams{weight.data_ptr(), dtype, codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), n,
                                static_cast<int>(blocksize)});
   // absmax propagates NaN and Inf (nf4::absmax_step), so checking it covers the weight with n/blocksize reads.
@@ -58,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_op(const at:
   at::Tensor offset = absmax.mean();
   const at::Tensor centered = absmax - offset;
   const int64_t nested_blocks = (nblocks + kNestedBlocksize - 1) / kNestedBlocksize;
-  at::Tensor qabsmax = at::empty({nblocks}, opts.dtype(at::kByte));
-  at::Tensor nested_absmax = at::empty({nested_blocks}, opts.dtype(at::kFloat));
+  at::Tensor qabsmax = empty_output({nblocks}, opts.dtype(at::kByte));
+  at::Tensor nested_absmax = empty_output({nested_blocks}, opts.dtype(at::kFloat));
   Backend::quantize8(Quantize8Params{centered.data_ptr<float>(), nested_code->data_ptr<float>(),
                                      qabsmax.data_ptr<uint8_t>(), nested_absmax.data_ptr<float>(), nblocks,
                                      kNestedBlocksize});
@@ -102,7 +103,7 @@ at::Tensor dequantize_op(const at::Tensor& codes, const at::Tensor& absmax, cons
   }
 
   typename Backend::Guard guard(device);
-  at::Tensor out = at::empty({n}, codes.options().dtype(out_dtype));
+  at::Tensor out = empty_output({n}, codes.options().dtype(out_dtype));
   Backend::decode(DecodeParams{codes.data_ptr<uint8_t>(), absmax.data_ptr(),
                                nested ? nested_absmax->data_ptr<float>() : nullptr,
                                nested ? nested_code->data_ptr<float>() : nullptr,

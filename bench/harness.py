@@ -1,0 +1,183 @@
+"""Shared benchmark harness: every ``bench/bench_<op>.py`` describes its cases and providers, this times them.
+
+A bench file supplies
+  * ``cases_fn(args) -> list[Case]``: the problem sizes (``args`` is the parsed command line: ``quick``,
+    ``device``, ``dtypes``, ...);
+  * ``providers_fn(case, mode) -> {provider: callable | None}``: creates the inputs once (outside timing) and
+    returns zero-argument callables; ``None`` marks a provider that does not apply to that mode.
+
+Each (case, mode, provider) is run ``--warmup`` times, then timed ``--repeats`` times. The table reports the
+median and the interquartile range (IQR = q3 - q1) in ms, and the median divided by the baseline provider's
+median for the same case and mode, measured side by side in this process: the ratios are the claim, since
+absolute times depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUARTILES = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One problem: ``name`` is shown in the table (e.g. "4096x4096 bf16"); ``params`` is whatever the
+    bench's setup needs (shape, dtype, device, ...)."""
+
+    name: str
+    params: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Row:
+    """One timed (case, mode, provider); times in ms, ``mem_bytes`` as described by the memory column."""
+
+    case: str
+    mode: str
+    provider: str
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    min_ms: float
+    max_ms: float
+    ratio: float | None
+    mem_bytes: int
+
+
+def tensor_bytes(obj, _seen: set | None = None) -> int:
+    """Bytes of the tensors in ``obj``: a tensor, or tensors nested in tuples/lists/dicts, dataclasses and
+    plain objects (e.g. bitsandbytes' QuantState); a storage reached twice is counted once."""
+    seen = set() if _seen is None else _seen
+    if isinstance(obj, torch.Tensor):
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.numel())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(tensor_bytes(x, seen) for x in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(x, seen) for x in obj.values())
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return sum(tensor_bytes(x, seen) for x in vars(obj).values())
+    return 0
+
+
+def measure(fn: Callable[[], object], cuda: bool, warmup: int, repeats: int) -> tuple[list[float], int]:
+    """(times in ms of ``repeats`` calls, memory bytes). Memory comes from one extra untimed call so that
+    the memory bookkeeping never lands inside a timed region: on CUDA the peak allocation above what was
+    allocated before the call (workspace + outputs), on CPU the bytes of the returned tensors."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()  # do not charge this call for earlier queued work
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()  # kernels are asynchronous: wait for the work to finish
+        times.append((time.perf_counter() - start) * 1e3)
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        mem = torch.cuda.max_memory_allocated() - before
+    else:
+        out = fn()
+        mem = tensor_bytes(out)
+    del out
+    return times, mem
+
+
+def parse_args(default_dtypes: str) -> argparse.Namespace:
+    """The common command line; adds ``args.dtypes`` (torch dtypes parsed from ``--dtype``)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"CSV directory (default {RESULTS_DIR})")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype", default=default_dtypes, help=f"comma list from {','.join(DTYPES)} (default %(default)s)"
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer and smaller cases")
+    args = parser.parse_args()
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    unknown = [d for d in args.dtype.split(",") if d not in DTYPES]
+    if unknown:
+        parser.error(f"--dtype: unknown {unknown}, choose from {list(DTYPES)}")
+    args.dtypes = [DTYPES[d] for d in args.dtype.split(",")]
+    return args
+
+
+def main(
+    name: str,
+    cases_fn: Callable[[argparse.Namespace], list[Case]],
+    providers_fn: Callable[[Case, str], dict[str, Callable[[], object] | None]],
+    *,
+    modes: tuple[str, ...] = ("forward", "backward", "full"),
+    baseline: str = "ref",
+    default_dtypes: str = "bf16,fp32",
+) -> tuple[argparse.Namespace, list[Row]]:
+    """Parse the command line, time every (case, mode, provider), print a markdown table (rows appear as
+    each case/mode finishes) and write ``<out>/<name>.csv``. Returns the parsed arguments and the rows, for
+    bench-specific extras."""
+    args = parse_args(default_dtypes)
+    cuda = args.device == "cuda"
+    torch.manual_seed(0)  # identical inputs from run to run
+    device_name = torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    date = datetime.datetime.now().isoformat(timespec="seconds")
+    threads = torch.get_num_threads()
+    print(f"# {name}: torch {torch.__version__} | device {device_name} | torch threads {threads} | {date}")
+    print(f"warmup {args.warmup}, repeats {args.repeats}; IQR = q3 - q1; x {baseline} = median / {baseline} median")
+    mem_label = "CUDA peak MiB (above inputs)" if cuda else "out MiB (returned tensors)"
+    print(f"\n| case | mode | provider | median ms | IQR ms | x {baseline} | {mem_label} |")
+    print("|---|---|---|--:|--:|--:|--:|")
+
+    rows = []
+    for case in cases_fn(args):
+        for mode in modes:
+            providers = {p: fn for p, fn in providers_fn(case, mode).items() if fn is not None}
+            # The baseline first, so every row's ratio is known when it is printed.
+            order = sorted(providers, key=lambda p: p != baseline)
+            base_ms = None
+            for provider in order:
+                times, mem = measure(providers[provider], cuda, args.warmup, args.repeats)
+                q1, med, q3 = torch.tensor(times, dtype=torch.float64).quantile(QUARTILES).tolist()
+                if provider == baseline:
+                    base_ms = med
+                ratio = None if base_ms is None else med / base_ms
+                row = Row(case.name, mode, provider, med, q1, q3, min(times), max(times), ratio, mem)
+                rows.append(row)
+                shown = "" if ratio is None else f"{ratio:.2f}"
+                cells = [case.name, mode, provider, f"{med:.3f}", f"{q3 - q1:.3f}", shown, f"{mem / 2**20:.2f}"]
+                print(f"| {' | '.join(cells)} |", flush=True)
+            del providers  # free this mode's inputs before the next setup allocates its own
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{name}.csv"
+    meta = {"torch": torch.__version__, "device": device_name, "threads": threads, "date": date, "warmup": args.warmup,
+            "repeats": args.repeats, "mem_kind": "cuda_peak_above_inputs" if cuda else "out_bytes"}
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*Row.__dataclass_fields__, *meta])
+        writer.writeheader()
+        writer.writerows({**dataclasses.asdict(r), **meta} for r in rows)
+    print(f"\nwrote {path}")
+    return args, rows

@@ -1,0 +1,34 @@
+// Output allocation shared by every op body.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+namespace peft_kernels {
+
+// With PEFT_KERNELS_POISON_OUTPUTS=1 (python_tests/conftest.py sets it) every output starts as NaN (floats)
+// or 0xA5 (integers), so a kernel that leaves an element unwritten fails the comparison with the reference
+// instead of passing on whatever the allocator handed back. Read once per process.
+inline bool poison_outputs() {
+  static const bool on = [] {
+    const char* e = std::getenv("PEFT_KERNELS_POISON_OUTPUTS");
+    return e != nullptr && std::strcmp(e, "1") == 0;
+  }();
+  return on;
+}
+
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+  if (poison_outputs()) {
+    if (t.is_floating_point()) {
+      t.fill_(NAN);
+    } else {
+      t.fill_(0xA5);
+    }
+  }
+  return t;
+}
+
+}  // namespace peft_kernels

@@ -1,0 +1,105 @@
+// Torch-free driver that runs the CUDA kernels of csrc/cuda through cudasim on files, for the sanitizer and
+// mutant tests (python_tests/test_cudasim.py): built with -fsanitize=thread or =address and run with
+// CUDASIM_MODE=threads, every CUDA thread is an OS thread the sanitizer watches. Python writes the inputs
+// and compares the outputs with peft_kernels.reference.
+//
+//   kernel_driver encode    DIR NUMEL BLOCKSIZE   weight.f32                        -> codes.u8 absmax.f32
+//   kernel_driver quantize8 DIR NUMEL             x.f32 code.f32                    -> q.u8 absmax.f32
+//   kernel_driver decode    DIR NUMEL BLOCKSIZE   codes.u8 absmax.f32               -> out.f32
+//   kernel_driver decode8   DIR NUMEL BLOCKSIZE   codes.u8 q.u8 nested.f32 code.f32 offset.f32 -> out.f32
+#include "launch.h"
+#include "nf4.cu"
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace {
+
+[[noreturn]] void die(const std::string& what) {
+  std::fprintf(stderr, "kernel_driver: %s\n", what.c_str());
+  std::exit(2);
+}
+
+// Reads DIR/name (exactly `count` elements of T) into fresh cudasim "device" memory.
+template <class T> T* load(const std::string& dir, const char* name, size_t count) {
+  const std::string path = dir + "/" + name;
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) die("cannot open " + path);
+  std::vector<T> host(count);
+  const size_t got = std::fread(host.data(), sizeof(T), count, f);
+  std::fclose(f);
+  if (got != count) die(path + ": expected " + std::to_string(count) + " elements, got " + std::to_string(got));
+  void* dev = nullptr;
+  cudaMalloc(&dev, count * sizeof(T));
+  cudaMemcpy(dev, host.data(), count * sizeof(T), cudaMemcpyHostToDevice);
+  return static_cast<T*>(dev);
+}
+
+// Fresh device memory is 0xFF-filled by cudasim_rt.cpp, so elements a kernel forgets to write show up.
+template <class T> T* alloc(size_t count) {
+  void* dev = nullptr;
+  cudaMalloc(&dev, count * sizeof(T));
+  return static_cast<T*>(dev);
+}
+
+template <class T> void save(const std::string& dir, const char* name, const T* dev, size_t count) {
+  std::vector<T> host(count);
+  cudaMemcpy(host.data(), dev, count * sizeof(T), cudaMemcpyDeviceToHost);
+  const std::string path = dir + "/" + name;
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr || std::fwrite(host.data(), sizeof(T), count, f) != count) die("cannot write " + path);
+  std::fclose(f);
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) die(std::string(what) + " failed");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace peft_kernels;
+  if (argc < 4) die("usage: kernel_driver encode|quantize8|decode|decode8 DIR NUMEL [BLOCKSIZE]");
+  const std::string kernel = argv[1], dir = argv[2];
+  const int64_t n = std::atoll(argv[3]);
+  const int blocksize = argc > 4 ? std::atoi(argv[4]) : nf4::kNestedBlocksize;
+  const size_t nblocks = static_cast<size_t>(n / blocksize);
+  if (kernel == "encode") {
+    float* w = load<float>(dir, "weight.f32", n);
+    uint8_t* codes = alloc<uint8_t>(n / 2);
+    float* absmax = alloc<float>(nblocks);
+    check(cuda::nf4_encode({w, DType::kFloat32, codes, absmax, n, blocksize}, nullptr), "nf4_encode");
+    save(dir, "codes.u8", codes, n / 2);
+    save(dir, "absmax.f32", absmax, nblocks);
+  } else if (kernel == "quantize8") {
+    const size_t blocks8 = static_cast<size_t>((n + blocksize - 1) / blocksize);
+    float* x = load<float>(dir, "x.f32", n);
+    float* code = load<float>(dir, "code.f32", 256);
+    uint8_t* q = alloc<uint8_t>(n);
+    float* absmax = alloc<float>(blocks8);
+    check(cuda::nf4_quantize8({x, code, q, absmax, n, blocksize}, nullptr), "nf4_quantize8");
+    save(dir, "q.u8", q, n);
+    save(dir, "absmax.f32", absmax, blocks8);
+  } else if (kernel == "decode" || kernel == "decode8") {
+    const bool nested = kernel == "decode8";
+    const size_t blocks8 = (nblocks + nf4::kNestedBlocksize - 1) / nf4::kNestedBlocksize;
+    uint8_t* codes = load<uint8_t>(dir, "codes.u8", n / 2);
+    const void* absmax = nested ? static_cast<const void*>(load<uint8_t>(dir, "q.u8", nblocks))
+                                : static_cast<const void*>(load<float>(dir, "absmax.f32", nblocks));
+    float* out = alloc<float>(n);
+    nf4::DecodeParams p{codes,   absmax, nullptr, nullptr, nullptr, nf4::kNestedBlocksize,
+                        out,     DType::kFloat32, n, blocksize};
+    if (nested) {
+      p.nested_absmax = load<float>(dir, "nested.f32", blocks8);
+      p.code8 = load<float>(dir, "code.f32", 256);
+      p.offset = load<float>(dir, "offset.f32", 1);
+    }
+    check(cuda::nf4_decode(p, nullptr), "nf4_decode");
+    save(dir, "out.f32", out, n);
+  } else {
+    die("unknown kernel " + kernel);
+  }
+  return 0;
+}
