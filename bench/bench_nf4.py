@@ -38,7 +38,7 @@ DTYPE_NAMES = {dtype: name for name, dtype in harness.DTYPES.items()}
 def cases(args) -> list[harness.Case]:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     return [
-        harness.Case(f"{rows}x{cols} {DTYPE_NAMES[dtype]}", {"shape": (rows, cols), "dtype": dtype, "device": args.device})
+        harness.Case(f"{rows}x{cols} {DTYPE_NAMES[dtype]}", dict(shape=(rows, cols), dtype=dtype, device=args.device))
         for rows, cols in shapes
         for dtype in args.dtypes
     ]

@@ -6,10 +6,10 @@ A bench file supplies
   * ``providers_fn(case, mode) -> {provider: callable | None}``: creates the inputs once (outside timing) and
     returns zero-argument callables; ``None`` marks a provider that does not apply to that mode.
 
-Each (case, mode, provider) is run ``--warmup`` times, then timed ``--repeats`` times. The table reports the
-median and the interquartile range (IQR = q3 - q1) in ms, and the median divided by the baseline provider's
-median for the same case and mode, measured side by side in this process: the ratios are the claim, since
-absolute times depend on the machine and its load.
+Each (case, mode, provider) is run ``--warmup`` times, then timed ``--repeats`` times, the providers of a
+(case, mode) taking turns. The table reports the median and the interquartile range (IQR = q3 - q1) in ms, and
+the median divided by the baseline provider's median for the same case and mode, measured side by side in this
+process: the ratios are the claim, since absolute times depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Row:
     q3_ms: float
     min_ms: float
     max_ms: float
-    ratio: float | None
+    ratio: float | None  # median / the baseline's median; None when the baseline did not run
     mem_bytes: int
 
 
@@ -75,38 +75,48 @@ def tensor_bytes(obj, _seen: set | None = None) -> int:
     return 0
 
 
-def measure(fn: Callable[[], object], cuda: bool, warmup: int, repeats: int) -> tuple[list[float], int]:
-    """(times in ms of ``repeats`` calls, memory bytes). Memory comes from one extra untimed call so that
-    the memory bookkeeping never lands inside a timed region: on CUDA the peak allocation above what was
-    allocated before the call (workspace + outputs), on CPU the bytes of the returned tensors."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()  # do not charge this call for earlier queued work
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()  # kernels are asynchronous: wait for the work to finish
-        times.append((time.perf_counter() - start) * 1e3)
+def timed_ms(fn: Callable[[], object], cuda: bool) -> float:
+    """Wall time of one call in ms."""
     if cuda:
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        torch.cuda.synchronize()
-        mem = torch.cuda.max_memory_allocated() - before
-    else:
-        out = fn()
-        mem = tensor_bytes(out)
-    del out
-    return times, mem
+        torch.cuda.synchronize()  # do not charge this call for earlier queued work
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()  # kernels are asynchronous: wait for the work to finish
+    return (time.perf_counter() - start) * 1e3
 
 
-def parse_args(default_dtypes: str) -> argparse.Namespace:
+def time_interleaved(fns: dict[str, Callable[[], object]], cuda: bool, warmup: int, repeats: int) -> dict[str, list]:
+    """``repeats`` times in ms per provider, after ``warmup`` untimed calls each. The providers take turns,
+    one call each per round, so that a burst of load from other tenants of a shared machine slows all of
+    them alike instead of skewing one provider's numbers and thus the ratios."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed_ms(fn, cuda))
+    return times
+
+
+def memory_bytes(fn: Callable[[], object], cuda: bool) -> int:
+    """Memory of one extra, untimed call (the bookkeeping never lands inside a timed region): on CUDA the
+    peak allocation above what was allocated before the call (workspace + outputs), on CPU the bytes of the
+    returned tensors."""
+    if not cuda:
+        return tensor_bytes(fn())
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def parse_args(description: str, default_dtypes: str) -> argparse.Namespace:
     """The common command line; adds ``args.dtypes`` (torch dtypes parsed from ``--dtype``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"CSV directory (default {RESULTS_DIR})")
@@ -139,7 +149,7 @@ def main(
     """Parse the command line, time every (case, mode, provider), print a markdown table (rows appear as
     each case/mode finishes) and write ``<out>/<name>.csv``. Returns the parsed arguments and the rows, for
     bench-specific extras."""
-    args = parse_args(default_dtypes)
+    args = parse_args(f"Benchmark {name}: times per provider and ratios to {baseline!r}.", default_dtypes)
     cuda = args.device == "cuda"
     torch.manual_seed(0)  # identical inputs from run to run
     device_name = torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
@@ -155,16 +165,15 @@ def main(
     for case in cases_fn(args):
         for mode in modes:
             providers = {p: fn for p, fn in providers_fn(case, mode).items() if fn is not None}
-            # The baseline first, so every row's ratio is known when it is printed.
-            order = sorted(providers, key=lambda p: p != baseline)
-            base_ms = None
-            for provider in order:
-                times, mem = measure(providers[provider], cuda, args.warmup, args.repeats)
-                q1, med, q3 = torch.tensor(times, dtype=torch.float64).quantile(QUARTILES).tolist()
-                if provider == baseline:
-                    base_ms = med
+            times = time_interleaved(providers, cuda, args.warmup, args.repeats)
+            quartiles = {p: torch.tensor(t, dtype=torch.float64).quantile(QUARTILES).tolist() for p, t in times.items()}
+            base_ms = quartiles[baseline][1] if baseline in quartiles else None
+            for provider in sorted(providers, key=lambda p: p != baseline):  # the baseline's row first
+                q1, med, q3 = quartiles[provider]
                 ratio = None if base_ms is None else med / base_ms
-                row = Row(case.name, mode, provider, med, q1, q3, min(times), max(times), ratio, mem)
+                mem = memory_bytes(providers[provider], cuda)
+                t = times[provider]
+                row = Row(case.name, mode, provider, med, q1, q3, min(t), max(t), ratio, mem)
                 rows.append(row)
                 shown = "" if ratio is None else f"{ratio:.2f}"
                 cells = [case.name, mode, provider, f"{med:.3f}", f"{q3 - q1:.3f}", shown, f"{mem / 2**20:.2f}"]
@@ -173,8 +182,8 @@ def main(
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{name}.csv"
-    meta = {"torch": torch.__version__, "device": device_name, "threads": threads, "date": date, "warmup": args.warmup,
-            "repeats": args.repeats, "mem_kind": "cuda_peak_above_inputs" if cuda else "out_bytes"}
+    meta = dict(baseline=baseline, mem_kind="cuda_peak_above_inputs" if cuda else "out_bytes", device=device_name,
+                threads=threads, torch=torch.__version__, date=date, warmup=args.warmup, repeats=args.repeats)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*Row.__dataclass_fields__, *meta])
         writer.writeheader()

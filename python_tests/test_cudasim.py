@@ -1,0 +1,156 @@
+"""The CUDA kernels under ThreadSanitizer and AddressSanitizer, and mutants of them that the suite must catch.
+
+csrc/sim/kernel_driver.cpp runs the launchers of csrc/cuda/*.cu through the CPU executor on files written
+here; built with -fsanitize=thread or =address and run with CUDASIM_MODE=threads (every CUDA thread an OS
+thread) on tiny grids. Outputs are compared with peft_kernels.reference.
+
+The mutants are the real kernel source with one deliberate bug each, written to a temporary directory and
+never part of the build: each must be caught — by a sanitizer report, a crash, or a wrong output. A
+mutant that survives means these tests cannot see that class of bug.
+
+Run only these: ``pytest -m sanitize``.
+"""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import peft_kernels as pk
+from peft_kernels import reference as R
+
+pytestmark = pytest.mark.sanitize
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+CUDA_INCLUDE = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+NUMEL, BLOCKSIZE, NUMEL8 = 704, 64, 300  # 11 NF4 blocks (2 thread blocks), 8-bit: one full block + a partial
+
+if not (CUDA_INCLUDE / "cuda_runtime.h").is_file() or shutil.which("g++") is None:
+    pytest.skip(f"needs g++ and the CUDA headers under {CUDA_INCLUDE} (set CUDA_HOME)", allow_module_level=True)
+
+
+def build(out_dir: pathlib.Path, sanitizer: str | None, nf4_source: str | None = None) -> pathlib.Path:
+    """Compile the driver; `nf4_source` replaces csrc/cuda/nf4.cu (found first on the include path)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    includes = []
+    if nf4_source is not None:
+        (out_dir / "nf4.cu").write_text(nf4_source)
+        includes.append(f"-I{out_dir}")
+    includes += [f"-I{CSRC / 'cuda'}", f"-I{CSRC / 'include'}", f"-I{CSRC / 'sim'}", f"-I{CUDA_INCLUDE}"]
+    exe = out_dir / "kernel_driver"
+    flags = ["-std=c++20", "-O1", "-g", "-ffp-contract=off", "-DPEFT_KERNELS_CUDASIM"]
+    if sanitizer:
+        flags.append(f"-fsanitize={sanitizer}")
+    cmd = ["g++", *flags, *includes, str(CSRC / "sim" / "kernel_driver.cpp"), str(CSRC / "sim" / "cudasim_rt.cpp"),
+           "-lpthread", "-o", str(exe)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return exe
+
+
+def write(path: pathlib.Path, t: torch.Tensor) -> None:
+    t.contiguous().cpu().numpy().tofile(path)
+
+
+def read(path: pathlib.Path, dtype: torch.dtype) -> torch.Tensor:
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=dtype)
+
+
+class Case:
+    """Inputs for every kernel of nf4.cu, and the reference outputs."""
+
+    def __init__(self, work: pathlib.Path):
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(7)
+        self.weight = torch.randn(NUMEL, generator=g) * torch.linspace(0.1, 3, NUMEL)
+        self.code = pk.dynamic_map()
+        self.x8 = torch.randn(NUMEL8, generator=g)
+        self.ref = R.nf4_quantize(self.weight, BLOCKSIZE, self.code)
+        self.ref_plain = R.nf4_quantize(self.weight, BLOCKSIZE, None)
+        write(work / "weight.f32", self.weight)
+        write(work / "code.f32", self.code)
+        write(work / "x.f32", self.x8)
+
+    def run(self, exe: pathlib.Path, kernel: str, *args) -> subprocess.CompletedProcess:
+        env = dict(os.environ, CUDASIM_MODE="threads", TSAN_OPTIONS="halt_on_error=1 exitcode=66",
+                   ASAN_OPTIONS="detect_leaks=0 exitcode=67")
+        return subprocess.run([str(exe), kernel, str(self.work), *map(str, args)], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    def failures(self, exe: pathlib.Path) -> list[str]:
+        """Runs every kernel; returns what went wrong (sanitizer reports, crashes, wrong outputs)."""
+        problems = []
+
+        def step(kernel, *args):
+            r = self.run(exe, kernel, *args)
+            if r.returncode != 0 or "Sanitizer" in r.stderr:
+                reports = [line for line in r.stderr.splitlines() if "Sanitizer:" in line]
+                problems.append(f"{kernel}: exit {r.returncode}: {reports[0] if reports else r.stderr[-2000:]}")
+                return False
+            return True
+
+        def compare(name, got, want):
+            if not torch.equal(got, want):
+                problems.append(f"{name}: {(got != want).sum().item()} of {want.numel()} elements differ")
+
+        if step("encode", NUMEL, BLOCKSIZE):
+            compare("encode codes", read(self.work / "codes.u8", torch.uint8), self.ref_plain[0])
+            compare("encode absmax", read(self.work / "absmax.f32", torch.float32), self.ref_plain[1])
+        if step("quantize8", NUMEL8):
+            q, absmax = R.quantize_blockwise_8bit(self.x8, self.code, 256)
+            compare("quantize8 q", read(self.work / "q.u8", torch.uint8), q)
+            compare("quantize8 absmax", read(self.work / "absmax.f32", torch.float32), absmax)
+        codes, qabsmax, nested, offset = self.ref
+        write(self.work / "codes.u8", codes)
+        write(self.work / "absmax.f32", self.ref_plain[1])
+        if step("decode", NUMEL, BLOCKSIZE):
+            want = R.nf4_dequantize(codes, self.ref_plain[1], None, None, None, BLOCKSIZE, torch.float32)
+            compare("decode", read(self.work / "out.f32", torch.float32), want)
+        write(self.work / "q.u8", qabsmax)
+        write(self.work / "nested.f32", nested)
+        write(self.work / "offset.f32", offset.reshape(1))
+        if step("decode8", NUMEL, BLOCKSIZE):
+            want = R.nf4_dequantize(codes, qabsmax, nested, self.code, offset, BLOCKSIZE, torch.float32)
+            compare("decode8", read(self.work / "out.f32", torch.float32), want)
+        return problems
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("cudasim")
+
+
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_kernels_clean_under_sanitizer(work, sanitizer):
+    exe = build(work / f"clean-{sanitizer}", sanitizer)
+    assert Case(work / f"run-{sanitizer}").failures(exe) == []
+
+
+NF4_CU = (CSRC / "cuda" / "nf4.cu").read_text()
+
+# (id, text to replace in nf4.cu, replacement, sanitizer the mutant is built with, a regex for how it must be caught)
+MUTANTS = [
+    # quantize8: warp 0 reads the other warps' partial maxima with no barrier after they are written
+    ("missing-barrier", "    __syncthreads();\n    if (warp == 0) {", "    if (warp == 0) {", "thread",
+     r"^quantize8: exit 66: WARNING: ThreadSanitizer: data race"),
+    # the shuffle reduction skips the lanes 16 apart: half of each warp's maximum is lost
+    ("short-reduction", "for (int offset = 16;", "for (int offset = 8;", None, r"^encode absmax: \d+ of 11"),
+    # decode runs one byte past the end of codes and out
+    ("off-by-one", "i < nbytes;", "i <= nbytes;", "address", r"^decode: exit 67: ==\d+==ERROR: AddressSanitizer: heap-buffer-overflow"),
+    # decode writes the low nibble's value first
+    ("nibble-order", "store_f32(out, 2 * i, nf4::decode(nf4::high(byte)", "store_f32(out, 2 * i, nf4::decode(nf4::low(byte)",
+     None, r"^decode: \d+ of 704 elements differ"),
+]
+
+
+@pytest.mark.parametrize("name,old,new,sanitizer,caught_by", MUTANTS, ids=[m[0] for m in MUTANTS])
+def test_mutant_is_caught(work, name, old, new, sanitizer, caught_by):
+    assert NF4_CU.count(old) == 1, f"mutation site of {name!r} not found once in nf4.cu: update MUTANTS"
+    exe = build(work / f"mutant-{name}", sanitizer, NF4_CU.replace(old, new))
+    problems = Case(work / f"mutant-run-{name}").failures(exe)
+    assert any(re.search(caught_by, p) for p in problems), f"mutant {name!r} not caught as expected: {problems}"
