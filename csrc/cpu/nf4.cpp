@@ -10,7 +10,6 @@ namespace peft_kernels::nf4 {
 namespace {
 
 template <class T> float load(const T* p, int64_t i) { return static_cast<float>(p[i]); }
-template <class T> void store(T* p, int64_t i, float v) { p[i] = static_cast<T>(v); }  // c10 casts round to nearest even
 
 // Calls f.template operator()<T>() with T the C++ type of `dtype`.
 template <class F> void dispatch(DType dtype, F&& f) {
@@ -70,10 +69,15 @@ struct Cpu {
                                   ? nested_absmax(p.code8, static_cast<const uint8_t*>(p.absmax)[b],
                                                   p.nested_absmax[b / p.nested_blocksize], *p.offset)
                                   : static_cast<const float*>(p.absmax)[b];
-          for (int64_t i = b * p.blocksize; i < (b + 1) * p.blocksize; i += 2) {
-            const uint8_t byte = p.codes[i / 2];
-            store(out, i, nf4::decode(high(byte), scale));
-            store(out, i + 1, nf4::decode(low(byte), scale));
+          // The block's 16 possible outputs, each the same single rounded product nf4::decode computes:
+          // 16 multiplies and casts per block instead of one per element.
+          T level[16];
+          for (unsigned c = 0; c < 16; ++c) level[c] = static_cast<T>(nf4::decode(c, scale));
+          const uint8_t* codes = p.codes + b * p.blocksize / 2;
+          T* o = out + b * p.blocksize;
+          for (int i = 0; i < p.blocksize / 2; ++i) {
+            o[2 * i] = level[high(codes[i])];
+            o[2 * i + 1] = level[low(codes[i])];
           }
         }
       });
