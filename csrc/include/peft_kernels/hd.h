@@ -17,6 +17,13 @@
 #define PK_TABLE constexpr
 #endif
 
+// Full unrolling of short constant-trip loops, spelled for each compiler.
+#if defined(__CUDACC__)
+#define PK_UNROLL _Pragma("unroll")
+#else
+#define PK_UNROLL _Pragma("GCC unroll 16")
+#endif
+
 namespace peft_kernels {
 
 // Element types a kernel can read or write; the torch-facing code maps at::ScalarType onto this so that

@@ -73,7 +73,7 @@ PK_HD uint8_t encode(float x, float inv) {
   float s = mul_rn(x, inv);
   s = s < -1.0f ? -1.0f : (s > 1.0f ? 1.0f : s);
   unsigned q = 0;
-#pragma unroll
+PK_UNROLL
   for (int i = 0; i < 15; ++i) q += s > kMid[i] ? 1u : 0u;
   return static_cast<uint8_t>(q);
 }
