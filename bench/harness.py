@@ -10,6 +10,9 @@ Each (case, mode, provider) is run ``--warmup`` times, then timed ``--repeats`` 
 (case, mode) taking turns. The table reports the median and the interquartile range (IQR = q3 - q1) in ms, and
 the median divided by the baseline provider's median for the same case and mode, measured side by side in this
 process: the ratios are the claim, since absolute times depend on the machine and its load.
+
+Bench files run as scripts and put bench/ on ``sys.path`` themselves (see bench_nf4.py), so that
+``python -P bench/bench_<op>.py`` works and the source tree never shadows the installed package.
 """
 
 from __future__ import annotations
@@ -58,13 +61,14 @@ class Row:
 
 def tensor_bytes(obj, _seen: set | None = None) -> int:
     """Bytes of the tensors in ``obj``: a tensor, or tensors nested in tuples/lists/dicts, dataclasses and
-    plain objects (e.g. bitsandbytes' QuantState); a storage reached twice is counted once."""
+    plain objects (e.g. bitsandbytes' QuantState); the same tensor data or object reached twice counts once."""
     seen = set() if _seen is None else _seen
-    if isinstance(obj, torch.Tensor):
-        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.numel())
-        if key in seen:
-            return 0
-        seen.add(key)
+    is_tensor = isinstance(obj, torch.Tensor)
+    key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.numel()) if is_tensor else id(obj)
+    if key in seen:  # also ends reference cycles between objects
+        return 0
+    seen.add(key)
+    if is_tensor:
         return obj.numel() * obj.element_size()
     if isinstance(obj, (tuple, list)):
         return sum(tensor_bytes(x, seen) for x in obj)
@@ -75,28 +79,23 @@ def tensor_bytes(obj, _seen: set | None = None) -> int:
     return 0
 
 
-def timed_ms(fn: Callable[[], object], cuda: bool) -> float:
-    """Wall time of one call in ms."""
-    if cuda:
-        torch.cuda.synchronize()  # do not charge this call for earlier queued work
-    start = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()  # kernels are asynchronous: wait for the work to finish
-    return (time.perf_counter() - start) * 1e3
-
-
 def time_interleaved(fns: dict[str, Callable[[], object]], cuda: bool, warmup: int, repeats: int) -> dict[str, list]:
-    """``repeats`` times in ms per provider, after ``warmup`` untimed calls each. The providers take turns,
-    one call each per round, so that a burst of load from other tenants of a shared machine slows all of
-    them alike instead of skewing one provider's numbers and thus the ratios."""
+    """``repeats`` wall times in ms per provider, after ``warmup`` untimed calls each. The providers take turns,
+    one call each per round, so that slow drift in the machine's state (other tenants, clocks) spreads over all
+    of them instead of landing on one; it cannot make numbers from a busy machine trustworthy."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(timed_ms(fn, cuda))
+            if cuda:
+                torch.cuda.synchronize()  # do not charge this call for earlier queued work
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()  # kernels are asynchronous: wait for the work to finish
+            times[name].append((time.perf_counter() - start) * 1e3)
     return times
 
 
@@ -116,14 +115,13 @@ def memory_bytes(fn: Callable[[], object], cuda: bool) -> int:
 
 def parse_args(description: str, default_dtypes: str) -> argparse.Namespace:
     """The common command line; adds ``args.dtypes`` (torch dtypes parsed from ``--dtype``)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"CSV directory (default {RESULTS_DIR})")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--dtype", default=default_dtypes, help=f"comma list from {','.join(DTYPES)} (default %(default)s)"
-    )
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory of the CSV")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the inputs live")
+    parser.add_argument("--dtype", default=default_dtypes, help=f"comma list from {','.join(DTYPES)}")
     parser.add_argument("--quick", action="store_true", help="fewer and smaller cases")
     args = parser.parse_args()
     if args.repeats < 1 or args.warmup < 0:
@@ -155,7 +153,8 @@ def main(
     device_name = torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
     date = datetime.datetime.now().isoformat(timespec="seconds")
     threads = torch.get_num_threads()
-    print(f"# {name}: torch {torch.__version__} | device {device_name} | torch threads {threads} | {date}")
+    load = os.getloadavg()[0]  # other tenants' load skews every timing: record it next to them
+    print(f"# {name}: torch {torch.__version__} | {device_name} | torch threads {threads} | load {load:.2f} | {date}")
     print(f"warmup {args.warmup}, repeats {args.repeats}; IQR = q3 - q1; x {baseline} = median / {baseline} median")
     mem_label = "CUDA peak MiB (above inputs)" if cuda else "out MiB (returned tensors)"
     print(f"\n| case | mode | provider | median ms | IQR ms | x {baseline} | {mem_label} |")
@@ -173,8 +172,7 @@ def main(
                 ratio = None if base_ms is None else med / base_ms
                 mem = memory_bytes(providers[provider], cuda)
                 t = times[provider]
-                row = Row(case.name, mode, provider, med, q1, q3, min(t), max(t), ratio, mem)
-                rows.append(row)
+                rows.append(Row(case.name, mode, provider, med, q1, q3, min(t), max(t), ratio, mem))
                 shown = "" if ratio is None else f"{ratio:.2f}"
                 cells = [case.name, mode, provider, f"{med:.3f}", f"{q3 - q1:.3f}", shown, f"{mem / 2**20:.2f}"]
                 print(f"| {' | '.join(cells)} |", flush=True)
@@ -183,7 +181,8 @@ def main(
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{name}.csv"
     meta = dict(baseline=baseline, mem_kind="cuda_peak_above_inputs" if cuda else "out_bytes", device=device_name,
-                threads=threads, torch=torch.__version__, date=date, warmup=args.warmup, repeats=args.repeats)
+                threads=threads, load_1m=load, torch=torch.__version__, date=date, warmup=args.warmup,
+                repeats=args.repeats)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*Row.__dataclass_fields__, *meta])
         writer.writeheader()
