@@ -73,11 +73,13 @@ struct Cpu {
           // 16 multiplies and casts per block instead of one per element.
           T level[16];
           for (unsigned c = 0; c < 16; ++c) level[c] = static_cast<T>(nf4::decode(c, scale));
-          const uint8_t* codes = p.codes + b * p.blocksize / 2;
-          T* o = out + b * p.blocksize;
-          for (int i = 0; i < p.blocksize / 2; ++i) {
-            o[2 * i] = level[high(codes[i])];
-            o[2 * i + 1] = level[low(codes[i])];
+          const uint8_t* __restrict codes = p.codes + b * p.blocksize / 2;
+          T* __restrict o = out + b * p.blocksize;
+          const int nbytes = p.blocksize / 2;
+          for (int i = 0; i < nbytes; ++i) {
+            const uint8_t byte = codes[i];
+            o[2 * i] = level[high(byte)];
+            o[2 * i + 1] = level[low(byte)];
           }
         }
       });
