@@ -57,6 +57,7 @@ def build_info() -> dict:
 
 
 def _register_fakes(namespace: str) -> None:
+    """Fake (meta) kernels of the NF4 ops, for torch.compile and opcheck."""
     @torch.library.register_fake(f"{namespace}::nf4_quantize")
     def _(weight, blocksize, nested_code):
         n = weight.numel()
@@ -74,6 +75,50 @@ def _register_fakes(namespace: str) -> None:
         return codes.new_empty((2 * codes.numel(),), dtype=dtype)
 
 
-_register_fakes("peft_kernels")
-if _sim_path is not None:
-    _register_fakes("peft_kernels_sim")
+def _register_lora(namespace: str) -> None:
+    """Fakes of the LoRA ops and the autograd formula of lora_linear_fwd (backward = lora_linear_bwd)."""
+    @torch.library.register_fake(f"{namespace}::lora_linear_fwd")
+    def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        torch._check(x.shape[-1] == weight.shape[1], lambda: f"lora_linear: x {tuple(x.shape)} vs weight {tuple(weight.shape)}")
+        return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((*x.shape[:-1], lora_A.shape[0]))
+
+    @torch.library.register_fake(f"{namespace}::lora_linear_bwd")
+    def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB, need_dbias):
+        empty = dy.new_empty((0,))
+        return (
+            dy.new_empty((*dy.shape[:-1], weight.shape[1])) if need_dx else empty,
+            lora_A.new_empty(lora_A.shape) if need_dA else empty,
+            lora_B.new_empty(lora_B.shape) if need_dB else empty,
+            dy.new_empty((weight.shape[0],)) if need_dbias else empty,
+        )
+
+    ops = getattr(torch.ops, namespace)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+        if weight.requires_grad:
+            raise ValueError(
+                "lora_linear: argument 'weight' is the frozen base weight and gets no gradient, but it has "
+                "requires_grad=True; call weight.requires_grad_(False) (LoRALinear does)"
+            )
+        # x is needed only for lora_A's gradient: LoRA-FA (A frozen) saves just xa [..., r].
+        ctx.save_for_backward(x if lora_A.requires_grad else None, weight, lora_A, lora_B, output[1], seed)
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, dy, _dxa):
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dx, da, db, dbias = ops.lora_linear_bwd(
+            dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
+            need_x, need_a, need_b, need_bias and ctx.has_bias,
+        )
+        pick = lambda needed, grad: grad if needed else None  # noqa: E731
+        return pick(need_x, dx), None, pick(need_bias and ctx.has_bias, dbias), pick(need_a, da), pick(need_b, db), None, None, None
+
+    torch.library.register_autograd(f"{namespace}::lora_linear_fwd", backward, setup_context=setup_context)
+
+
+for _namespace in ["peft_kernels"] + (["peft_kernels_sim"] if _sim_path is not None else []):
+    _register_fakes(_namespace)
+    _register_lora(_namespace)

@@ -45,3 +45,35 @@ def nf4_dequantize(q: NF4Weight) -> torch.Tensor:
         q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, q.dtype
     )
     return out.reshape(q.shape)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x W^T + b + scaling * (dropout(x) A^T) B^T`` in one op, differentiable in x, lora_A, lora_B and
+    bias (never in the frozen ``weight``, which must have ``requires_grad=False``).
+
+    Args:
+        x: [..., in], fp32 / fp16 / bf16 (all tensors share its dtype and device).
+        weight: [out, in] frozen base weight; bias: [out] or None.
+        lora_A: [r, in]; lora_B: [out, r].
+        scaling: the LoRA scale (alpha / r, or alpha / sqrt(r) for rsLoRA).
+        dropout_p: dropout probability on the LoRA branch's input, in [0, 1).
+        seed: keys the Philox dropout mask (an int or an int64 CPU tensor); None draws one from torch's
+            default generator. Backward regenerates the same mask from it: no mask is stored.
+
+    Returns:
+        y [..., out]. Saved for backward: x (only when lora_A requires grad) and x A^T [..., r].
+    """
+    if seed is None:
+        seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    elif not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64)
+    return torch.ops.peft_kernels.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]

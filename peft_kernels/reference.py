@@ -16,6 +16,8 @@ NF4 semantics follow bitsandbytes 0.50 exactly (python_tests/test_nf4.py checks 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # The 16 NF4 levels as fp32, in bitsandbytes' order (sorted).
@@ -98,3 +100,59 @@ def nf4_dequantize(
     q = torch.stack([codes >> 4, codes & 15], dim=1).reshape(-1).long()
     values = nf4_code(codes.device)[q].reshape(-1, blocksize) * absmax[:, None]
     return values.reshape(-1).to(dtype)
+
+
+# ---- Philox4x32-10 and dropout (csrc/include/peft_kernels/philox.h) ------------------------------------------
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * m for int64 ``a`` < 2**32, by 16-bit limbs (int64 has no unsigned wrap)."""
+    al, ah = a & 0xFFFF, a >> 16
+    ml, mh = m & 0xFFFF, m >> 16
+    ll, lh, hl, hh = al * ml, al * mh, ah * ml, ah * mh
+    mid = (ll >> 16) + (lh & 0xFFFF) + (hl & 0xFFFF)
+    return (hh + (lh >> 16) + (hl >> 16) + (mid >> 16)) & _U32, ((mid & 0xFFFF) << 16) | (ll & 0xFFFF)
+
+
+def philox_draws(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """The 32-bit draw (as int64) of each flat element index: word ``index & 3`` of Philox4x32-10 with counter
+    ``(index >> 2, 0)`` and key ``seed`` (both split into 32-bit halves, low first)."""
+    group = index >> 2
+    c0, c1, c2, c3 = group & _U32, group >> 32, torch.zeros_like(group), torch.zeros_like(group)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(c0, _PHILOX_MUL[0])
+        hi1, lo1 = _mulhilo(c2, _PHILOX_MUL[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_WEYL[0]) & _U32, (k1 + _PHILOX_WEYL[1]) & _U32
+    return torch.stack([c0, c1, c2, c3], dim=-1).gather(-1, (index & 3).unsqueeze(-1)).squeeze(-1)
+
+
+def dropout_keep(shape: torch.Size, p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool mask of the elements dropout keeps, for a tensor of ``shape`` indexed flat in row-major order."""
+    threshold = min(int(p * 2**32), _U32)
+    index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).reshape(shape)
+    return philox_draws(seed, index) >= threshold
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Reference of ``peft_kernels.ops.lora_linear`` (differentiable through autograd):
+    ``x W^T + b + scaling * (dropout(x) A^T) B^T`` with the Philox mask of ``seed``.
+    x [..., in], weight [out, in], bias [out] or None, lora_A [r, in], lora_B [out, r] -> [..., out]."""
+    xd = x
+    if dropout_p > 0:
+        xd = x * dropout_keep(x.shape, dropout_p, seed, x.device) / (1 - dropout_p)
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A), lora_B)
+    return torch.nn.functional.linear(x, weight, bias) + scaling * lora

@@ -1,24 +1,16 @@
 // CPU backend of the NF4 ops: the shared math of peft_kernels/nf4.h in loops parallel over blocks.
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "dispatch.h"
 #include "peft_kernels/nf4_op.h"
 
 namespace peft_kernels::nf4 {
 namespace {
 
-template <class T> float load(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+using cpu::dispatch;
 
-// Calls f.template operator()<T>() with T the C++ type of `dtype`.
-template <class F> void dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f.template operator()<float>(); break;
-    case DType::kFloat16: f.template operator()<c10::Half>(); break;
-    case DType::kBFloat16: f.template operator()<c10::BFloat16>(); break;
-  }
-}
+template <class T> float load(const T* p, int64_t i) { return static_cast<float>(p[i]); }
 
 // ~16K elements per task: enough work per task to amortize at::parallel_for's scheduling.
 int64_t grain(int64_t blocksize) { return std::max<int64_t>(1, 16384 / blocksize); }

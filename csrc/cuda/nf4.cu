@@ -109,6 +109,7 @@ cudaError_t nf4_encode(const nf4::EncodeParams& p, cudaStream_t stream) {
     case DType::kFloat32: KLAUNCH(encode_kernel<float>, grid, kThreads, 0, stream, p); break;
     case DType::kFloat16: KLAUNCH(encode_kernel<__half>, grid, kThreads, 0, stream, p); break;
     case DType::kBFloat16: KLAUNCH(encode_kernel<__nv_bfloat16>, grid, kThreads, 0, stream, p); break;
+    case DType::kFloat64: return cudaErrorInvalidValue;  // the op bodies reject fp64 for GPU backends
   }
   return cudaGetLastError();
 }
@@ -123,6 +124,7 @@ cudaError_t nf4_decode(const nf4::DecodeParams& p, cudaStream_t stream) {
     case DType::kFloat32: launch_decode<float>(p, stream); break;
     case DType::kFloat16: launch_decode<__half>(p, stream); break;
     case DType::kBFloat16: launch_decode<__nv_bfloat16>(p, stream); break;
+    case DType::kFloat64: return cudaErrorInvalidValue;  // the op bodies reject fp64 for GPU backends
   }
   return cudaGetLastError();
 }

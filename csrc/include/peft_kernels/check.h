@@ -42,15 +42,19 @@ inline void same_device(const char* op, const char* arg, const at::Tensor& t, co
                     describe(t));
 }
 
-// The element types our kernels read and write: fp32, fp16, bf16.
-inline DType float_dtype(const char* op, const char* arg, at::ScalarType s) {
+// The element types our kernels read and write: fp32, fp16, bf16, and fp64 where `allow_f64` (CPU kernels
+// that gradcheck runs through).
+inline DType float_dtype(const char* op, const char* arg, at::ScalarType s, bool allow_f64 = false) {
   switch (s) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
+    case at::kDouble:
+      if (allow_f64) return DType::kFloat64;
+      [[fallthrough]];
     default:
-      TORCH_CHECK_TYPE(false, op, ": argument '", arg, "' must be torch.float32, torch.float16 or torch.bfloat16, got ",
-                       s);
+      TORCH_CHECK_TYPE(false, op, ": argument '", arg, "' must be torch.float32, torch.float16 or torch.bfloat16",
+                       allow_f64 ? " (or torch.float64 on the CPU)" : "", ", got ", s);
   }
 }
 

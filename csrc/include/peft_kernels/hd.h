@@ -27,8 +27,9 @@
 namespace peft_kernels {
 
 // Element types a kernel can read or write; the torch-facing code maps at::ScalarType onto this so that
-// kernel files never include torch headers.
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// kernel files never include torch headers. kFloat64 exists for the CPU kernels that must pass float64
+// gradcheck; GPU kernels take the other three.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // IEEE single-precision multiply and add, each rounded on its own. nvcc contracts a*b+c into one FMA by
 // default, which rounds once and would make our dequantized scales differ from bitsandbytes' in the last bit.

@@ -16,6 +16,17 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "nf4_dequantize(Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
       "int blocksize, ScalarType dtype) -> Tensor");
+  // x [..., in], weight [out, in], bias [out], lora_A [r, in], lora_B [out, r] -> y [..., out], xa [..., r]:
+  // y = x weight^T + bias + scaling * xa lora_B^T with xa = dropout(x) lora_A^T. seed: int64 [] on the CPU
+  // (a tensor, so a module can draw a fresh one per step inside a compiled graph), keying the Philox mask.
+  m.def(
+      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "float dropout_p, Tensor seed) -> (Tensor, Tensor)");
+  // -> (dx [..., in], d lora_A [r, in], d lora_B [out, r], d bias [out]); an output not asked for is empty.
+  m.def(
+      "lora_linear_bwd(Tensor dy, Tensor? x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, float scaling, "
+      "float dropout_p, Tensor seed, bool need_dx, bool need_dA, bool need_dB, bool need_dbias) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace peft_kernels

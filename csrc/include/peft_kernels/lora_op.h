@@ -1,0 +1,142 @@
+// The fused LoRA op bodies, written once for every backend:
+//   y = x W^T + b + scaling * (dropout(x) A^T) B^T,   x [..., in], W [out, in], A [r, in], B [out, r].
+// A Backend also declares `static constexpr bool kFloat64` (whether its kernels take fp64: the CPU's do, for
+// gradcheck). The three large products (x W^T, dy W, and with p = 0 the rank-r ones) go to the platform BLAS through
+// ATen; the rank-r update of y is an in-place GEMM accumulate (beta = 1), so y is written once. With
+// dropout the Backend's kernels apply the Philox mask on the fly:
+//   Backend::down(DownParams)          xa = (mask * x) A^T / (1 - p)
+//   Backend::backward(BackwardParams)  dx += mask * (dxa A) * s, dA = dxa^T (mask * x) * s, in one pass
+// so neither the mask nor the dropped x is ever stored. Saved for backward: x (only when A is trainable)
+// and xa [..., r].
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "peft_kernels/alloc.h"
+#include "peft_kernels/check.h"
+#include "peft_kernels/lora_params.h"
+#include "peft_kernels/philox.h"
+
+namespace peft_kernels::lora {
+
+struct Shapes {
+  int64_t out, in, r;
+};
+
+// Validates the frozen weight and the adapter against the activation's dtype and device; returns the sizes.
+inline Shapes check_weights(const char* op, const char* act, const at::Tensor& activation, const at::Tensor& weight,
+                            const at::Tensor& a, const at::Tensor& b, double dropout_p, bool allow_f64) {
+  check::float_dtype(op, act, activation.scalar_type(), allow_f64);
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": argument 'weight' must be 2-D [out, in], got a ", check::describe(weight));
+  const int64_t out = weight.size(0), in = weight.size(1);
+  TORCH_CHECK_VALUE(a.dim() == 2 && a.size(1) == in && a.size(0) >= 1, op,
+                    ": argument 'lora_A' must be [r, in=", in, "] with r >= 1, got a ", check::describe(a));
+  const int64_t r = a.size(0);
+  TORCH_CHECK_VALUE(b.dim() == 2 && b.size(0) == out && b.size(1) == r, op, ": argument 'lora_B' must be [out=", out,
+                    ", r=", r, "], got a ", check::describe(b));
+  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"lora_A", &a}, std::pair{"lora_B", &b}}) {
+    check::dtype(op, name, *t, activation.scalar_type());
+    check::same_device(op, name, *t, activation.device());
+  }
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": argument 'dropout_p' must be in [0, 1), got ", dropout_p);
+  return {out, in, r};
+}
+
+inline Dropout make_dropout(const char* op, double p, const at::Tensor& seed, double scaling) {
+  TORCH_CHECK_VALUE(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1, op,
+                    ": argument 'seed' must be a one-element int64 tensor on the CPU, got a ", check::describe(seed));
+  return {static_cast<uint64_t>(seed.item<int64_t>()), philox::drop_threshold(p), scaling / (1.0 - p)};
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& bias, const at::Tensor& a,
+                                              const at::Tensor& b, double scaling, double dropout_p, const at::Tensor& seed) {
+  constexpr const char* op = "lora_linear";
+  const Shapes s = check_weights(op, "x", x, weight, a, b, dropout_p, Backend::kFloat64);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == s.in, op, ": argument 'x' must have last dimension in=", s.in,
+                    " (weight is ", weight.sizes(), "), got a ", check::describe(x));
+  const int64_t m = x.numel() / s.in;
+  const Dropout drop = make_dropout(op, dropout_p, seed, 1.0);
+  if (bias) {
+    check::dtype(op, "bias", *bias, x.scalar_type());
+    check::numel(op, "bias", *bias, s.out);
+    check::same_device(op, "bias", *bias, x.device());
+  }
+  typename Backend::Guard guard(x.device());
+  // Non-contiguous inputs (e.g. a transposed activation) are accepted like nn.Linear accepts them, at the
+  // cost of one copy here; the kernels need rows of x to be contiguous.
+  const at::Tensor x2 = x.reshape({m, s.in}).contiguous();
+  at::Tensor xa;
+  if (dropout_p == 0.0) {
+    xa = at::mm(x2, a.t());
+  } else {
+    xa = empty_output({m, s.r}, x.options());
+    if (m > 0) {
+      Backend::down(DownParams{x2.data_ptr(), a.contiguous().data_ptr(), xa.data_ptr(),
+                               check::float_dtype(op, "x", x.scalar_type(), true), m, s.in, static_cast<int>(s.r),
+                               drop});
+    }
+  }
+  at::Tensor y = bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  y.addmm_(xa, b.t(), 1.0, scaling);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = s.out;
+  auto xa_shape = x.sizes().vec();
+  xa_shape.back() = s.r;
+  return {y.view(out_shape), xa.view(xa_shape)};
+}
+
+// Gradients the caller asked for; the others come back as empty tensors (shape [0]).
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const at::Tensor& dy, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& a,
+    const at::Tensor& b, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed, bool need_dx,
+    bool need_da, bool need_db, bool need_dbias) {
+  constexpr const char* op = "lora_linear_bwd";
+  const Shapes s = check_weights(op, "dy", dy, weight, a, b, dropout_p, Backend::kFloat64);
+  const int64_t out = s.out, in = s.in;
+  TORCH_CHECK_VALUE(dy.dim() >= 1 && dy.size(-1) == out, op, ": argument 'dy' must be [..., out=", out, "], got a ",
+                    check::describe(dy));
+  const int64_t m = dy.numel() / out;
+  const Dropout drop = make_dropout(op, dropout_p, seed, scaling);
+  TORCH_CHECK_VALUE(xa.numel() == m * s.r && xa.size(-1) == s.r, op, ": argument 'xa' must be [..., r=", s.r,
+                    "] with ", m, " rows like dy, got a ", check::describe(xa));
+  TORCH_CHECK_VALUE(!need_da || (x.has_value() && x->numel() == m * in), op,
+                    ": argument 'x' (saved input) must have ", m, " rows of in=", in, " when lora_A needs a gradient");
+  typename Backend::Guard guard(dy.device());
+  const auto empty = [&] { return at::empty({0}, dy.options()); };
+  const at::Tensor dy2 = dy.reshape({m, out}).contiguous();
+  const at::Tensor xa2 = xa.reshape({m, s.r});
+  at::Tensor dx = empty(), da = empty(), db = empty(), dbias = empty();
+  if (need_db) db = at::mm(dy2.t(), xa2).mul_(scaling);
+  if (need_dbias) dbias = dy2.sum(0);
+  if (!need_dx && !need_da) return {dx, da, db, dbias};
+  const at::Tensor dxa = at::mm(dy2, b);  // [m, r]; the LoRA scaling is applied by the consumers below
+  const at::Tensor x2 = need_da ? x->reshape({m, in}).contiguous() : at::Tensor();
+  if (need_dx) dx = at::mm(dy2, weight);
+  if (dropout_p == 0.0) {
+    if (need_dx) dx.addmm_(dxa, a, 1.0, scaling);
+    if (need_da) da = at::mm(dxa.t(), x2).mul_(scaling);
+  } else {
+    if (need_da) da = empty_output({s.r, in}, dy.options());
+    if (m > 0) {
+      Backend::backward(BackwardParams{need_da ? x2.data_ptr() : nullptr, a.contiguous().data_ptr(), dxa.data_ptr(),
+                                       need_dx ? dx.data_ptr() : nullptr, need_da ? da.data_ptr() : nullptr,
+                                       check::float_dtype(op, "dy", dy.scalar_type(), true), m, in, static_cast<int>(s.r),
+                                       drop});
+    } else if (need_da) {
+      da.zero_();
+    }
+  }
+  if (need_dx) {
+    auto shape = dy.sizes().vec();
+    shape.back() = in;
+    dx = dx.view(shape);
+  }
+  return {dx, da, db, dbias};
+}
+
+}  // namespace peft_kernels::lora

@@ -1,0 +1,44 @@
+// Torch-free parameter blocks of the fused LoRA kernels (csrc/cpu/lora_linear.cpp, csrc/cuda/lora_linear.cu).
+// Only the dropout path needs them: with p = 0 every LoRA product is a plain GEMM and goes to the BLAS.
+// All matrices are row-major and contiguous; x is [m, in], A [r, in], xa and dxa [m, r].
+#pragma once
+#include <cstdint>
+
+#include "peft_kernels/hd.h"
+
+namespace peft_kernels::lora {
+
+// keep(e) = philox draw of flat element e = row * in + col >= threshold; kept values are multiplied by scale.
+struct Dropout {
+  uint64_t seed;
+  uint32_t threshold;
+  double scale;  // 1 / (1 - p), times the LoRA scaling in backward; kernels round it to their accumulator type
+};
+
+// xa[i, j] = sum_k keep(i*in+k) * scale * x[i, k] * A[j, k], accumulated in fp32, stored in dtype.
+struct DownParams {
+  const void* x;
+  const void* a;
+  void* xa;
+  DType dtype;
+  int64_t m, in;
+  int r;
+  Dropout drop;
+};
+
+// With s = drop.scale (which folds in the LoRA scaling):
+//   dx[i, k] += keep(i*in+k) * s * sum_j dxa[i, j] * A[j, k]      (if dx is not null; dx already holds dy W)
+//   da[j, k]  = sum_i dxa[i, j] * keep(i*in+k) * s * x[i, k]      (if da is not null; stored in dtype)
+struct BackwardParams {
+  const void* x;
+  const void* a;
+  const void* dxa;
+  void* dx;
+  void* da;
+  DType dtype;
+  int64_t m, in;
+  int r;
+  Dropout drop;
+};
+
+}  // namespace peft_kernels::lora

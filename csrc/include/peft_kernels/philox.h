@@ -1,0 +1,70 @@
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11): a counter-based RNG,
+// so any kernel can regenerate the random number of element e from (seed, e) alone. Dropout uses it to
+// redraw in backward exactly the mask of forward without storing it. peft_kernels/reference.py implements
+// the same function with torch integer ops; python_tests/test_lora_linear.py checks they agree bit for bit.
+//
+// Element e's 32-bit draw is word (e & 3) of philox(counter = {low32(e >> 2), high32(e >> 2), 0, 0},
+// key = {low32(seed), high32(seed)}); an element is kept when its draw is >= drop_threshold(p).
+#pragma once
+#include <cstdint>
+
+#include "peft_kernels/hd.h"
+
+namespace peft_kernels::philox {
+
+constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;  // round multipliers
+constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;  // key schedule increments (golden ratio, sqrt 3)
+
+struct Draw {
+  uint32_t w[4];
+};
+
+PK_HD void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  hi = __umulhi(a, b);
+  lo = a * b;
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+#endif
+}
+
+// The four draws of 4-element group `group` (elements 4*group .. 4*group+3).
+PK_HD Draw draw4(uint64_t seed, uint64_t group) {
+  uint32_t c0 = static_cast<uint32_t>(group), c1 = static_cast<uint32_t>(group >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  PK_UNROLL
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo(kMul0, c0, hi0, lo0);
+    mulhilo(kMul1, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += kWeyl0;
+    k1 += kWeyl1;
+  }
+  return Draw{{c0, c1, c2, c3}};
+}
+
+// Word i of a draw by selects: indexing w[] with a run-time i puts the draw in GPU local memory (16-byte stack
+// frame per thread in ptxas' report), which the resource check rejects.
+PK_HD uint32_t word(const Draw& d, unsigned i) {
+  const uint32_t lo = (i & 1u) ? d.w[1] : d.w[0];
+  const uint32_t hi = (i & 1u) ? d.w[3] : d.w[2];
+  return (i & 2u) ? hi : lo;
+}
+
+// Element e's draw.
+PK_HD uint32_t element(uint64_t seed, uint64_t e) { return word(draw4(seed, e >> 2), static_cast<unsigned>(e & 3)); }
+
+// Draws below the threshold are dropped: P(drop) = threshold / 2^32 = p to within 2^-32.
+inline uint32_t drop_threshold(double p) {
+  const double t = p * 4294967296.0;
+  return t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t);
+}
+
+}  // namespace peft_kernels::philox
