@@ -2,9 +2,10 @@
 
 import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's libraries must be loaded first)
 
+from . import nn
 from ._ops import build_info
 from .nf4 import NF4Weight, dynamic_map
-from .ops import nf4_dequantize, nf4_quantize
+from .ops import lora_linear, nf4_dequantize, nf4_quantize
 
-__all__ = ["NF4Weight", "build_info", "dynamic_map", "nf4_dequantize", "nf4_quantize"]
+__all__ = ["NF4Weight", "build_info", "dynamic_map", "lora_linear", "nf4_dequantize", "nf4_quantize", "nn"]
 __version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""Drop-in modules: each wraps one op call in forward."""
+
+from .lora import LoRALinear
+
+__all__ = ["LoRALinear"]

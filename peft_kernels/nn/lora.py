@@ -1,0 +1,106 @@
+"""LoRALinear: a frozen nn.Linear plus a low-rank update, computed by one fused op call."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+
+
+class LoRALinear(nn.Module):
+    """``y = x W^T + b + scaling * (dropout(x) A^T) B^T`` with W (and b) frozen.
+
+    Shapes: x [..., in_features] -> y [..., out_features]; ``weight`` [out, in], ``bias`` [out] or None,
+    ``lora_A`` [r, in] (Kaiming-uniform, a = sqrt(5), as HF PEFT), ``lora_B`` [out, r] (zeros), so a fresh
+    layer computes exactly the base Linear. ``scaling`` = alpha / r, or alpha / sqrt(r) with ``use_rslora``.
+
+    Dropout (training mode only) draws one Philox seed per forward from torch's default generator; backward
+    regenerates the mask from it, so no mask is stored. Saved for backward: x and x A^T [..., r] (x only while
+    ``lora_A`` is trainable: with it frozen, LoRA-FA, only x A^T is kept).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        bias: bool = True,
+        use_rslora: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRALinear: argument 'r' must be an int >= 1, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRALinear: argument 'dropout' must be in [0, 1), got {dropout!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.r, self.alpha = in_features, out_features, r, alpha
+        self.dropout, self.use_rslora = dropout, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory), requires_grad=False) if bias else None
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.reset_lora_parameters()
+        self.merged = False
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False
+    ) -> LoRALinear:
+        """Wrap ``linear`` without copying its weight: the new module's ``weight``/``bias`` are the same
+        tensors, frozen. Adapter weights get ``linear``'s dtype and device."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LoRALinear.from_linear: argument 'linear' must be an nn.Linear, got {type(linear).__name__}")
+        with torch.device("meta"):
+            module = cls(linear.in_features, linear.out_features, r, alpha, dropout, linear.bias is not None, use_rslora)
+        module.weight = nn.Parameter(linear.weight.data, requires_grad=False)
+        module.bias = None if linear.bias is None else nn.Parameter(linear.bias.data, requires_grad=False)
+        factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        module.lora_A = nn.Parameter(torch.empty(r, linear.in_features, **factory))
+        module.lora_B = nn.Parameter(torch.empty(linear.out_features, r, **factory))
+        module.reset_lora_parameters()
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return nn.functional.linear(x, self.weight, self.bias)
+        p = self.dropout if self.training else 0.0
+        return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A in fp32 [out, in]."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += scaling * B A in place (computed in fp32, rounded once to W's dtype); forward becomes the plain
+        Linear. Raises if already merged."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge: already merged")
+        self.weight.copy_(self.weight.float() + self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W -= scaling * B A: restores W to within one rounding of its dtype. Raises if not merged."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge: not merged")
+        self.weight.copy_(self.weight.float() - self.delta_weight())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, merged={self.merged}")

@@ -1,0 +1,249 @@
+"""lora_linear: values and gradients against the float64 reference on every backend (CPU kernels, the CUDA
+kernels through the CPU executor, CUDA when present), the Philox dropout mask, what is saved for backward,
+gradcheck, opcheck, torch.compile, and bad input.
+
+Tolerance rule: our error against the float64 reference is at most twice the error of the reference itself
+run in the same low dtype, plus a small atol.
+"""
+
+import pytest
+import torch
+
+import peft_kernels as pk
+from peft_kernels import reference as R
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def make(lead, n_in, n_out, r, dtype, device="cpu", bias=True, seed=0):
+    """Random operands (A and B both non-zero so every path of the gradient is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)  # noqa: E731
+    return dict(
+        x=t(*lead, n_in).requires_grad_(),
+        weight=t(n_out, n_in, scale=n_in**-0.5),
+        bias=t(n_out).requires_grad_() if bias else None,
+        lora_A=t(r, n_in, scale=n_in**-0.5).requires_grad_(),
+        lora_B=t(n_out, r, scale=r**-0.5).requires_grad_(),
+    )
+
+
+def grads_of(fn, args, dy):
+    y = fn(**args)
+    leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    return [y, *torch.autograd.grad(y, leaves, dy)]
+
+
+def as_f64(args):
+    return {k: None if v is None else v.detach().double().requires_grad_(v.requires_grad) for k, v in args.items()}
+
+
+def run_ours(ops, scaling, p, seed):
+    fwd = ops.lora_linear_fwd
+    return lambda **a: fwd(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], scaling, p, torch.tensor(seed))[0]
+
+
+def run_ref(scaling, p, seed):
+    return lambda **a: R.lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], scaling, p, seed)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p25"])
+@pytest.mark.parametrize("r", [1, 7, 16, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_values_and_grads(backend, dtype, r, p):
+    if backend.name == "cudasim" and r == 128 and dtype != torch.float32:
+        pytest.skip("r=128 through the CPU executor once (fp32) is enough: the kernels are dtype-generic")
+    args = make((3, 13), 67, 45, r, dtype, backend.device, seed=r)
+    dy = torch.randn(3, 13, 45, generator=torch.Generator().manual_seed(1)).to(dtype).to(backend.device)
+    ours = grads_of(run_ours(backend.ops, 0.7, p, seed=99), args, dy)
+    low = grads_of(run_ref(0.7, p, seed=99), args, dy)
+    exact = grads_of(run_ref(0.7, p, seed=99), as_f64(args), dy.double())
+    names = ["y", "dx", "dbias", "dA", "dB"]
+    for name, o, lo, ex in zip(names, ours, low, exact):
+        assert o.dtype == dtype and o.shape == ex.shape, name
+        err, ref_err = (o.double() - ex).abs().max().item(), (lo.double() - ex).abs().max().item()
+        assert err <= 2 * ref_err + ATOL[dtype], f"{name}: error {err:.3g} vs reference-in-{dtype} {ref_err:.3g}"
+
+
+def test_philox_known_answer():
+    """Random123's known-answer vector for Philox4x32-10 with counter 0 and key 0."""
+    assert R.philox_draws(0, torch.arange(4)).tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+@pytest.mark.parametrize("seed", [0, 12345, -7])
+def test_dropout_mask_matches_reference(backend, seed):
+    """With x = 1 and A = I, x A^T is the scaled keep mask itself: it must be the reference's, bit for bit."""
+    n = 37
+    x = torch.ones(5, 11, n, device=backend.device)
+    eye = torch.eye(n, device=backend.device)
+    _, xa = backend.ops.lora_linear_fwd(x, torch.zeros(3, n, device=backend.device), None, eye,
+                                        torch.zeros(3, n, device=backend.device), 1.0, 0.3, torch.tensor(seed))
+    keep = R.dropout_keep(x.shape, 0.3, seed, backend.device)
+    assert torch.equal(xa != 0, keep)
+    assert torch.allclose(xa[keep], torch.tensor(1 / 0.7))
+
+
+def test_keep_rate_and_seeds_differ():
+    keep = R.dropout_keep((1000, 1000), 0.1, 42)
+    assert abs(keep.float().mean().item() - 0.9) < 0.002  # 1e6 Bernoulli(0.9): sd 3e-4
+    assert (keep != R.dropout_keep((1000, 1000), 0.1, 43)).float().mean().item() > 0.15
+
+
+def test_dx_passes_through_the_forward_mask(backend):
+    """With W = 0, dx is the LoRA branch's alone: zero exactly where forward dropped x."""
+    args = make((4, 9), 33, 21, 6, torch.float32, backend.device, bias=False)
+    args["weight"] = torch.zeros_like(args["weight"])
+    y = run_ours(backend.ops, 1.0, 0.5, seed=5)(**args)
+    (dx,) = torch.autograd.grad(y, [args["x"]], torch.ones_like(y))
+    assert torch.equal(dx != 0, R.dropout_keep(args["x"].shape, 0.5, 5, backend.device))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_float64(p):
+    args = make((2, 3), 11, 7, 4, torch.float64)
+    fn = run_ours(torch.ops.peft_kernels, 0.9, p, seed=3)
+    assert torch.autograd.gradcheck(lambda x, b, a_, b_: fn(x=x, weight=args["weight"], bias=b, lora_A=a_, lora_B=b_),
+                                    (args["x"], args["bias"], args["lora_A"], args["lora_B"]))
+
+
+def saved_tensors(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn()
+    return y, saved
+
+
+@pytest.mark.parametrize("train_a", [True, False], ids=["lora", "lora-fa"])
+def test_saved_for_backward(train_a):
+    """Activations saved: x (only if A trains) and x A^T [..., r] — never a mask or the dropped x."""
+    args = make((8, 16), 96, 80, 4, torch.float32)
+    args["lora_A"].requires_grad_(train_a)
+    _, saved = saved_tensors(lambda: pk.lora_linear(**args, scaling=1.0, dropout_p=0.2, seed=1))
+    params = {args[k].data_ptr() for k in ("weight", "lora_A", "lora_B")}
+    activations = [t for t in saved if t is not None and t.data_ptr() not in params and t.numel() > 1]
+    shapes = sorted(tuple(t.shape) for t in activations)
+    assert shapes == sorted([(8, 16, 4)] + ([(8, 16, 96)] if train_a else [])), shapes
+    if train_a:
+        assert any(t.data_ptr() == args["x"].data_ptr() for t in activations), "x must be saved, not a copy"
+
+
+def test_lora_fa_and_truncated_rank():
+    """A frozen (LoRA-FA) gives no dA; a DyLoRA-style rank truncation passes views A[:b], B[:, :b]."""
+    args = make((5,), 40, 30, 8, torch.float32)
+    b = 3
+    args["lora_A"] = args["lora_A"].detach()[:b]
+    lora_B = args["lora_B"]
+    args["lora_B"] = lora_B[:, :b]
+    y = pk.lora_linear(**args, scaling=2.0)
+    y.sum().backward()
+    ref = R.lora_linear(args["x"], args["weight"], args["bias"], args["lora_A"], args["lora_B"], 2.0)
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert lora_B.grad[:, b:].abs().sum() == 0 and lora_B.grad[:, :b].abs().sum() > 0
+
+
+def test_frozen_weight_is_enforced():
+    args = make((4,), 8, 6, 2, torch.float32)
+    args["weight"].requires_grad_(True)
+    with pytest.raises(ValueError, match="'weight' is the frozen base weight"):
+        pk.lora_linear(**args, scaling=1.0)
+
+
+BAD = [
+    (dict(lora_A=torch.randn(3, 9)), ValueError, r"'lora_A' must be \[r, in=8\]"),
+    (dict(lora_B=torch.randn(6, 4)), ValueError, r"'lora_B' must be \[out=6, r=3\]"),
+    (dict(lora_A=torch.randn(0, 8)), ValueError, "r >= 1"),
+    (dict(x=torch.randn(4, 7)), ValueError, "'x' must have last dimension in=8"),
+    (dict(bias=torch.randn(5)), ValueError, "'bias' must have 6 elements"),
+    (dict(weight=torch.randn(6, 8, dtype=torch.float64)), TypeError, "'weight' must have dtype Float"),
+    (dict(x=torch.randint(0, 3, (4, 8))), TypeError, "'x' must be torch.float32"),
+    (dict(dropout_p=1.0), ValueError, r"'dropout_p' must be in \[0, 1\)"),
+    (dict(seed=torch.tensor(1.5)), ValueError, "'seed' must be a one-element int64 tensor"),
+]
+
+
+@pytest.mark.parametrize("change,exc,message", BAD, ids=["A-in", "B-shape", "r0", "x-in", "bias", "dtype-mix", "int-x", "p1", "seed"])
+def test_bad_input(backend, change, exc, message):
+    args = dict(x=torch.randn(4, 8), weight=torch.randn(6, 8), bias=torch.randn(6), lora_A=torch.randn(3, 8),
+                lora_B=torch.randn(6, 3), scaling=1.0, dropout_p=0.1, seed=torch.tensor(0))
+    args.update(change)
+    args = {k: v.to(backend.device) if isinstance(v, torch.Tensor) and k != "seed" else v for k, v in args.items()}
+    with pytest.raises(exc, match=message):
+        backend.ops.lora_linear_fwd(*args.values())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck(backend, p):
+    args = make((3, 5), 24, 20, 4, torch.float32, backend.device)
+    torch.library.opcheck(backend.ops.lora_linear_fwd.default, (*args.values(), 0.5, p, torch.tensor(7)))
+    x, weight, bias, lora_A, lora_B = (v.detach() for v in args.values())
+    xa = x @ lora_A.t()
+    dy = torch.randn(3, 5, 20, device=backend.device)
+    torch.library.opcheck(backend.ops.lora_linear_bwd.default,
+                          (dy, x, weight, lora_A, lora_B, xa, 0.5, p, torch.tensor(7), True, True, True, True))
+
+
+def test_compile_fullgraph():
+    module = pk.nn.LoRALinear.from_linear(torch.nn.Linear(32, 24), r=4, dropout=0.0)
+    torch.nn.init.normal_(module.lora_B)
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    y_eager, y_compiled = module(x), compiled(x)
+    assert torch.allclose(y_eager, y_compiled, atol=1e-6)
+    g_eager = torch.autograd.grad(y_eager.sum(), [x, module.lora_A])
+    g_compiled = torch.autograd.grad(y_compiled.sum(), [x, module.lora_A])
+    for a, b in zip(g_eager, g_compiled):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+# ---- LoRALinear --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_module_wraps_linear_without_copy(dtype):
+    linear = torch.nn.Linear(40, 24).to(dtype)
+    module = pk.nn.LoRALinear.from_linear(linear, r=4, alpha=8, dropout=0.1)
+    assert module.weight.data_ptr() == linear.weight.data_ptr() and not module.weight.requires_grad
+    assert module.lora_A.dtype == dtype and module.scaling == 2.0
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B"}
+    x = torch.randn(2, 3, 5, 40).to(dtype)
+    module.eval()
+    assert torch.equal(module(x), linear(x))  # B = 0: a fresh adapter is the base layer
+
+
+def test_module_train_eval_and_merge():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 32)
+    w0 = linear.weight.detach().clone()
+    module = pk.nn.LoRALinear.from_linear(linear, r=8, alpha=16, dropout=0.5, use_rslora=True)
+    assert module.scaling == 16 / 8**0.5
+    torch.nn.init.normal_(module.lora_B)
+    x = torch.randn(6, 48)
+    assert not torch.equal(module(x), module(x))  # training: a fresh dropout mask per call
+    module.eval()
+    y = module(x)
+    assert torch.equal(y, module(x))
+    module.merge()
+    assert module.merged and torch.allclose(module(x), y, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        module.merge()
+    module.unmerge()
+    assert (module.weight - w0).abs().max().item() <= 1e-6
+    assert torch.allclose(module(x), y, atol=1e-6)
+
+
+def test_module_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="'r' must be an int >= 1, got 0"):
+        pk.nn.LoRALinear(8, 8, r=0)
+    with pytest.raises(ValueError, match=r"'dropout' must be in \[0, 1\), got 1.5"):
+        pk.nn.LoRALinear(8, 8, dropout=1.5)
+    with pytest.raises(TypeError, match="must be an nn.Linear, got Conv1d"):
+        pk.nn.LoRALinear.from_linear(torch.nn.Conv1d(2, 2, 1))
