@@ -1,10 +1,10 @@
 """The CUDA kernels under ThreadSanitizer and AddressSanitizer, and mutants of them that the suite must catch.
 
-csrc/sim/kernel_driver.cpp runs the launchers of csrc/cuda/*.cu through the CPU executor on files written
+csrc/sim/kernel_driver.cpp runs the launchers of csrc/cuda/*.cu (NF4 and LoRA dropout kernels) through the CPU executor on files written
 here; built with -fsanitize=thread or =address and run with CUDASIM_MODE=threads (every CUDA thread an OS
 thread) on tiny grids. Outputs are compared with peft_kernels.reference.
 
-The mutants are the real kernel source with one deliberate bug each, written to a temporary directory and
+The mutants are the real kernel sources with one deliberate bug each, written to a temporary directory and
 never part of the build: each must be caught — by a sanitizer report, a crash, or a wrong output. A
 mutant that survives means these tests cannot see that class of bug.
 
@@ -29,17 +29,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CUDA_INCLUDE = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 NUMEL, BLOCKSIZE, NUMEL8 = 704, 64, 300  # 11 NF4 blocks (2 thread blocks), 8-bit: one full block + a partial
+LORA_M, LORA_IN, LORA_R, LORA_SEED, LORA_P, LORA_SCALING = 37, 67, 5, 2024, 0.3, 0.5
 
 if not (CUDA_INCLUDE / "cuda_runtime.h").is_file() or shutil.which("g++") is None:
     pytest.skip(f"needs g++ and the CUDA headers under {CUDA_INCLUDE} (set CUDA_HOME)", allow_module_level=True)
 
 
-def build(out_dir: pathlib.Path, sanitizer: str | None, nf4_source: str | None = None) -> pathlib.Path:
-    """Compile the driver; `nf4_source` replaces csrc/cuda/nf4.cu (found first on the include path)."""
+def build(out_dir: pathlib.Path, sanitizer: str | None, replace: dict[str, str] | None = None) -> pathlib.Path:
+    """Compile the driver; `replace` maps a csrc/cuda file name to the text that stands in for it (written to
+    out_dir, which comes first on the include path)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     includes = []
-    if nf4_source is not None:
-        (out_dir / "nf4.cu").write_text(nf4_source)
+    for name, text in (replace or {}).items():
+        (out_dir / name).write_text(text)
         includes.append(f"-I{out_dir}")
     includes += [f"-I{CSRC / 'cuda'}", f"-I{CSRC / 'include'}", f"-I{CSRC / 'sim'}", f"-I{CUDA_INCLUDE}"]
     exe = out_dir / "kernel_driver"
@@ -72,9 +74,12 @@ class Case:
         self.x8 = torch.randn(NUMEL8, generator=g)
         self.ref = R.nf4_quantize(self.weight, BLOCKSIZE, self.code)
         self.ref_plain = R.nf4_quantize(self.weight, BLOCKSIZE, None)
+        self.lora_x = torch.randn(LORA_M, LORA_IN, generator=g)
+        self.lora_a = torch.randn(LORA_R, LORA_IN, generator=g)
+        self.lora_dxa = torch.randn(LORA_M, LORA_R, generator=g)
+        self.lora_dx = torch.randn(LORA_M, LORA_IN, generator=g)
         write(work / "weight.f32", self.weight)
         write(work / "code.f32", self.code)
-        write(work / "x.f32", self.x8)
 
     def run(self, exe: pathlib.Path, kernel: str, *args) -> subprocess.CompletedProcess:
         env = dict(os.environ, CUDASIM_MODE="threads", TSAN_OPTIONS="halt_on_error=1 exitcode=66",
@@ -94,13 +99,16 @@ class Case:
                 return False
             return True
 
-        def compare(name, got, want):
-            if not torch.equal(got, want):
-                problems.append(f"{name}: {(got != want).sum().item()} of {want.numel()} elements differ")
+        def compare(name, got, want, tol=0.0):
+            got, want = got.double().reshape(-1), want.double().reshape(-1)
+            bad = ((got - want).abs() > tol * (1 + want.abs())).sum().item()
+            if bad:
+                problems.append(f"{name}: {bad} of {want.numel()} elements differ")
 
         if step("encode", NUMEL, BLOCKSIZE):
             compare("encode codes", read(self.work / "codes.u8", torch.uint8), self.ref_plain[0])
             compare("encode absmax", read(self.work / "absmax.f32", torch.float32), self.ref_plain[1])
+        write(self.work / "x.f32", self.x8)
         if step("quantize8", NUMEL8):
             q, absmax = R.quantize_blockwise_8bit(self.x8, self.code, 256)
             compare("quantize8 q", read(self.work / "q.u8", torch.uint8), q)
@@ -117,6 +125,20 @@ class Case:
         if step("decode8", NUMEL, BLOCKSIZE):
             want = R.nf4_dequantize(codes, qabsmax, nested, self.code, offset, BLOCKSIZE, torch.float32)
             compare("decode8", read(self.work / "out.f32", torch.float32), want)
+        # LoRA dropout kernels against the float64 reference (fp32 accumulation: a tolerance, not equality)
+        keep = R.dropout_keep((LORA_M, LORA_IN), LORA_P, LORA_SEED).double() / (1 - LORA_P)
+        xd = self.lora_x.double() * keep
+        lora = ("x.f32", self.lora_x), ("a.f32", self.lora_a), ("dxa.f32", self.lora_dxa), ("dx.f32", self.lora_dx)
+        for name, t in lora:
+            write(self.work / name, t)
+        sizes = (LORA_M, LORA_IN, LORA_R, LORA_SEED, LORA_P)
+        if step("lora_down", *sizes):
+            compare("lora_down", read(self.work / "xa.f32", torch.float32), xd @ self.lora_a.double().t(), 1e-5)
+        if step("lora_bwd", *sizes, LORA_SCALING):
+            dxa = self.lora_dxa.double() * LORA_SCALING
+            want_dx = self.lora_dx.double() + keep * (dxa @ self.lora_a.double())
+            compare("lora_bwd dx", read(self.work / "dx.f32", torch.float32), want_dx, 1e-5)
+            compare("lora_bwd da", read(self.work / "da.f32", torch.float32), dxa.t() @ xd, 1e-5)
         return problems
 
 
@@ -131,26 +153,30 @@ def test_kernels_clean_under_sanitizer(work, sanitizer):
     assert Case(work / f"run-{sanitizer}").failures(exe) == []
 
 
-NF4_CU = (CSRC / "cuda" / "nf4.cu").read_text()
+SOURCES = {name: (CSRC / "cuda" / name).read_text() for name in ("nf4.cu", "lora_linear.cu")}
 
-# (id, text to replace in nf4.cu, replacement, sanitizer the mutant is built with, a regex for how it must be caught)
+# (id, file, text to replace, replacement, sanitizer the mutant is built with, a regex for how it must be caught)
 MUTANTS = [
     # quantize8: warp 0 reads the other warps' partial maxima with no barrier after they are written
-    ("missing-barrier", "    __syncthreads();\n    if (warp == 0) {", "    if (warp == 0) {", "thread",
+    ("missing-barrier", "nf4.cu", "    __syncthreads();\n    if (warp == 0) {", "    if (warp == 0) {", "thread",
      r"^quantize8: exit 66: WARNING: ThreadSanitizer: data race"),
     # the shuffle reduction skips the lanes 16 apart: half of each warp's maximum is lost
-    ("short-reduction", "for (int offset = 16;", "for (int offset = 8;", None, r"^encode absmax: \d+ of 11"),
+    ("short-reduction", "nf4.cu", "for (int offset = 16; offset > 0; offset >>= 1) m =", "for (int offset = 8; offset > 0; offset >>= 1) m =", None,
+     r"^encode absmax: \d+ of 11"),
     # decode runs one byte past the end of codes and out
-    ("off-by-one", "i < nbytes;", "i <= nbytes;", "address", r"^decode: exit 67: ==\d+==ERROR: AddressSanitizer: heap-buffer-overflow"),
+    ("off-by-one", "nf4.cu", "i < nbytes;", "i <= nbytes;", "address", r"^decode: exit 67: ==\d+==ERROR: AddressSanitizer: heap-buffer-overflow"),
     # decode writes the low nibble's value first
-    ("nibble-order", "store_f32(out, 2 * i, nf4::decode(nf4::high(byte)", "store_f32(out, 2 * i, nf4::decode(nf4::low(byte)",
+    ("nibble-order", "nf4.cu", "store_f32(out, 2 * i, nf4::decode(nf4::high(byte)", "store_f32(out, 2 * i, nf4::decode(nf4::low(byte)",
      None, r"^decode: \d+ of 704 elements differ"),
+    # LoRA backward applies the mask of the neighbouring element to dx
+    ("shifted-mask", "lora_linear.cu", "keep_scale(p.drop, e) * t", "keep_scale(p.drop, e + 1) * t", None,
+     r"^lora_bwd dx: \d+ of 2479"),
 ]
 
 
-@pytest.mark.parametrize("name,old,new,sanitizer,caught_by", MUTANTS, ids=[m[0] for m in MUTANTS])
-def test_mutant_is_caught(work, name, old, new, sanitizer, caught_by):
-    assert NF4_CU.count(old) == 1, f"mutation site of {name!r} not found once in nf4.cu: update MUTANTS"
-    exe = build(work / f"mutant-{name}", sanitizer, NF4_CU.replace(old, new))
+@pytest.mark.parametrize("name,source,old,new,sanitizer,caught_by", MUTANTS, ids=[m[0] for m in MUTANTS])
+def test_mutant_is_caught(work, name, source, old, new, sanitizer, caught_by):
+    assert SOURCES[source].count(old) == 1, f"mutation site of {name!r} not found once in {source}: update MUTANTS"
+    exe = build(work / f"mutant-{name}", sanitizer, {source: SOURCES[source].replace(old, new)})
     problems = Case(work / f"mutant-run-{name}").failures(exe)
     assert any(re.search(caught_by, p) for p in problems), f"mutant {name!r} not caught as expected: {problems}"

@@ -17,6 +17,11 @@
 
 namespace peft_kernels::cuda {
 
+// Threads per block of every kernel here: 8 warps, enough to hide latency on sm_80..sm_90 while leaving
+// registers for 8 blocks per SM.
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
 template <class T> __device__ __forceinline__ float load_f32(const T* p, int64_t i);
 template <> __device__ __forceinline__ float load_f32<float>(const float* p, int64_t i) { return p[i]; }
 template <> __device__ __forceinline__ float load_f32<__half>(const __half* p, int64_t i) { return __half2float(p[i]); }

@@ -7,8 +7,6 @@
 namespace peft_kernels::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int kRankTile = 8;  // rank outputs per pass of down_kernel: 8 fp32 accumulators per lane
 
 // keep(e) * scale: one Philox evaluation per element (4 words drawn, 1 used). Simple and the same for every

@@ -7,9 +7,6 @@
 namespace peft_kernels::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-
 __device__ __forceinline__ float warp_absmax(float m) {
   for (int offset = 16; offset > 0; offset >>= 1) m = nf4::absmax_step(m, __shfl_xor_sync(0xffffffffu, m, offset));
   return m;

@@ -7,7 +7,10 @@
 //   kernel_driver quantize8 DIR NUMEL             x.f32 code.f32                    -> q.u8 absmax.f32
 //   kernel_driver decode    DIR NUMEL BLOCKSIZE   codes.u8 absmax.f32               -> out.f32
 //   kernel_driver decode8   DIR NUMEL BLOCKSIZE   codes.u8 q.u8 nested.f32 code.f32 offset.f32 -> out.f32
+//   kernel_driver lora_down DIR M IN R SEED P     x.f32 a.f32                       -> xa.f32
+//   kernel_driver lora_bwd  DIR M IN R SEED P S   x.f32 a.f32 dxa.f32 dx.f32        -> dx.f32 da.f32
 #include "launch.h"
+#include "lora_linear.cu"
 #include "nf4.cu"
 
 #include <cstdio>
@@ -98,6 +101,26 @@ int main(int argc, char** argv) {
     }
     check(cuda::nf4_decode(p, nullptr), "nf4_decode");
     save(dir, "out.f32", out, n);
+  } else if (kernel == "lora_down" || kernel == "lora_bwd") {
+    if (argc < 8) die("usage: kernel_driver lora_down|lora_bwd DIR M IN R SEED P [SCALING]");
+    const int64_t m = n, in = std::atoll(argv[4]);
+    const int r = std::atoi(argv[5]);
+    const double p = std::atof(argv[7]), scaling = argc > 8 ? std::atof(argv[8]) : 1.0;
+    const lora::Dropout drop{std::strtoull(argv[6], nullptr, 10), philox::drop_threshold(p), scaling / (1.0 - p)};
+    const float* x = load<float>(dir, "x.f32", m * in);
+    const float* a = load<float>(dir, "a.f32", size_t(r) * in);
+    if (kernel == "lora_down") {
+      float* xa = alloc<float>(m * r);
+      check(cuda::lora_down({x, a, xa, DType::kFloat32, m, in, r, drop}, nullptr), "lora_down");
+      save(dir, "xa.f32", xa, m * r);
+    } else {
+      float* dx = load<float>(dir, "dx.f32", m * in);
+      float* da = alloc<float>(size_t(r) * in);
+      const float* dxa = load<float>(dir, "dxa.f32", m * r);
+      check(cuda::lora_backward({x, a, dxa, dx, da, DType::kFloat32, m, in, r, drop}, nullptr), "lora_backward");
+      save(dir, "dx.f32", dx, m * in);
+      save(dir, "da.f32", da, size_t(r) * in);
+    }
   } else {
     die("unknown kernel " + kernel);
   }
