@@ -4,8 +4,22 @@ import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's librar
 
 from . import nn
 from ._ops import build_info
+from .lora import LoRAConfig, apply, load_adapter, save_adapter, trainable_parameters
 from .nf4 import NF4Weight, dynamic_map
 from .ops import lora_linear, nf4_dequantize, nf4_quantize
 
-__all__ = ["NF4Weight", "build_info", "dynamic_map", "lora_linear", "nf4_dequantize", "nf4_quantize", "nn"]
+__all__ = [
+    "LoRAConfig",
+    "NF4Weight",
+    "apply",
+    "build_info",
+    "dynamic_map",
+    "load_adapter",
+    "lora_linear",
+    "nf4_dequantize",
+    "nf4_quantize",
+    "nn",
+    "save_adapter",
+    "trainable_parameters",
+]
 __version__ = "0.1.0"
