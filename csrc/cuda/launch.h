@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "peft_kernels/hd.h"
+
 namespace peft_kernels::cuda {
 
 // Threads per block of every kernel here: 8 warps, enough to hide latency on sm_80..sm_90 while leaving
@@ -35,6 +37,19 @@ template <> __device__ __forceinline__ void store_f32<float>(float* p, int64_t i
 template <> __device__ __forceinline__ void store_f32<__half>(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
 template <> __device__ __forceinline__ void store_f32<__nv_bfloat16>(__nv_bfloat16* p, int64_t i, float v) {
   p[i] = __float2bfloat16_rn(v);
+}
+
+// Runs launch.template operator()<T>() with T the CUDA element type of `dtype`, then reports the launch's
+// error: every launcher dispatches its dtype here, once. fp64 never reaches a GPU kernel (the op bodies
+// reject it for GPU backends), so it is an invalid value.
+template <class F> cudaError_t launch_typed(DType dtype, F&& launch) {
+  switch (dtype) {
+    case DType::kFloat32: launch.template operator()<float>(); break;
+    case DType::kFloat16: launch.template operator()<__half>(); break;
+    case DType::kBFloat16: launch.template operator()<__nv_bfloat16>(); break;
+    case DType::kFloat64: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
 }
 
 // Grid size for a grid-stride loop over `work` items of `per_block` each: capped so huge tensors reuse

@@ -80,33 +80,17 @@ __global__ void __launch_bounds__(kThreads) da_kernel(lora::BackwardParams p) {
   }
 }
 
-template <class T>
-void launch_backward(const lora::BackwardParams& p, cudaStream_t stream) {
-  if (p.dx != nullptr) KLAUNCH(dx_kernel<T>, grid_for(p.m * p.in, kThreads), kThreads, 0, stream, p);
-  if (p.da != nullptr) KLAUNCH(da_kernel<T>, grid_for(int64_t(p.r) * p.in, kThreads), kThreads, 0, stream, p);
-}
-
 }  // namespace
 
 cudaError_t lora_down(const lora::DownParams& p, cudaStream_t stream) {
-  const unsigned grid = grid_for(p.m, kWarps);
-  switch (p.dtype) {
-    case DType::kFloat32: KLAUNCH(down_kernel<float>, grid, kThreads, 0, stream, p); break;
-    case DType::kFloat16: KLAUNCH(down_kernel<__half>, grid, kThreads, 0, stream, p); break;
-    case DType::kBFloat16: KLAUNCH(down_kernel<__nv_bfloat16>, grid, kThreads, 0, stream, p); break;
-    case DType::kFloat64: return cudaErrorInvalidValue;  // the op bodies reject fp64 for GPU backends
-  }
-  return cudaGetLastError();
+  return launch_typed(p.dtype, [&]<class T>() { KLAUNCH(down_kernel<T>, grid_for(p.m, kWarps), kThreads, 0, stream, p); });
 }
 
 cudaError_t lora_backward(const lora::BackwardParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat32: launch_backward<float>(p, stream); break;
-    case DType::kFloat16: launch_backward<__half>(p, stream); break;
-    case DType::kBFloat16: launch_backward<__nv_bfloat16>(p, stream); break;
-    case DType::kFloat64: return cudaErrorInvalidValue;  // the op bodies reject fp64 for GPU backends
-  }
-  return cudaGetLastError();
+  return launch_typed(p.dtype, [&]<class T>() {
+    if (p.dx != nullptr) KLAUNCH(dx_kernel<T>, grid_for(p.m * p.in, kThreads), kThreads, 0, stream, p);
+    if (p.da != nullptr) KLAUNCH(da_kernel<T>, grid_for(int64_t(p.r) * p.in, kThreads), kThreads, 0, stream, p);
+  });
 }
 
 }  // namespace peft_kernels::cuda

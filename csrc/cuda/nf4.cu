@@ -92,23 +92,12 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(nf4::DecodeParams p) {
   }
 }
 
-template <class T>
-void launch_decode(const nf4::DecodeParams& p, cudaStream_t stream) {
-  auto* kernel = p.nested_absmax != nullptr ? &decode_kernel<T, true> : &decode_kernel<T, false>;
-  KLAUNCH(kernel, grid_for(p.numel / 2, kThreads), kThreads, 0, stream, p);
-}
-
 }  // namespace
 
 cudaError_t nf4_encode(const nf4::EncodeParams& p, cudaStream_t stream) {
-  const unsigned grid = grid_for(p.numel / p.blocksize, kWarps);
-  switch (p.dtype) {
-    case DType::kFloat32: KLAUNCH(encode_kernel<float>, grid, kThreads, 0, stream, p); break;
-    case DType::kFloat16: KLAUNCH(encode_kernel<__half>, grid, kThreads, 0, stream, p); break;
-    case DType::kBFloat16: KLAUNCH(encode_kernel<__nv_bfloat16>, grid, kThreads, 0, stream, p); break;
-    case DType::kFloat64: return cudaErrorInvalidValue;  // the op bodies reject fp64 for GPU backends
-  }
-  return cudaGetLastError();
+  return launch_typed(p.dtype, [&]<class T>() {
+    KLAUNCH(encode_kernel<T>, grid_for(p.numel / p.blocksize, kWarps), kThreads, 0, stream, p);
+  });
 }
 
 cudaError_t nf4_quantize8(const nf4::Quantize8Params& p, cudaStream_t stream) {
@@ -117,13 +106,10 @@ cudaError_t nf4_quantize8(const nf4::Quantize8Params& p, cudaStream_t stream) {
 }
 
 cudaError_t nf4_decode(const nf4::DecodeParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat32: launch_decode<float>(p, stream); break;
-    case DType::kFloat16: launch_decode<__half>(p, stream); break;
-    case DType::kBFloat16: launch_decode<__nv_bfloat16>(p, stream); break;
-    case DType::kFloat64: return cudaErrorInvalidValue;  // the op bodies reject fp64 for GPU backends
-  }
-  return cudaGetLastError();
+  return launch_typed(p.dtype, [&]<class T>() {
+    auto* kernel = p.nested_absmax != nullptr ? &decode_kernel<T, true> : &decode_kernel<T, false>;
+    KLAUNCH(kernel, grid_for(p.numel / 2, kThreads), kThreads, 0, stream, p);
+  });
 }
 
 }  // namespace peft_kernels::cuda
