@@ -247,3 +247,24 @@ def test_module_rejects_bad_arguments():
         pk.nn.LoRALinear(8, 8, dropout=1.5)
     with pytest.raises(TypeError, match="must be an nn.Linear, got Conv1d"):
         pk.nn.LoRALinear.from_linear(torch.nn.Conv1d(2, 2, 1))
+
+
+def test_delta_lora_moves_the_frozen_weight_by_the_adapter_change():
+    torch.manual_seed(0)
+    module = pk.nn.LoRALinear.from_linear(torch.nn.Linear(16, 12), r=4, alpha=4)
+    torch.nn.init.normal_(module.lora_B)
+    optimizer = torch.optim.SGD([module.lora_A, module.lora_B], lr=0.1)
+    handles = pk.nn.enable_delta_lora(optimizer, [module], update_ratio=0.5)
+    w0, d0 = module.weight.detach().clone(), module.delta_weight()
+    module(torch.randn(5, 16)).square().sum().backward()
+    optimizer.step()
+    assert torch.allclose(module.weight, w0 + 0.5 * (module.delta_weight() - d0), atol=1e-6)
+    assert not torch.equal(module.weight, w0)
+    for h in handles:
+        h.remove()
+    w1 = module.weight.detach().clone()
+    module(torch.randn(5, 16)).sum().backward()
+    optimizer.step()
+    assert torch.equal(module.weight, w1)
+    with pytest.raises(TypeError, match="non-empty list of LoRALinear"):
+        pk.nn.enable_delta_lora(optimizer, [torch.nn.Linear(2, 2)])

@@ -1,5 +1,5 @@
 """Drop-in modules: each wraps one op call in forward."""
 
-from .lora import LoRALinear
+from .lora import LoRALinear, enable_delta_lora
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "enable_delta_lora"]

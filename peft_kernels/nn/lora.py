@@ -104,3 +104,27 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, merged={self.merged}")
+
+
+def enable_delta_lora(optimizer: torch.optim.Optimizer, modules: list[LoRALinear], update_ratio: float = 1.0):
+    """Delta-LoRA (Zi et al., 2023): after every optimizer step, add ``update_ratio`` times the change of
+    scaling * B A to each module's frozen W (in place, fp32 delta rounded once to W's dtype), so the base
+    weight follows the adapter. Returns the hook handles (call ``.remove()`` on them to stop).
+
+    Costs one [out, in] fp32 product per module before and after each step; no extra state is kept between
+    steps beyond the product computed before the step.
+    """
+    if not modules or not all(isinstance(m, LoRALinear) for m in modules):
+        raise TypeError("enable_delta_lora: argument 'modules' must be a non-empty list of LoRALinear")
+    before: list[torch.Tensor] = []
+
+    def pre_step(opt, args, kwargs):
+        before[:] = [m.delta_weight() for m in modules]
+
+    @torch.no_grad()
+    def post_step(opt, args, kwargs):
+        for module, old in zip(modules, before):
+            module.weight.copy_(module.weight.float() + update_ratio * (module.delta_weight() - old))
+        before.clear()
+
+    return optimizer.register_step_pre_hook(pre_step), optimizer.register_step_post_hook(post_step)
