@@ -119,6 +119,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         raise ValueError("save_adapter: the model carries no LoRA adapter (call peft_kernels.apply first)")
     if any(m.merged for m in modules.values()):
         raise ValueError("save_adapter: some LoRALinear modules are merged; unmerge() them before saving the adapter")
+    others = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n})
+    if others:
+        # Saving only the adapter would silently drop what these modules learned.
+        raise NotImplementedError(
+            f"save_adapter: trainable modules outside the adapter ({others[:4]}) are not saved in the adapter "
+            "format yet; save their state_dict() separately and freeze them first, or apply with "
+            "LoRAConfig(train_task_head=False)"
+        )
     tensors = {}
     for name, m in modules.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()

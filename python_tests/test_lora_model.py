@@ -154,3 +154,12 @@ def test_compiled_decoder_layer(dropout):
             assert torch.allclose(a, b, atol=1e-4)
     else:
         assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_save_refuses_to_drop_a_trained_head(tmp_path):
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                        vocab_size=50, num_labels=2)
+    model = pk.apply(BertForSequenceClassification(config), pk.LoRAConfig(r=2))
+    with pytest.raises(NotImplementedError, match=r"trainable modules outside the adapter \(\['classifier'\]\)"):
+        pk.save_adapter(model, tmp_path)
+    assert not any(tmp_path.iterdir())
