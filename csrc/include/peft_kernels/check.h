@@ -4,7 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
-#include <optional>
+#include <sstream>
 #include <string>
 
 #include "peft_kernels/hd.h"
