@@ -104,17 +104,16 @@ def _register_lora(namespace: str) -> None:
         # x is needed only for lora_A's gradient: LoRA-FA (A frozen) saves just xa [..., r].
         ctx.save_for_backward(x if lora_A.requires_grad else None, weight, lora_A, lora_B, output[1], seed)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        ctx.has_bias = bias is not None
 
     def backward(ctx, dy, _dxa):
         x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        # needs_input_grad is False for a None bias, so need_bias also says that a bias exists.
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dx, da, db, dbias = ops.lora_linear_bwd(
-            dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
-            need_x, need_a, need_b, need_bias and ctx.has_bias,
+            dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed, need_x, need_a, need_b, need_bias
         )
         pick = lambda needed, grad: grad if needed else None  # noqa: E731
-        return pick(need_x, dx), None, pick(need_bias and ctx.has_bias, dbias), pick(need_a, da), pick(need_b, db), None, None, None
+        return pick(need_x, dx), None, pick(need_bias, dbias), pick(need_a, da), pick(need_b, db), None, None, None
 
     torch.library.register_autograd(f"{namespace}::lora_linear_fwd", backward, setup_context=setup_context)
 

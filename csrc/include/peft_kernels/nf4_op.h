@@ -48,9 +48,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_op(const at:
   // absmax propagates NaN and Inf (nf4::absmax_step), so checking it covers the weight with n/blocksize reads.
   // On CUDA this is one host sync per quantization, a one-time cost per weight.
   const at::Tensor bad = (~at::isfinite(absmax)).nonzero();
-  TORCH_CHECK_VALUE(bad.numel() == 0, op, ": argument 'weight' must be finite, but block ",
-                    bad.numel() ? bad[0].item<int64_t>() : -1, " (elements from ",
-                    bad.numel() ? bad[0].item<int64_t>() * blocksize : -1, ") contains NaN or Inf");
+  if (bad.numel() > 0) {
+    const int64_t block = bad[0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, op, ": argument 'weight' must be finite, but block ", block, " (elements from ",
+                      block * blocksize, ") contains NaN or Inf");
+  }
   if (!nested_code) {
     return {codes, absmax, at::empty({0}, opts.dtype(at::kFloat)), at::zeros({}, opts.dtype(at::kFloat))};
   }
