@@ -4,9 +4,10 @@ import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's librar
 
 from . import nn
 from ._ops import build_info
-from .lora import LoRAConfig, apply, load_adapter, save_adapter, trainable_parameters
+from .lora import LoRAConfig, load_adapter, save_adapter
 from .nf4 import NF4Weight, dynamic_map
 from .ops import lora_linear, nf4_dequantize, nf4_quantize
+from .targeting import apply, trainable_parameters
 
 __all__ = [
     "LoRAConfig",

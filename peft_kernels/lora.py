@@ -14,19 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import targeting
 from .nn import LoRALinear
 
-# Default targets per transformers model_type: the attention query and value projections, as HF PEFT.
-DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-}
-# Freshly created task heads stay trainable (HF PEFT does the same for sequence classification).
-TASK_HEADS = ("score", "classifier")
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
@@ -59,51 +49,18 @@ class LoRAConfig:
             "base_model_name_or_path": None,
         }
 
-
-def _matches(name: str, targets: list[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _targets(model: nn.Module, config: LoRAConfig) -> list[str]:
-    if config.target_modules is not None:
-        return list(config.target_modules)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise ValueError(
-            f"apply: no default target_modules for model_type {model_type!r} (known: {sorted(DEFAULT_TARGETS)}); "
-            "pass LoRAConfig(target_modules=[...])"
-        )
-    return DEFAULT_TARGETS[model_type]
-
-
-def apply(model: nn.Module, config: LoRAConfig) -> nn.Module:
-    """Replace the targeted nn.Linear modules of ``model`` in place by :class:`LoRALinear` (sharing their
-    weights), freeze every other parameter except fresh task heads, and return ``model``."""
-    targets = _targets(model, config)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, targets)]
-    if not names:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(f"apply: target_modules {targets} match no nn.Linear of {type(model).__name__}; "
-                         f"its Linear modules include {linears[:8]}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear.from_linear(getattr(parent, child), config.r, config.alpha, config.dropout,
-                                                      config.use_rslora))
-    if config.train_task_head and type(model).__name__.endswith("ForSequenceClassification"):
-        for name, module in model.named_children():
-            if name in TASK_HEADS:
-                module.requires_grad_(True)
-    model.peft_kernels_lora = dataclasses.replace(config, target_modules=targets)
-    return model
-
-
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(number of trainable parameters, total number of parameters)."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    def apply_to(self, model: nn.Module) -> nn.Module:
+        """Replace the targeted nn.Linear modules of ``model`` in place by :class:`LoRALinear` (sharing their
+        weights), freeze every other parameter except fresh task heads, and return ``model``."""
+        targets = targeting.resolve_targets(model, self.target_modules, config_name="LoRAConfig")
+        names = targeting.linear_names(model, targets)
+        targeting.freeze(model)
+        targeting.replace(model, names, lambda linear: LoRALinear.from_linear(
+            linear, self.r, self.alpha, self.dropout, self.use_rslora))
+        if self.train_task_head:
+            targeting.unfreeze_task_head(model)
+        model.peft_kernels_lora = dataclasses.replace(self, target_modules=targets)
+        return model
 
 
 def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -173,7 +130,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     modules = _lora_modules(model)
     if not modules:
         _check_keys(model, tensors)
-        apply(model, config)
+        config.apply_to(model)
         modules = _lora_modules(model)
     plan = []
     for key, value in tensors.items():
