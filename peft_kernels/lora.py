@@ -76,22 +76,33 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         raise ValueError("save_adapter: the model carries no LoRA adapter (call peft_kernels.apply first)")
     if any(m.merged for m in modules.values()):
         raise ValueError("save_adapter: some LoRALinear modules are merged; unmerge() them before saving the adapter")
-    others = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n})
-    if others:
-        # Saving only the adapter would silently drop what these modules learned.
-        raise NotImplementedError(
-            f"save_adapter: trainable modules outside the adapter ({others[:4]}) are not saved in the adapter "
-            "format yet; save their state_dict() separately and freeze them first, or apply with "
-            "LoRAConfig(train_task_head=False)"
-        )
     tensors = {}
     for name, m in modules.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
+    # Trainable modules outside the adapter (a fresh classification head) are saved whole, as HF PEFT's
+    # modules_to_save: under their plain parameter names, listed by module name in the config.
+    saved_modules = set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_" not in name:
+            module_name = name.rpartition(".")[0]
+            module = model.get_submodule(module_name)
+            if not all(q.requires_grad for q in module.parameters()):
+                # PEFT's modules_to_save restores whole modules; a partly trainable one has no such form.
+                raise NotImplementedError(
+                    f"save_adapter: {name} is trainable but other parameters of {module_name} are frozen; only "
+                    "whole trainable modules outside the adapter can be saved (HF PEFT's modules_to_save)")
+            saved_modules.add(module_name)
+            tensors[f"{_PREFIX}{name}"] = p.detach().contiguous()
+    peft_dict = config.to_peft_dict(config.target_modules)
+    if saved_modules:
+        peft_dict["modules_to_save"] = sorted({n.rpartition(".")[2] for n in saved_modules})
+        if type(model).__name__.endswith("ForSequenceClassification"):
+            peft_dict["task_type"] = "SEQ_CLS"
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    text = json.dumps(config.to_peft_dict(config.target_modules), indent=2)
+    text = json.dumps(peft_dict, indent=2)
     _atomic_write(directory / CONFIG_NAME, lambda path: pathlib.Path(path).write_text(text))
 
 
@@ -127,6 +138,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
         raise ValueError(f"load_adapter: cannot read {directory / WEIGHTS_NAME}: {exc}") from exc
+    extra = _modules_to_save(model, tensors, raw.get("modules_to_save") or [])
+    tensors = {k: v for k, v in tensors.items() if k not in extra}
     modules = _lora_modules(model)
     if not modules:
         _check_keys(model, tensors)
@@ -145,6 +158,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                              f"{list(target.shape)} in the model (rank {module.r}, in {module.in_features}, "
                              f"out {module.out_features})")
         plan.append((target, value))
+    plan += list(extra.values())
     missing = {f"{n}.{p}" for n in modules for p in ("lora_A", "lora_B")} - {".".join(_split_key(k)) for k in tensors}
     if missing:
         raise ValueError(f"load_adapter: the file lacks {sorted(missing)[:4]}")
@@ -163,6 +177,26 @@ def _split_key(key: str) -> tuple[str, str]:
     if len(parts) < 3 or parts[-1] != "weight" or parts[-2] not in ("lora_A", "lora_B"):
         raise ValueError(f"load_adapter: unexpected key {key!r} (expected '<module>.lora_A.weight' / '.lora_B.weight')")
     return ".".join(parts[:-2]), parts[-2]
+
+
+def _modules_to_save(model: nn.Module, tensors: dict, names: list[str]) -> dict:
+    """The file's whole-module tensors (HF PEFT's modules_to_save, e.g. a classification head): key ->
+    (model parameter, value), shapes checked."""
+    params = dict(model.named_parameters())
+    extra = {}
+    for key, value in tensors.items():
+        name = key.removeprefix(_PREFIX)
+        module_name = name.rpartition(".")[0]
+        if ".lora_" in key or not targeting.matches(module_name, names):
+            continue
+        if name not in params:
+            raise ValueError(f"load_adapter: {key} (modules_to_save {names}) names no parameter of "
+                             f"{type(model).__name__}")
+        if value.shape != params[name].shape:
+            raise ValueError(f"load_adapter: {name} has shape {list(value.shape)} in the file but "
+                             f"{list(params[name].shape)} in the model")
+        extra[key] = (params[name], value)
+    return extra
 
 
 def _check_keys(model: nn.Module, tensors: dict) -> None:

@@ -156,10 +156,50 @@ def test_compiled_decoder_layer(dropout):
         assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_save_refuses_to_drop_a_trained_head(tmp_path):
+def tiny_bert_classifier(seed=0):
+    torch.manual_seed(seed)
     config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-                        vocab_size=50, num_labels=2)
-    model = pk.apply(BertForSequenceClassification(config), pk.LoRAConfig(r=2))
-    with pytest.raises(NotImplementedError, match=r"trainable modules outside the adapter \(\['classifier'\]\)"):
+                        vocab_size=50, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
+def test_trained_head_round_trips_with_peft(tmp_path):
+    """A fresh classification head trains with the adapter and is saved as PEFT's modules_to_save: PEFT loads
+    both and gives our logits; our load restores them into a new model."""
+    model = pk.apply(tiny_bert_classifier(), pk.LoRAConfig(r=2))
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+        model.classifier.bias.normal_()
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(4))
+    ours = model(tokens).logits
+    pk.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
+    theirs = peft.PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path).eval()
+    assert torch.allclose(theirs(tokens).logits, ours, atol=1e-5)
+    loaded = pk.load_adapter(tiny_bert_classifier(), tmp_path)
+    assert torch.equal(loaded.classifier.weight, model.classifier.weight)
+    assert torch.allclose(loaded(tokens).logits, ours, atol=1e-6)
+
+
+def test_peft_head_loads_here(tmp_path):
+    source = peft.get_peft_model(tiny_bert_classifier(), peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                                        task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if p.requires_grad:
+                p.normal_(generator=torch.Generator().manual_seed(len(name)))
+    source.eval()
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(5))
+    source.save_pretrained(tmp_path)
+    ours = pk.load_adapter(tiny_bert_classifier(), tmp_path)
+    assert torch.allclose(ours(tokens).logits, source(tokens).logits, atol=1e-5)
+
+
+def test_save_refuses_a_partly_trainable_module(tmp_path):
+    model = pk.apply(tiny_bert_classifier(), pk.LoRAConfig(r=2))
+    model.classifier.bias.requires_grad_(False)
+    with pytest.raises(NotImplementedError, match=r"classifier.weight is trainable but other parameters of classifier"):
         pk.save_adapter(model, tmp_path)
     assert not any(tmp_path.iterdir())
