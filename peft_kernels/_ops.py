@@ -75,6 +75,36 @@ def _register_fakes(namespace: str) -> None:
         return codes.new_empty((2 * codes.numel(),), dtype=dtype)
 
 
+def _register_nf4_linear(namespace: str) -> None:
+    """Fakes of the NF4 linear ops and the autograd formula of nf4_linear (dx = nf4_linear_dx, dbias = sum)."""
+    @torch.library.register_fake(f"{namespace}::nf4_linear")
+    def _(x, codes, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias):
+        in_features = 2 * codes.numel() // out_features
+        torch._check(x.shape[-1] == in_features, lambda: f"nf4_linear: x {tuple(x.shape)} vs weight [{out_features}, {in_features}]")
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake(f"{namespace}::nf4_linear_dx")
+    def _(dy, codes, absmax, nested_absmax, nested_code, offset, blocksize, out_features):
+        return dy.new_empty((*dy.shape[:-1], 2 * codes.numel() // out_features))
+
+    ops = getattr(torch.ops, namespace)
+
+    def setup_context(ctx, inputs, output):
+        x, codes, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias = inputs
+        ctx.save_for_backward(codes, absmax, nested_absmax, nested_code, offset)
+        ctx.blocksize, ctx.out_features = blocksize, out_features
+
+    def backward(ctx, dy):
+        codes, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+        need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[8]
+        dx = ops.nf4_linear_dx(dy, codes, absmax, nested_absmax, nested_code, offset, ctx.blocksize,
+                               ctx.out_features) if need_x else None
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if need_bias else None
+        return dx, None, None, None, None, None, None, None, dbias
+
+    torch.library.register_autograd(f"{namespace}::nf4_linear", backward, setup_context=setup_context)
+
+
 def _register_lora(namespace: str) -> None:
     """Fakes of the LoRA ops and the autograd formula of lora_linear_fwd (backward = lora_linear_bwd)."""
     @torch.library.register_fake(f"{namespace}::lora_linear_fwd")
@@ -120,4 +150,5 @@ def _register_lora(namespace: str) -> None:
 
 for _namespace in ["peft_kernels"] + (["peft_kernels_sim"] if _sim_path is not None else []):
     _register_fakes(_namespace)
+    _register_nf4_linear(_namespace)
     _register_lora(_namespace)

@@ -47,6 +47,27 @@ def nf4_dequantize(q: NF4Weight) -> torch.Tensor:
     return out.reshape(q.shape)
 
 
+def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x W^T + b`` with W the 4-bit weight ``q`` (shape [out, in]), never dequantized as a whole:
+    up to 16 rows of x stream the packed weight once (GEMV); more rows decode it tile by tile into a bounded
+    workspace (32 MiB by default) feeding the BLAS. Differentiable in x and bias (W gets no gradient).
+
+    Args:
+        x: [..., in], fp32 / fp16 / bf16 (fp64 on the CPU), on q's device.
+        q: an :class:`NF4Weight` of a 2-D weight [out, in].
+        bias: [out] of x's dtype, or None.
+
+    Returns:
+        y [..., out] of x's dtype. Saved for backward: nothing but q's own tensors.
+    """
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"nf4_linear: argument 'q' must be an NF4Weight, got {type(q).__name__}")
+    if len(q.shape) != 2:
+        raise ValueError(f"nf4_linear: argument 'q' must hold a 2-D weight [out, in], got shape {list(q.shape)}")
+    return torch.ops.peft_kernels.nf4_linear(x, q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset,
+                                             q.blocksize, q.shape[0], bias)
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

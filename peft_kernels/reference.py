@@ -102,6 +102,13 @@ def nf4_dequantize(
     return values.reshape(-1).to(dtype)
 
 
+def nf4_linear(x: torch.Tensor, q, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of ``peft_kernels.ops.nf4_linear``: ``x W^T + b`` with W the NF4Weight ``q`` dequantized
+    exactly (fp32 values) and then cast to x's dtype. x [..., in], q of shape [out, in] -> [..., out]."""
+    w = nf4_dequantize(q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, torch.float32)
+    return torch.nn.functional.linear(x, w.reshape(q.shape).to(x.dtype), bias)
+
+
 # ---- Philox4x32-10 and dropout (csrc/include/peft_kernels/philox.h) ------------------------------------------
 _PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)

@@ -30,6 +30,7 @@ CSRC = ROOT / "csrc"
 CUDA_INCLUDE = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 NUMEL, BLOCKSIZE, NUMEL8 = 704, 64, 300  # 11 NF4 blocks (2 thread blocks), 8-bit: one full block + a partial
 LORA_M, LORA_IN, LORA_R, LORA_SEED, LORA_P, LORA_SCALING = 37, 67, 5, 2024, 0.3, 0.5
+GEMV_M, GEMV_OUT = 3, 32  # NF4 weight [32, 22]: rows straddle the 64-element blocks
 
 if not (CUDA_INCLUDE / "cuda_runtime.h").is_file() or shutil.which("g++") is None:
     pytest.skip(f"needs g++ and the CUDA headers under {CUDA_INCLUDE} (set CUDA_HOME)", allow_module_level=True)
@@ -125,6 +126,14 @@ class Case:
         if step("decode8", NUMEL, BLOCKSIZE):
             want = R.nf4_dequantize(codes, qabsmax, nested, self.code, offset, BLOCKSIZE, torch.float32)
             compare("decode8", read(self.work / "out.f32", torch.float32), want)
+        # NF4 GEMV: 3 rows of x against the plain-absmax weight as [GEMV_OUT, NUMEL / GEMV_OUT]
+        gemv_in = NUMEL // GEMV_OUT
+        w = R.nf4_dequantize(codes, self.ref_plain[1], None, None, None, BLOCKSIZE, torch.float32).double()
+        write(self.work / "x.f32", self.lora_x[:GEMV_M, :gemv_in].contiguous())
+        write(self.work / "bias.f32", self.lora_a[0, :GEMV_OUT].contiguous())
+        if step("gemv", GEMV_M, gemv_in, GEMV_OUT, BLOCKSIZE):
+            want = self.lora_x[:GEMV_M, :gemv_in].double() @ w.reshape(GEMV_OUT, gemv_in).t() + self.lora_a[0, :GEMV_OUT].double()
+            compare("gemv", read(self.work / "y.f32", torch.float32), want, 1e-5)
         # LoRA dropout kernels against the float64 reference (fp32 accumulation: a tolerance, not equality)
         keep = R.dropout_keep((LORA_M, LORA_IN), LORA_P, LORA_SEED).double() / (1 - LORA_P)
         xd = self.lora_x.double() * keep
@@ -168,6 +177,9 @@ MUTANTS = [
     # decode writes the low nibble's value first
     ("nibble-order", "nf4.cu", "store_f32(out, 2 * i, nf4::decode(nf4::high(byte)", "store_f32(out, 2 * i, nf4::decode(nf4::low(byte)",
      None, r"^decode: \d+ of 704 elements differ"),
+    # the GEMV's warp reduction stops one step short: lanes 16 apart never meet
+    ("gemv-short-reduction", "nf4.cu", "for (int offset = 16; offset > 0; offset >>= 1) v +=", "for (int offset = 8; offset > 0; offset >>= 1) v +=", None,
+     r"^gemv: \d+ of \d+ elements differ"),
     # LoRA backward applies the mask of the neighbouring element to dx
     ("shifted-mask", "lora_linear.cu", "keep_scale(p.drop, e) * t", "keep_scale(p.drop, e + 1) * t", None,
      r"^lora_bwd dx: \d+ of 2479"),

@@ -2,8 +2,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "dispatch.h"
-#include "peft_kernels/nf4_op.h"
+#include "peft_kernels/nf4_linear_op.h"
 
 namespace peft_kernels::nf4 {
 namespace {
@@ -19,6 +21,7 @@ struct Cpu {
   struct Guard {
     explicit Guard(at::Device) {}
   };
+  static constexpr bool kFloat64 = true;
 
   static void encode(const EncodeParams& p) {
     dispatch(p.dtype, [&]<class T>() {
@@ -55,23 +58,54 @@ struct Cpu {
   static void decode(const DecodeParams& p) {
     dispatch(p.dtype, [&]<class T>() {
       T* out = static_cast<T*>(p.out);
-      at::parallel_for(0, p.numel / p.blocksize, grain(p.blocksize), [&](int64_t b0, int64_t b1) {
+      const int bs = p.w.blocksize;
+      at::parallel_for(0, p.numel / bs, grain(bs), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          const float scale = p.nested_absmax != nullptr
-                                  ? nested_absmax(p.code8, static_cast<const uint8_t*>(p.absmax)[b],
-                                                  p.nested_absmax[b / p.nested_blocksize], *p.offset)
-                                  : static_cast<const float*>(p.absmax)[b];
+          const int64_t block = p.first_block + b;
+          const float scale = block_scale(p.w, block);
           // The block's 16 possible outputs, each the same single rounded product nf4::decode computes:
           // 16 multiplies and casts per block instead of one per element.
           T level[16];
           for (unsigned c = 0; c < 16; ++c) level[c] = static_cast<T>(nf4::decode(c, scale));
-          const uint8_t* __restrict codes = p.codes + b * p.blocksize / 2;
-          T* __restrict o = out + b * p.blocksize;
-          const int nbytes = p.blocksize / 2;
-          for (int i = 0; i < nbytes; ++i) {
+          const uint8_t* __restrict codes = p.w.codes + block * bs / 2;
+          T* __restrict o = out + b * bs;
+          for (int i = 0; i < bs / 2; ++i) {
             const uint8_t byte = codes[i];
             o[2 * i] = level[high(byte)];
             o[2 * i + 1] = level[low(byte)];
+          }
+        }
+      });
+    });
+  }
+
+  // One task per block of output rows: each row of W is decoded once into an accumulator-typed buffer (the 16
+  // levels of each block computed once), then dotted with the m <= 16 rows of x, widened once per call.
+  static void gemv(const GemvParams& p) {
+    dispatch(p.dtype, [&]<class T>() {
+      using Acc = cpu::acc_t<T>;
+      const T* bias = static_cast<const T*>(p.bias);
+      T* y = static_cast<T*>(p.y);
+      std::vector<Acc> x(p.m * p.in);
+      const T* xt = static_cast<const T*>(p.x);
+      for (int64_t i = 0; i < p.m * p.in; ++i) x[i] = static_cast<Acc>(xt[i]);
+      const int64_t bs = p.w.blocksize;
+      at::parallel_for(0, p.out, std::max<int64_t>(1, 16384 / p.in), [&](int64_t n0, int64_t n1) {
+        std::vector<Acc> row(p.in);
+        for (int64_t n = n0; n < n1; ++n) {
+          for (int64_t e = n * p.in, end = e + p.in, k = 0; e < end;) {
+            const int64_t block = e / bs, stop = std::min(end, (block + 1) * bs);
+            const float scale = block_scale(p.w, block);
+            Acc level[16];
+            for (unsigned c = 0; c < 16; ++c) level[c] = static_cast<Acc>(nf4::decode(c, scale));
+            for (; e < stop; ++e) row[k++] = level[code_of(p.w, e)];
+          }
+          for (int64_t i = 0; i < p.m; ++i) {
+            const Acc* xi = x.data() + i * p.in;
+            Acc acc = 0;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t k = 0; k < p.in; ++k) acc += xi[k] * row[k];
+            y[i * p.out + n] = static_cast<T>(bias != nullptr ? acc + static_cast<Acc>(bias[n]) : acc);
           }
         }
       });
@@ -84,6 +118,8 @@ struct Cpu {
 TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("nf4_quantize", &quantize_op<Cpu>);
   m.impl("nf4_dequantize", &dequantize_op<Cpu>);
+  m.impl("nf4_linear", &linear_op<Cpu>);
+  m.impl("nf4_linear_dx", &linear_dx_op<Cpu>);
 }
 
 }  // namespace peft_kernels::nf4

@@ -73,22 +73,49 @@ __global__ void __launch_bounds__(kThreads) quantize8_kernel(nf4::Quantize8Param
 
 // One thread per packed byte (two outputs). With double quantization the block's absmax is rebuilt from its
 // 8-bit code on the fly (3 cached loads), so no fp32 absmax array is ever materialized.
-template <class T, bool kNested>
+template <class T>
 __global__ void __launch_bounds__(kThreads) decode_kernel(nf4::DecodeParams p) {
   T* out = static_cast<T*>(p.out);
   const int64_t nbytes = p.numel / 2;
+  const int64_t first_byte = p.first_block * p.w.blocksize / 2;
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < nbytes; i += int64_t(gridDim.x) * kThreads) {
-    const int64_t block = 2 * i / p.blocksize;
-    float scale;
-    if constexpr (kNested) {
-      const uint8_t q = static_cast<const uint8_t*>(p.absmax)[block];
-      scale = nf4::nested_absmax(p.code8, q, __ldg(p.nested_absmax + block / p.nested_blocksize), __ldg(p.offset));
-    } else {
-      scale = __ldg(static_cast<const float*>(p.absmax) + block);
-    }
-    const uint8_t byte = __ldg(p.codes + i);
+    const float scale = nf4::block_scale(p.w, p.first_block + 2 * i / p.w.blocksize);
+    const uint8_t byte = __ldg(p.w.codes + first_byte + i);
     store_f32(out, 2 * i, nf4::decode(nf4::high(byte), scale));
     store_f32(out, 2 * i + 1, nf4::decode(nf4::low(byte), scale));
+  }
+}
+
+// Small-batch linear: one warp per output row n. Lane l takes elements k = l, l + 32, ... of the row (the
+// 32 lanes read 16 consecutive bytes per step), decodes each through the block scale and the NF4 table and
+// accumulates x[i, k] * W[n, k] for all m <= 16 rows of x in registers; a shuffle reduction per row ends it.
+// Packed bytes are read once (0.5 B per weight plus one absmax byte per block); x [m, in] is re-read by every
+// warp, from L1/L2.
+template <class T>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(nf4::GemvParams p) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  const int lane = threadIdx.x & 31;
+  for (int64_t n = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); n < p.out; n += int64_t(gridDim.x) * kWarps) {
+    float acc[nf4::kGemvMaxRows];
+PK_UNROLL
+    for (int i = 0; i < nf4::kGemvMaxRows; ++i) acc[i] = 0.0f;
+    const int64_t row = n * p.in;
+    for (int64_t k = lane; k < p.in; k += 32) {
+      const int64_t e = row + k;
+      const float w = nf4::decode(nf4::code_of(p.w, e), nf4::block_scale(p.w, e / p.w.blocksize));
+PK_UNROLL
+      for (int i = 0; i < nf4::kGemvMaxRows; ++i) {
+        if (i < p.m) acc[i] += load_f32(x, i * p.in + k) * w;
+      }
+    }
+PK_UNROLL
+    for (int i = 0; i < nf4::kGemvMaxRows; ++i) {
+      float v = acc[i];
+      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+      if (lane == 0 && i < p.m) store_f32(y, i * p.out + n, bias != nullptr ? v + load_f32(bias, n) : v);
+    }
   }
 }
 
@@ -107,9 +134,12 @@ cudaError_t nf4_quantize8(const nf4::Quantize8Params& p, cudaStream_t stream) {
 
 cudaError_t nf4_decode(const nf4::DecodeParams& p, cudaStream_t stream) {
   return launch_typed(p.dtype, [&]<class T>() {
-    auto* kernel = p.nested_absmax != nullptr ? &decode_kernel<T, true> : &decode_kernel<T, false>;
-    KLAUNCH(kernel, grid_for(p.numel / 2, kThreads), kThreads, 0, stream, p);
+    KLAUNCH(decode_kernel<T>, grid_for(p.numel / 2, kThreads), kThreads, 0, stream, p);
   });
+}
+
+cudaError_t nf4_gemv(const nf4::GemvParams& p, cudaStream_t stream) {
+  return launch_typed(p.dtype, [&]<class T>() { KLAUNCH(gemv_kernel<T>, grid_for(p.out, kWarps), kThreads, 0, stream, p); });
 }
 
 }  // namespace peft_kernels::cuda

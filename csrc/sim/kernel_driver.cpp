@@ -7,6 +7,7 @@
 //   kernel_driver quantize8 DIR NUMEL             x.f32 code.f32                    -> q.u8 absmax.f32
 //   kernel_driver decode    DIR NUMEL BLOCKSIZE   codes.u8 absmax.f32               -> out.f32
 //   kernel_driver decode8   DIR NUMEL BLOCKSIZE   codes.u8 q.u8 nested.f32 code.f32 offset.f32 -> out.f32
+//   kernel_driver gemv      DIR M IN OUT BLOCKSIZE x.f32 codes.u8 absmax.f32 bias.f32 -> y.f32
 //   kernel_driver lora_down DIR M IN R SEED P     x.f32 a.f32                       -> xa.f32
 //   kernel_driver lora_bwd  DIR M IN R SEED P S   x.f32 a.f32 dxa.f32 dx.f32        -> dx.f32 da.f32
 #include "launch.h"
@@ -92,15 +93,27 @@ int main(int argc, char** argv) {
     const void* absmax = nested ? static_cast<const void*>(load<uint8_t>(dir, "q.u8", nblocks))
                                 : static_cast<const void*>(load<float>(dir, "absmax.f32", nblocks));
     float* out = alloc<float>(n);
-    nf4::DecodeParams p{codes,   absmax, nullptr, nullptr, nullptr, nf4::kNestedBlocksize,
-                        out,     DType::kFloat32, n, blocksize};
+    nf4::DecodeParams p{{codes, absmax, nullptr, nullptr, nullptr, nf4::kNestedBlocksize, blocksize},
+                        0, out, DType::kFloat32, n};
     if (nested) {
-      p.nested_absmax = load<float>(dir, "nested.f32", blocks8);
-      p.code8 = load<float>(dir, "code.f32", 256);
-      p.offset = load<float>(dir, "offset.f32", 1);
+      p.w.nested_absmax = load<float>(dir, "nested.f32", blocks8);
+      p.w.code8 = load<float>(dir, "code.f32", 256);
+      p.w.offset = load<float>(dir, "offset.f32", 1);
     }
     check(cuda::nf4_decode(p, nullptr), "nf4_decode");
     save(dir, "out.f32", out, n);
+  } else if (kernel == "gemv") {
+    if (argc < 7) die("usage: kernel_driver gemv DIR M IN OUT BLOCKSIZE");
+    const int64_t m = n, in = std::atoll(argv[4]), out = std::atoll(argv[5]);
+    const int bs = std::atoi(argv[6]);
+    const nf4::Packed w{load<uint8_t>(dir, "codes.u8", in * out / 2),
+                        load<float>(dir, "absmax.f32", in * out / bs),
+                        nullptr, nullptr, nullptr, nf4::kNestedBlocksize, bs};
+    float* y = alloc<float>(m * out);
+    const nf4::GemvParams p{w, load<float>(dir, "x.f32", m * in), load<float>(dir, "bias.f32", out), y,
+                            DType::kFloat32, m, in, out};
+    check(cuda::nf4_gemv(p, nullptr), "nf4_gemv");
+    save(dir, "y.f32", y, m * out);
   } else if (kernel == "lora_down" || kernel == "lora_bwd") {
     if (argc < 8) die("usage: kernel_driver lora_down|lora_bwd DIR M IN R SEED P [SCALING]");
     const int64_t m = n, in = std::atoll(argv[4]);

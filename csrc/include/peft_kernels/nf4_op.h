@@ -10,6 +10,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "peft_kernels/alloc.h"
 #include "peft_kernels/check.h"
@@ -69,12 +70,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_op(const at:
   return {codes, qabsmax, nested_absmax, offset};
 }
 
-template <class Backend>
-at::Tensor dequantize_op(const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                         const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
-                         int64_t blocksize, at::ScalarType out_dtype) {
-  constexpr const char* op = "nf4_dequantize";
-  const DType dtype = check::float_dtype(op, "dtype", out_dtype);
+// Validates a packed weight's tensors (all on codes' device) and returns them as a Packed view plus the
+// number of elements.
+inline std::pair<Packed, int64_t> check_packed(const char* op, const at::Tensor& codes, const at::Tensor& absmax,
+                                               const std::optional<at::Tensor>& nested_absmax,
+                                               const std::optional<at::Tensor>& nested_code,
+                                               const std::optional<at::Tensor>& offset, int64_t blocksize) {
   check::nf4_blocksize(op, blocksize);
   check::dtype(op, "codes", codes, at::kByte);
   check::contiguous(op, "codes", codes);
@@ -103,14 +104,26 @@ at::Tensor dequantize_op(const at::Tensor& codes, const at::Tensor& absmax, cons
     check::numel(op, "offset", *offset, 1);
     check::same_device(op, "offset", *offset, device);
   }
+  const Packed w{codes.data_ptr<uint8_t>(),
+                 absmax.data_ptr(),
+                 nested ? nested_absmax->data_ptr<float>() : nullptr,
+                 nested ? nested_code->data_ptr<float>() : nullptr,
+                 nested ? offset->data_ptr<float>() : nullptr,
+                 kNestedBlocksize,
+                 static_cast<int>(blocksize)};
+  return {w, n};
+}
 
-  typename Backend::Guard guard(device);
+template <class Backend>
+at::Tensor dequantize_op(const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                         const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                         int64_t blocksize, at::ScalarType out_dtype) {
+  constexpr const char* op = "nf4_dequantize";
+  const DType dtype = check::float_dtype(op, "dtype", out_dtype);
+  const auto [w, n] = check_packed(op, codes, absmax, nested_absmax, nested_code, offset, blocksize);
+  typename Backend::Guard guard(codes.device());
   at::Tensor out = empty_output({n}, codes.options().dtype(out_dtype));
-  Backend::decode(DecodeParams{codes.data_ptr<uint8_t>(), absmax.data_ptr(),
-                               nested ? nested_absmax->data_ptr<float>() : nullptr,
-                               nested ? nested_code->data_ptr<float>() : nullptr,
-                               nested ? offset->data_ptr<float>() : nullptr, kNestedBlocksize, out.data_ptr(), dtype, n,
-                               static_cast<int>(blocksize)});
+  Backend::decode(DecodeParams{w, 0, out.data_ptr(), dtype, n});
   return out;
 }
 

@@ -16,6 +16,15 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "nf4_dequantize(Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
       "int blocksize, ScalarType dtype) -> Tensor");
+  // x [..., in] (fp32/fp16/bf16), the packed NF4 weight [out_features, in] as nf4_dequantize takes it, bias
+  // [out] of x's dtype -> y [..., out] = x W^T + bias. No gradient to the weight.
+  m.def(
+      "nf4_linear(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
+      "int blocksize, int out_features, Tensor? bias) -> Tensor");
+  // dy [..., out] -> dx [..., in] = dy W (nf4_linear's input gradient).
+  m.def(
+      "nf4_linear_dx(Tensor dy, Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? offset, int blocksize, int out_features) -> Tensor");
   // x [..., in], weight [out, in], bias [out], lora_A [r, in], lora_B [out, r] -> y [..., out], xa [..., r]:
   // y = x weight^T + bias + scaling * xa lora_B^T with xa = dropout(x) lora_A^T. seed: int64 [] on the CPU
   // (a tensor, so a module can draw a fresh one per step inside a compiled graph), keying the Philox mask.
