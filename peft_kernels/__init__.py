@@ -6,12 +6,14 @@ from . import nn
 from ._ops import build_info
 from .lora import LoRAConfig, load_adapter, save_adapter
 from .nf4 import NF4Weight, dynamic_map
-from .ops import lora_linear, nf4_dequantize, nf4_linear, nf4_quantize
+from .qlora import QLoRAConfig, weight_bytes
+from .ops import lora_linear, nf4_dequantize, nf4_linear, nf4_quantize, qlora_linear
 from .targeting import apply, trainable_parameters
 
 __all__ = [
     "LoRAConfig",
     "NF4Weight",
+    "QLoRAConfig",
     "apply",
     "build_info",
     "dynamic_map",
@@ -21,7 +23,9 @@ __all__ = [
     "nf4_linear",
     "nf4_quantize",
     "nn",
+    "qlora_linear",
     "save_adapter",
     "trainable_parameters",
+    "weight_bytes",
 ]
 __version__ = "0.1.0"

@@ -148,7 +148,52 @@ def _register_lora(namespace: str) -> None:
     torch.library.register_autograd(f"{namespace}::lora_linear_fwd", backward, setup_context=setup_context)
 
 
+def _register_qlora(namespace: str) -> None:
+    """Fakes of the QLoRA ops and the autograd formula of qlora_linear_fwd (backward = qlora_linear_bwd)."""
+    @torch.library.register_fake(f"{namespace}::qlora_linear_fwd")
+    def _(x, codes, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias, lora_A, lora_B,
+          scaling, dropout_p, seed):
+        torch._check(x.shape[-1] == lora_A.shape[1], lambda: f"qlora_linear: x {tuple(x.shape)} vs lora_A {tuple(lora_A.shape)}")
+        return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((*x.shape[:-1], lora_A.shape[0]))
+
+    @torch.library.register_fake(f"{namespace}::qlora_linear_bwd")
+    def _(dy, x, codes, absmax, nested_absmax, nested_code, offset, blocksize, out_features, lora_A, lora_B, xa,
+          scaling, dropout_p, seed, need_dx, need_dA, need_dB, need_dbias):
+        empty = dy.new_empty((0,))
+        return (
+            dy.new_empty((*dy.shape[:-1], lora_A.shape[1])) if need_dx else empty,
+            lora_A.new_empty(lora_A.shape) if need_dA else empty,
+            lora_B.new_empty(lora_B.shape) if need_dB else empty,
+            dy.new_empty((out_features,)) if need_dbias else empty,
+        )
+
+    ops = getattr(torch.ops, namespace)
+
+    def setup_context(ctx, inputs, output):
+        (x, codes, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias, lora_A, lora_B, scaling,
+         dropout_p, seed) = inputs
+        # As lora_linear: x only while lora_A trains (else LoRA-FA keeps just xa [..., r]); the packed weight is
+        # referenced, not copied.
+        ctx.save_for_backward(x if lora_A.requires_grad else None, codes, absmax, nested_absmax, nested_code, offset,
+                              lora_A, lora_B, output[1], seed)
+        ctx.blocksize, ctx.out_features, ctx.scaling, ctx.dropout_p = blocksize, out_features, scaling, dropout_p
+
+    def backward(ctx, dy, _dxa):
+        x, codes, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_x, need_bias, need_a, need_b = need[0], need[8], need[9], need[10]
+        dx, da, db, dbias = ops.qlora_linear_bwd(
+            dy, x, codes, absmax, nested_absmax, nested_code, offset, ctx.blocksize, ctx.out_features, lora_A, lora_B,
+            xa, ctx.scaling, ctx.dropout_p, seed, need_x, need_a, need_b, need_bias)
+        pick = lambda needed, grad: grad if needed else None  # noqa: E731
+        return (pick(need_x, dx), None, None, None, None, None, None, None, pick(need_bias, dbias), pick(need_a, da),
+                pick(need_b, db), None, None, None)
+
+    torch.library.register_autograd(f"{namespace}::qlora_linear_fwd", backward, setup_context=setup_context)
+
+
 for _namespace in ["peft_kernels"] + (["peft_kernels_sim"] if _sim_path is not None else []):
     _register_fakes(_namespace)
     _register_nf4_linear(_namespace)
     _register_lora(_namespace)
+    _register_qlora(_namespace)

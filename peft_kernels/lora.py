@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import targeting
-from .nn import LoRALinear
+from .nn import LoRALinear, QLoRALinear
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -63,8 +63,8 @@ class LoRAConfig:
         return model
 
 
-def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def _lora_modules(model: nn.Module) -> dict[str, LoRALinear | QLoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear))}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:

@@ -93,8 +93,44 @@ def lora_linear(
     Returns:
         y [..., out]. Saved for backward: x (only when lora_A requires grad) and x A^T [..., r].
     """
+    return torch.ops.peft_kernels.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                                  _seed(seed, dropout_p))[0]
+
+
+def _seed(seed: int | torch.Tensor | None, dropout_p: float) -> torch.Tensor:
     if seed is None:
-        seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
-    elif not isinstance(seed, torch.Tensor):
-        seed = torch.tensor(seed, dtype=torch.int64)
-    return torch.ops.peft_kernels.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+        if dropout_p > 0:
+            return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
+        return torch.zeros((), dtype=torch.int64)
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    q: NF4Weight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """QLoRA in one op: ``y = x W^T + b + scaling * (dropout(x) A^T) B^T`` with W the frozen 4-bit weight ``q``
+    [out, in] (read as :func:`nf4_linear` reads it: no full-precision copy kept). Differentiable in x, lora_A,
+    lora_B and bias.
+
+    Args:
+        x: [..., in], fp32 / fp16 / bf16; lora_A [r, in], lora_B [out, r] and bias [out] (or None) of x's dtype.
+        q: an :class:`NF4Weight` of a 2-D weight [out, in], on x's device.
+        scaling, dropout_p, seed: as :func:`lora_linear` (the same Philox mask, regenerated in backward).
+
+    Returns:
+        y [..., out]. Saved for backward: x (only when lora_A requires grad) and x A^T [..., r].
+    """
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"qlora_linear: argument 'q' must be an NF4Weight, got {type(q).__name__}")
+    if len(q.shape) != 2:
+        raise ValueError(f"qlora_linear: argument 'q' must hold a 2-D weight [out, in], got shape {list(q.shape)}")
+    return torch.ops.peft_kernels.qlora_linear_fwd(
+        x, q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, q.shape[0], bias, lora_A, lora_B,
+        scaling, dropout_p, _seed(seed, dropout_p))[0]

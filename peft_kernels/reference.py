@@ -163,3 +163,10 @@ def lora_linear(
         xd = x * dropout_keep(x.shape, dropout_p, seed, x.device) / (1 - dropout_p)
     lora = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A), lora_B)
     return torch.nn.functional.linear(x, weight, bias) + scaling * lora
+
+
+def qlora_linear(x, q, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0):
+    """Reference of ``peft_kernels.ops.qlora_linear``: :func:`lora_linear` over the exactly dequantized
+    NF4Weight ``q`` (fp32 values cast to x's dtype)."""
+    w = nf4_dequantize(q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, torch.float32)
+    return lora_linear(x, w.reshape(q.shape).to(x.dtype), bias, lora_A, lora_B, scaling, dropout_p, seed)

@@ -25,24 +25,48 @@ struct Shapes {
   int64_t out, in, r;
 };
 
-// Validates the frozen weight and the adapter against the activation's dtype and device; returns the sizes.
-inline Shapes check_weights(const char* op, const char* act, const at::Tensor& activation, const at::Tensor& weight,
-                            const at::Tensor& a, const at::Tensor& b, double dropout_p, bool allow_f64) {
-  check::float_dtype(op, act, activation.scalar_type(), allow_f64);
-  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": argument 'weight' must be 2-D [out, in], got a ", check::describe(weight));
-  const int64_t out = weight.size(0), in = weight.size(1);
+// Validates the adapter (A [r, in], B [out, r]) and dropout_p against the activation's dtype and device.
+inline int64_t check_adapter(const char* op, const at::Tensor& activation, int64_t out, int64_t in, const at::Tensor& a,
+                             const at::Tensor& b, double dropout_p) {
   TORCH_CHECK_VALUE(a.dim() == 2 && a.size(1) == in && a.size(0) >= 1, op,
                     ": argument 'lora_A' must be [r, in=", in, "] with r >= 1, got a ", check::describe(a));
   const int64_t r = a.size(0);
   TORCH_CHECK_VALUE(b.dim() == 2 && b.size(0) == out && b.size(1) == r, op, ": argument 'lora_B' must be [out=", out,
                     ", r=", r, "], got a ", check::describe(b));
-  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"lora_A", &a}, std::pair{"lora_B", &b}}) {
+  for (const auto& [name, t] : {std::pair{"lora_A", &a}, std::pair{"lora_B", &b}}) {
     check::dtype(op, name, *t, activation.scalar_type());
     check::same_device(op, name, *t, activation.device());
   }
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": argument 'dropout_p' must be in [0, 1), got ", dropout_p);
-  return {out, in, r};
+  return r;
 }
+
+// Validates the frozen weight and the adapter against the activation's dtype and device; returns the sizes.
+inline Shapes check_weights(const char* op, const char* act, const at::Tensor& activation, const at::Tensor& weight,
+                            const at::Tensor& a, const at::Tensor& b, double dropout_p, bool allow_f64) {
+  check::float_dtype(op, act, activation.scalar_type(), allow_f64);
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": argument 'weight' must be 2-D [out, in], got a ", check::describe(weight));
+  check::dtype(op, "weight", weight, activation.scalar_type());
+  check::same_device(op, "weight", weight, activation.device());
+  const int64_t out = weight.size(0), in = weight.size(1);
+  return {out, in, check_adapter(op, activation, out, in, a, b, dropout_p)};
+}
+
+inline void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t out) {
+  if (!bias) return;
+  check::dtype(op, "bias", *bias, x.scalar_type());
+  check::numel(op, "bias", *bias, out);
+  check::same_device(op, "bias", *bias, x.device());
+}
+
+// The frozen base layer of plain LoRA, through the BLAS. A base layer provides forward(x2 [m, in]) -> x2 W^T + b
+// [m, out] and dx(dy2 [m, out]) -> dy2 W [m, in]; QLoRA's (csrc/include/peft_kernels/qlora_op.h) reads an NF4 W.
+struct DenseBase {
+  const at::Tensor& weight;
+  const std::optional<at::Tensor>& bias;
+  at::Tensor forward(const at::Tensor& x2) const { return bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t()); }
+  at::Tensor dx(const at::Tensor& dy2) const { return at::mm(dy2, weight); }
+};
 
 inline Dropout make_dropout(const char* op, double p, const at::Tensor& seed, double scaling) {
   TORCH_CHECK_VALUE(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1, op,
@@ -50,21 +74,14 @@ inline Dropout make_dropout(const char* op, double p, const at::Tensor& seed, do
   return {static_cast<uint64_t>(seed.item<int64_t>()), philox::drop_threshold(p), scaling / (1.0 - p)};
 }
 
-template <class Backend>
-std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Tensor& weight,
-                                              const std::optional<at::Tensor>& bias, const at::Tensor& a,
-                                              const at::Tensor& b, double scaling, double dropout_p, const at::Tensor& seed) {
-  constexpr const char* op = "lora_linear";
-  const Shapes s = check_weights(op, "x", x, weight, a, b, dropout_p, Backend::kFloat64);
+template <class Backend, class Base>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor& x, const Base& base, const Shapes& s,
+                                                const at::Tensor& a, const at::Tensor& b, double scaling,
+                                                double dropout_p, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == s.in, op, ": argument 'x' must have last dimension in=", s.in,
-                    " (weight is ", weight.sizes(), "), got a ", check::describe(x));
+                    " (the base weight is [", s.out, ", ", s.in, "]), got a ", check::describe(x));
   const int64_t m = x.numel() / s.in;
   const Dropout drop = make_dropout(op, dropout_p, seed, 1.0);
-  if (bias) {
-    check::dtype(op, "bias", *bias, x.scalar_type());
-    check::numel(op, "bias", *bias, s.out);
-    check::same_device(op, "bias", *bias, x.device());
-  }
   typename Backend::Guard guard(x.device());
   // Non-contiguous inputs (e.g. a transposed activation) are accepted like nn.Linear accepts them, at the
   // cost of one copy here; the kernels need rows of x to be contiguous.
@@ -80,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Ten
                                drop});
     }
   }
-  at::Tensor y = bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  at::Tensor y = base.forward(x2);
   y.addmm_(xa, b.t(), 1.0, scaling);
   auto out_shape = x.sizes().vec();
   out_shape.back() = s.out;
@@ -89,14 +106,22 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Ten
   return {y.view(out_shape), xa.view(xa_shape)};
 }
 
-// Gradients the caller asked for; the others come back as empty tensors (shape [0]).
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
-    const at::Tensor& dy, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& a,
-    const at::Tensor& b, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed, bool need_dx,
-    bool need_da, bool need_db, bool need_dbias) {
-  constexpr const char* op = "lora_linear_bwd";
-  const Shapes s = check_weights(op, "dy", dy, weight, a, b, dropout_p, Backend::kFloat64);
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& bias, const at::Tensor& a,
+                                              const at::Tensor& b, double scaling, double dropout_p, const at::Tensor& seed) {
+  constexpr const char* op = "lora_linear";
+  const Shapes s = check_weights(op, "x", x, weight, a, b, dropout_p, Backend::kFloat64);
+  check_bias(op, bias, x, s.out);
+  return forward_impl<Backend>(op, x, DenseBase{weight, bias}, s, a, b, scaling, dropout_p, seed);
+}
+
+// Gradients the caller asked for; the others come back as empty tensors (shape [0]).
+template <class Backend, class Base>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const char* op, const at::Tensor& dy, const std::optional<at::Tensor>& x, const Base& base, const Shapes& s,
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& xa, double scaling, double dropout_p,
+    const at::Tensor& seed, bool need_dx, bool need_da, bool need_db, bool need_dbias) {
   const int64_t out = s.out, in = s.in;
   TORCH_CHECK_VALUE(dy.dim() >= 1 && dy.size(-1) == out, op, ": argument 'dy' must be [..., out=", out, "], got a ",
                     check::describe(dy));
@@ -116,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   if (!need_dx && !need_da) return {dx, da, db, dbias};
   const at::Tensor dxa = at::mm(dy2, b);  // [m, r]; the LoRA scaling is applied by the consumers below
   const at::Tensor x2 = need_da ? x->reshape({m, in}).contiguous() : at::Tensor();
-  if (need_dx) dx = at::mm(dy2, weight);
+  if (need_dx) dx = base.dx(dy2);
   if (dropout_p == 0.0) {
     if (need_dx) dx.addmm_(dxa, a, 1.0, scaling);
     if (need_da) da = at::mm(dxa.t(), x2).mul_(scaling);
@@ -137,6 +162,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     dx = dx.view(shape);
   }
   return {dx, da, db, dbias};
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const at::Tensor& dy, const std::optional<at::Tensor>& x, const at::Tensor& weight, const at::Tensor& a,
+    const at::Tensor& b, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed, bool need_dx,
+    bool need_da, bool need_db, bool need_dbias) {
+  constexpr const char* op = "lora_linear_bwd";
+  const Shapes s = check_weights(op, "dy", dy, weight, a, b, dropout_p, Backend::kFloat64);
+  return backward_impl<Backend>(op, dy, x, DenseBase{weight, std::nullopt}, s, a, b, xa, scaling, dropout_p, seed,
+                                need_dx, need_da, need_db, need_dbias);
 }
 
 }  // namespace peft_kernels::lora

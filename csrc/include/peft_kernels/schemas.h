@@ -36,6 +36,17 @@ inline void define_schemas(torch::Library& m) {
       "lora_linear_bwd(Tensor dy, Tensor? x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, float scaling, "
       "float dropout_p, Tensor seed, bool need_dx, bool need_dA, bool need_dB, bool need_dbias) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // lora_linear over a frozen NF4 base weight [out_features, in] (given as nf4_linear takes it): same outputs,
+  // saved tensors and dropout rules.
+  m.def(
+      "qlora_linear_fwd(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? offset, int blocksize, int out_features, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "float dropout_p, Tensor seed) -> (Tensor, Tensor)");
+  m.def(
+      "qlora_linear_bwd(Tensor dy, Tensor? x, Tensor codes, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? offset, int blocksize, int out_features, Tensor lora_A, Tensor lora_B, Tensor xa, float scaling, "
+      "float dropout_p, Tensor seed, bool need_dx, bool need_dA, bool need_dB, bool need_dbias) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace peft_kernels

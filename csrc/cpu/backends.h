@@ -1,0 +1,38 @@
+// The CPU backends of the op bodies in csrc/include/peft_kernels/*_op.h, declared once so that an op built
+// from several of them (qlora_linear: NF4 base + LoRA) composes the same kernels. Defined in nf4.cpp and
+// lora_linear.cpp.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "peft_kernels/lora_params.h"
+#include "peft_kernels/nf4_params.h"
+
+namespace peft_kernels {
+namespace nf4 {
+
+struct Cpu {
+  struct Guard {
+    explicit Guard(at::Device) {}
+  };
+  static constexpr bool kFloat64 = true;
+  static void encode(const EncodeParams& p);
+  static void quantize8(const Quantize8Params& p);
+  static void decode(const DecodeParams& p);
+  static void gemv(const GemvParams& p);
+};
+
+}  // namespace nf4
+
+namespace lora {
+
+struct Cpu {
+  struct Guard {
+    explicit Guard(at::Device) {}
+  };
+  static constexpr bool kFloat64 = true;
+  static void down(const DownParams& p);
+  static void backward(const BackwardParams& p);
+};
+
+}  // namespace lora
+}  // namespace peft_kernels

@@ -1,0 +1,168 @@
+"""qlora_linear (the fused LoRA op over a frozen NF4 base) and the modules NF4Linear / QLoRALinear: values and
+gradients against the float64 reference on every backend, both base paths (GEMV for <= 16 rows, tiled
+workspace GEMM above), dropout, gradcheck, opcheck, what is saved, bitsandbytes interop, merge_to, compile.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import peft_kernels as pk
+from peft_kernels import reference as R
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def make(rows, n_in, n_out, r, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dtype)  # noqa: E731
+    q = pk.nf4_quantize(torch.randn(n_out, n_in, generator=g) * n_in**-0.5, 32, True)
+    args = dict(x=t(rows, n_in).requires_grad_(), bias=t(n_out).requires_grad_(),
+                lora_A=t(r, n_in, scale=n_in**-0.5).requires_grad_(), lora_B=t(n_out, r, scale=r**-0.5).requires_grad_())
+    return q, args
+
+
+def ours(ops, q, scaling, p, seed):
+    def run(x, bias, lora_A, lora_B):
+        return ops.qlora_linear_fwd(x, q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize,
+                                    q.shape[0], bias, lora_A, lora_B, scaling, p, torch.tensor(seed))[0]
+    return run
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p30"])
+@pytest.mark.parametrize("rows", [5, 41], ids=["gemv", "tiled"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_values_and_grads(backend, dtype, rows, p, monkeypatch):
+    monkeypatch.setenv("PEFT_KERNELS_NF4_WORKSPACE_BYTES", str(7 * 67 * 4))  # several tiles, starting mid-block
+    q, args = make(rows, 67, 32, 7, dtype, seed=rows)
+    dy = torch.randn(rows, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    results = []
+    runs = [(ours(backend.ops, q.to(backend.device), 0.6, p, 5), args, dy, backend.device),
+            (lambda **a: R.qlora_linear(q=q, scaling=0.6, dropout_p=p, seed=5, **a), args, dy, "cpu"),
+            (lambda **a: R.qlora_linear(q=q, scaling=0.6, dropout_p=p, seed=5, **a),
+             {k: v.detach().double().requires_grad_() for k, v in args.items()}, dy.double(), "cpu")]
+    for fn, a, g, device in runs:
+        a = {k: v.to(device) if device != "cpu" else v for k, v in a.items()}
+        y = fn(**a)
+        results.append([t.cpu() for t in (y, *torch.autograd.grad(y, list(a.values()), g.to(y.device)))])
+    for name, o, lo, ex in zip(["y", "dx", "dbias", "dA", "dB"], *results):
+        err, ref_err = (o.double() - ex).abs().max().item(), (lo.double() - ex).abs().max().item()
+        assert o.dtype == dtype and err <= 2 * ref_err + ATOL[dtype], f"{name}: error {err:.3g} vs reference {ref_err:.3g}"
+
+
+def test_dropout_mask_same_as_lora():
+    """The QLoRA op draws the same Philox mask as lora_linear over the dequantized weight."""
+    q, args = make(20, 64, 16, 4, torch.float32)
+    w = pk.nf4_dequantize(q).float()
+    a = {k: v.detach() for k, v in args.items()}
+    y = pk.qlora_linear(a["x"], q, a["bias"], a["lora_A"], a["lora_B"], 1.5, 0.5, seed=11)
+    want = pk.lora_linear(a["x"], w, a["bias"], a["lora_A"], a["lora_B"], 1.5, 0.5, seed=11)
+    assert torch.allclose(y, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [3, 30])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_gradcheck_float64(rows, p):
+    q, args = make(rows, 40, 16, 3, torch.float64)
+    fn = lambda x, b, a, bb: pk.qlora_linear(x, q, b, a, bb, 0.8, p, seed=3)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(args.values()))
+
+
+@pytest.mark.parametrize("rows", [4, 20])
+def test_opcheck(backend, rows):
+    q, args = make(rows, 64, 24, 4, torch.float32)
+    q = q.to(backend.device)
+    a = {k: v.detach().to(backend.device).requires_grad_() for k, v in args.items()}
+    inputs = (a["x"], q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, 24, a["bias"],
+              a["lora_A"], a["lora_B"], 0.5, 0.2, torch.tensor(4))
+    torch.library.opcheck(backend.ops.qlora_linear_fwd, inputs)
+
+
+def test_saves_x_and_xa_only():
+    q, args = make(40, 64, 32, 4, torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = pk.qlora_linear(args["x"], q, None, args["lora_A"], args["lora_B"], 1.0, 0.1, seed=1)
+    packed = {t.data_ptr() for t in (q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset)}
+    activations = [t for t in saved if t.data_ptr() not in packed and t.dim() == 2 and t.shape[0] == 40]
+    assert sorted(t.shape[1] for t in activations) == [4, 64]  # xa [40, r] and x [40, in]; no mask, no W copy
+    y.sum().backward()
+
+
+def test_bad_input():
+    q, args = make(4, 64, 32, 4, torch.float32)
+    a = {k: v.detach() for k, v in args.items()}
+    with pytest.raises(ValueError, match=r"qlora_linear: argument 'lora_B' must be \[out=32, r=4\]"):
+        pk.qlora_linear(a["x"], q, None, a["lora_A"], a["lora_B"][:, :3], 1.0)
+    with pytest.raises(TypeError, match=r"qlora_linear: argument 'lora_A' must have dtype BFloat16"):
+        pk.qlora_linear(a["x"].bfloat16(), q, None, a["lora_A"], a["lora_B"].bfloat16(), 1.0)
+    with pytest.raises(ValueError, match=r"qlora_linear: argument 'x' must have last dimension in=64"):
+        pk.qlora_linear(a["x"][:, :60], q, None, a["lora_A"], a["lora_B"], 1.0)
+
+
+# ---- modules --------------------------------------------------------------------------------------------------
+def test_nf4linear_matches_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 48, dtype=torch.bfloat16)
+    ours = pk.nn.NF4Linear.from_linear(linear, compute_dtype=torch.bfloat16)
+    layer = bnb.nn.Linear4bit(128, 48, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+    layer.load_state_dict(linear.state_dict())
+    layer = layer.to("cpu")
+    layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True, blocksize=64)._quantize("cpu")
+    packed, state = ours.to_bnb()
+    assert torch.equal(packed.reshape(-1), layer.weight.data.reshape(-1))
+    theirs = pk.nn.NF4Linear.from_bnb(layer.weight.data, layer.weight.quant_state, linear.bias)
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    want = nn.functional.linear(x.float(), bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float(), linear.bias.float())
+    for module in (ours, theirs):
+        assert (module(x).float() - want).abs().max() <= 0.05
+
+
+def test_qlora_module_merge_to_and_requantize():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    module = pk.nn.QLoRALinear.from_linear(linear, r=4, alpha=8, compute_dtype=torch.float32)
+    with torch.no_grad():
+        module.lora_B.normal_()
+    x = torch.randn(3, 7, 96)
+    merged = module.merge_to(torch.float32)
+    assert torch.allclose(merged(x), module(x), atol=1e-4)
+    requantized, err = pk.nn.requantize(merged)
+    assert 0.0 < err < 0.2 and isinstance(requantized, pk.nn.NF4Linear)
+
+
+def test_qlora_module_trains_and_compiles():
+    torch.manual_seed(0)
+    module = pk.nn.QLoRALinear.from_linear(nn.Linear(64, 32), r=4, dropout=0.1, compute_dtype=torch.float32)
+    assert not any(b.requires_grad for b in module.buffers())
+    x = torch.randn(6, 64)
+    module.eval()
+    compiled = torch.compile(module, fullgraph=True)
+    assert torch.allclose(compiled(x), module(x), atol=1e-5)
+    module.train()
+    module(x).square().sum().backward()
+    assert module.lora_B.grad is not None and module.lora_B.grad.abs().sum() > 0
+
+
+def test_qlora_config_on_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=101)
+    model = LlamaForCausalLM(config).eval()
+    tokens = torch.randint(0, 101, (2, 9))
+    dense = model(tokens).logits
+    model = pk.apply(model, pk.QLoRAConfig(r=4, quantize="all_linear", compute_dtype=torch.float32))
+    report = model.peft_kernels_qlora_report
+    assert report["weight_bytes_after"] < report["weight_bytes_before"] / 3
+    assert isinstance(model.model.layers[0].self_attn.q_proj, pk.nn.QLoRALinear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, pk.nn.NF4Linear)
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, pk.nn.NF4Linear)
+    assert (model(tokens).logits - dense).abs().max() < 0.5  # 4-bit base: close, not equal
+    trainable, _ = pk.trainable_parameters(model)
+    assert trainable == 2 * 4 * ((64 + 64) + (64 + 32))  # q_proj [64, 64] and v_proj [32, 64] (2 kv heads) per layer
