@@ -6,7 +6,7 @@ from . import nn
 from ._ops import build_info
 from .lora import LoRAConfig, load_adapter, save_adapter
 from .nf4 import NF4Weight, dynamic_map
-from .qlora import QLoRAConfig, weight_bytes
+from .qlora import QLoRAConfig, bnb_nf4_state_dict, load_bnb_nf4, weight_bytes
 from .ops import lora_linear, nf4_dequantize, nf4_linear, nf4_quantize, qlora_linear
 from .targeting import apply, trainable_parameters
 
@@ -15,9 +15,11 @@ __all__ = [
     "NF4Weight",
     "QLoRAConfig",
     "apply",
+    "bnb_nf4_state_dict",
     "build_info",
     "dynamic_map",
     "load_adapter",
+    "load_bnb_nf4",
     "lora_linear",
     "nf4_dequantize",
     "nf4_linear",

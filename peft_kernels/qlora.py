@@ -12,6 +12,7 @@ from torch import nn
 from . import targeting
 from .lora import LoRAConfig
 from .nn import NF4Linear, QLoRALinear
+from .nn.nf4 import _PARTS
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -69,3 +70,60 @@ class QLoRAConfig:
                                            "quantized_modules": len(adapted) + len(others),
                                            "adapted_modules": len(adapted)}
         return model
+
+
+_BNB_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"
+
+
+def load_bnb_nf4(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                 compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Load a state dict whose Linear weights are bitsandbytes NF4 (``Linear4bit``: ``<name>.weight`` packed
+    uint8 plus ``<name>.weight.absmax``, ``.quant_map``, ``.nested_*`` and ``.quant_state.bitsandbytes__nf4``)
+    into ``model`` without re-quantizing: each such nn.Linear becomes an :class:`NF4Linear` holding those exact
+    bytes; every other entry loads as usual (strictly: a missing or unexpected key is an error). Everything is
+    checked before the model is touched."""
+    quantized = sorted(k[: -len(_BNB_SUFFIX)] for k in state_dict if k.endswith(_BNB_SUFFIX))
+    replacements, consumed = {}, set()
+    for name in quantized:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"load_bnb_nf4: the state dict quantizes {name!r}, which is not an nn.Linear of "
+                             f"{type(model).__name__}")
+        prefix = f"{name}.weight."
+        state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        module = NF4Linear.from_bnb(state_dict[f"{name}.weight"], state, state_dict.get(f"{name}.bias"), compute_dtype)
+        if (module.out_features, module.in_features) != (linear.out_features, linear.in_features):
+            raise ValueError(f"load_bnb_nf4: {name} is [{module.out_features}, {module.in_features}] in the state dict "
+                             f"but [{linear.out_features}, {linear.in_features}] in the model")
+        replacements[name] = module
+        consumed |= {f"{name}.weight", f"{name}.bias", *(prefix + k for k in state)}
+    rest = {k: v for k, v in state_dict.items() if k not in consumed}
+    expected = {k for k in model.state_dict()
+                if not any(k == f"{n}.weight" or k == f"{n}.bias" for n in replacements)}
+    missing, unexpected = sorted(expected - rest.keys()), sorted(rest.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"load_bnb_nf4: state dict mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    model.load_state_dict(rest, strict=False)
+    for name, module in replacements.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+    return model
+
+
+def bnb_nf4_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with every :class:`NF4Linear` in bitsandbytes' Linear4bit form (the inverse of
+    :func:`load_bnb_nf4`; loadable by transformers/bitsandbytes as a 4-bit checkpoint's tensors)."""
+    nf4_names = {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    replaced = {f"{n}.{part}" for n in nf4_names for part in (*_PARTS, "bias")}
+    out = {k: v for k, v in model.state_dict().items() if k not in replaced}
+    for name in nf4_names:
+        module = model.get_submodule(name)
+        packed, state = module.to_bnb()
+        out[f"{name}.weight"] = packed
+        out.update({f"{name}.weight.{k}": v for k, v in state.items()})
+        if module.bias is not None:
+            out[f"{name}.bias"] = module.bias.detach()
+    return out

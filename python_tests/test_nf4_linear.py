@@ -63,6 +63,27 @@ def test_values_and_grads(backend, dtype, case, double_quant, monkeypatch):
         check_close(ours, low, exact, dtype, name)
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_gemv_instruction_sets(isa, dtype, monkeypatch):
+    """Every CPU GEMV path (the vectorized ones need in % 32 == 0; a path the CPU lacks falls back to the next
+    one down) against the float64 reference: in = 96 with blocksize 64 starts odd rows mid-block, and 11 rows
+    exercise AVX2's two passes of 8 rows."""
+    monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", isa)
+    for n_in, bs, rows in [(96, 64, 11), (128, 32, 16), (256, 128, 1), (64, 64, 3)]:
+        q = quantized(24, n_in, bs, True, seed=n_in)
+        x = torch.randn(rows, n_in, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        bias = torch.randn(24, generator=torch.Generator().manual_seed(2)).to(dtype)
+        check_close(pk.nf4_linear(x, q, bias), R.nf4_linear(x, q, bias), R.nf4_linear(x.double(), q, bias.double()),
+                    dtype, f"{isa} in={n_in} bs={bs} rows={rows}")
+
+
+def test_cpu_isa_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match=r"PEFT_KERNELS_CPU_ISA must be scalar, avx2 or avx512, got 'sse9'"):
+        pk.nf4_linear(torch.randn(2, 64), quantized(8, 64))
+
+
 def test_gemv_and_tiles_agree(backend):
     """The 16-row GEMV and the tiled path compute the same products: rows 0..15 of a 17-row batch."""
     q = quantized(33, 192, 64, True, seed=3).to(backend.device)

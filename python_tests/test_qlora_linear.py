@@ -166,3 +166,80 @@ def test_qlora_config_on_llama(tmp_path):
     assert (model(tokens).logits - dense).abs().max() < 0.5  # 4-bit base: close, not equal
     trainable, _ = pk.trainable_parameters(model)
     assert trainable == 2 * 4 * ((64 + 64) + (64 + 32))  # q_proj [64, 64] and v_proj [32, 64] (2 kv heads) per layer
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=101)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_compiled_qlora_decoder_layer(dropout):
+    """A QLoRA LLaMA decoder layer (all Linear in NF4, adapters on q/v) compiles with fullgraph=True; without
+    dropout it matches eager in values and gradients."""
+    model = pk.apply(tiny_llama(), pk.QLoRAConfig(r=4, dropout=dropout, quantize="all_linear",
+                                                  compute_dtype=torch.float32))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    layer = model.model.layers[0].train()
+    h = torch.randn(2, 9, 64, requires_grad=True)
+    position_embeddings = model.model.rotary_emb(h, torch.arange(9)[None].expand(2, -1))
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(h, position_embeddings=position_embeddings)
+    grads = torch.autograd.grad(out.sum(), [h, layer.self_attn.q_proj.lora_A])
+    if dropout == 0.0:
+        eager = layer(h, position_embeddings=position_embeddings)
+        assert torch.allclose(out, eager, atol=1e-5)
+        for a, b in zip(grads, torch.autograd.grad(eager.sum(), [h, layer.self_attn.q_proj.lora_A])):
+            assert torch.allclose(a, b, atol=1e-4)
+    else:
+        assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_qlora_adapter_round_trip(tmp_path):
+    """A QLoRA adapter is saved in HF PEFT's LoRA format and loads into a fresh QLoRA model (same logits)."""
+    model = pk.apply(tiny_llama(), pk.QLoRAConfig(r=4, compute_dtype=torch.float32))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.1)
+    tokens = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    pk.save_adapter(model, tmp_path)
+    fresh = pk.apply(tiny_llama(), pk.QLoRAConfig(r=4, compute_dtype=torch.float32))
+    pk.load_adapter(fresh, tmp_path)
+    assert torch.equal(fresh(tokens).logits, model(tokens).logits)
+
+
+def test_bitsandbytes_checkpoint_loads_without_requantizing():
+    """A model whose Linear layers are bitsandbytes Linear4bit: its state dict loads into a plain model as our
+    NF4Linear modules holding the same bytes (same logits as bitsandbytes), and ours exports back to it."""
+    bnb = pytest.importorskip("bitsandbytes")
+    source = tiny_llama()
+    for name, linear in list(source.named_modules()):
+        if type(linear) is nn.Linear and name != "lm_head":
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.float32,
+                                      quant_type="nf4", compress_statistics=True)
+            layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, blocksize=64)._quantize("cpu")
+            parent, _, child = name.rpartition(".")
+            setattr(source.get_submodule(parent), child, layer)
+    tokens = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(2))
+    state = source.state_dict()
+    ours = pk.load_bnb_nf4(tiny_llama(seed=5), state, compute_dtype=torch.float32)
+    assert isinstance(ours.model.layers[1].mlp.up_proj, pk.nn.NF4Linear)
+    assert torch.allclose(ours(tokens).logits, source(tokens).logits, atol=1e-4)
+    back = pk.bnb_nf4_state_dict(ours)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k].reshape(-1).cpu(), state[k].reshape(-1).cpu()) for k in state if state[k].dtype == torch.uint8)
+    broken = {k: v for k, v in state.items() if not k.endswith("layers.0.mlp.up_proj.weight.absmax")}
+    untouched = tiny_llama(seed=5)
+    with pytest.raises((ValueError, KeyError)):
+        pk.load_bnb_nf4(untouched, broken)
+    assert not any(isinstance(m, pk.nn.NF4Linear) for m in untouched.modules())

@@ -6,6 +6,7 @@
 
 #include "backends.h"
 #include "dispatch.h"
+#include "nf4_gemv_simd.h"
 #include "peft_kernels/nf4_linear_op.h"
 
 namespace peft_kernels::nf4 {
@@ -76,9 +77,11 @@ void Cpu::decode(const DecodeParams& p) {
   });
 }
 
-// One task per block of output rows: each row of W is decoded once into an accumulator-typed buffer (the 16
-// levels of each block computed once), then dotted with the m <= 16 rows of x, widened once per call.
+// The portable path (fp64, in % 32 != 0, or no AVX2; nf4_gemv_simd.cpp otherwise). One task per block of
+// output rows: each row of W is decoded once into an accumulator-typed buffer (the 16 levels of each block
+// computed once), then dotted with the m <= 16 rows of x, widened once per call.
 void Cpu::gemv(const GemvParams& p) {
+  if (gemv_simd(p)) return;
   dispatch(p.dtype, [&]<class T>() {
     using Acc = cpu::acc_t<T>;
     const T* bias = static_cast<const T*>(p.bias);

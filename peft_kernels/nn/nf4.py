@@ -11,6 +11,7 @@ from torch import nn
 from .. import ops
 from ..nf4 import NF4Weight
 
+# The buffers of a packed weight, named as NF4Weight's fields.
 _PARTS = ("codes", "absmax", "nested_absmax", "nested_code", "offset")
 
 

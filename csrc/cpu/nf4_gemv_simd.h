@@ -1,0 +1,12 @@
+// Vectorized CPU GEMV for nf4_linear at decode batch sizes (AVX-512 or AVX2+FMA, chosen at run time).
+#pragma once
+#include "peft_kernels/nf4_params.h"
+
+namespace peft_kernels::nf4 {
+
+// Computes p (fp32/fp16/bf16 x, in % 32 == 0) with SIMD and returns true; returns false, computing nothing,
+// when the CPU or the shape does not allow it (the caller's scalar loop then runs). PEFT_KERNELS_CPU_ISA =
+// scalar|avx2|avx512 caps the instruction set (the tests run every path on one machine).
+bool gemv_simd(const GemvParams& p);
+
+}  // namespace peft_kernels::nf4
