@@ -1,0 +1,87 @@
+"""The `peft-kernels` command line: bad input gives one clear line and exit status 2 (no traceback), and
+finetune / compare run end to end on a tiny local model folder and a JSON-lines dataset (the real default
+model is exercised by the README's main job, not here: it takes minutes)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from peft_kernels import cli
+
+WORDS = ["Review:", "Sentiment:", "positive", "negative", "good", "bad", "film", "plot", "great", "awful", "the"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random 2-layer LLaMA with a word-level tokenizer, saved as a HF folder."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", *WORDS, "\n"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<pad>")
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    # 64 wide: bitsandbytes fails on layers narrower than its 64-element blocks (the peer rows use it).
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(vocab), pad_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_data") / "reviews.jsonl"
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(64):
+        label = i % 2
+        words = ["good", "great"] if label else ["bad", "awful"]
+        text = " ".join([words[torch.randint(2, (1,), generator=g).item()], "film", "the", "plot"])
+        lines.append(json.dumps({"text": text, "label": label}))
+    path.write_text("\n".join(lines))
+    return path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-P", "-m", "peft_kernels.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_unknown_method_is_a_usage_error():
+    r = run_cli("finetune", "--method", "nope")
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_model_path(tmp_path):
+    r = run_cli("compare", "--model", tmp_path / "missing")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "no such folder, and not a hub id" in r.stderr
+
+
+def test_malformed_data(tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "good film", "label": 1}\n{"review": "no label"}\n')
+    r = run_cli("compare", "--model", tiny_model, "--data", bad, "--methods", "lora")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "bad.jsonl:2: expected a JSON object with 'text' and 'label'" in r.stderr
+
+
+def test_unknown_compare_method(tiny_model, tiny_data):
+    assert cli.main(["compare", "--model", str(tiny_model), "--data", str(tiny_data), "--methods", "lora,xyz"]) == 2
+
+
+def test_compare_and_finetune_end_to_end(tiny_model, tiny_data, tmp_path, capsys):
+    args = ["--model", str(tiny_model), "--data", str(tiny_data), "--steps", "3", "--batch", "4",
+            "--train-size", "40", "--test-size", "16", "--out", str(tmp_path)]
+    assert cli.main(["compare", "--methods", "lora,qlora", *args]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| lora |") or line.startswith("| qlora |")]
+    assert len(rows) == 4, out  # ours and the peer for each method
+    assert (tmp_path / "compare.csv").read_text().count("\n") == 5
+    assert cli.main(["finetune", "--method", "qlora", *args]) == 0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
