@@ -61,7 +61,9 @@ def cases(args) -> list[harness.Case]:
     if not args.quick:
         # A 2-core CPU affords bf16 only (its fastest GEMM; fp32 would more than double the run).
         dtypes = [d for d in args.dtypes if args.device != "cpu" or d == torch.bfloat16]
-        out += [case(s, d, p, args.device, big=True) for s in LLAMA for d in dtypes for p in DROPOUTS]
+        # On a GPU the training shapes grow to M=8192 tokens (issue 3's GPU target: ours/base <= 1.05 in bf16).
+        shapes = [(i, o, 8192) for i, o, _ in LLAMA] if args.device == "cuda" else LLAMA
+        out += [case(s, d, p, args.device, big=True) for s in shapes for d in dtypes for p in DROPOUTS]
     return out
 
 

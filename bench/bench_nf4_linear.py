@@ -29,12 +29,13 @@ except Exception as exc:  # bitsandbytes raises more than ImportError when its n
 SHAPES = [(4096, 4096), (11008, 4096)]  # (out, in): LLaMA-7B attention projection, MLP gate/up projection
 QUICK_SHAPES = [(1024, 1024), (4096, 4096)]
 ROWS = [1, 4, 16, 2048]
+GPU_ROWS = [1, 16, 4096, 8192]  # decode and training batch sizes (issue 4's GPU targets)
 QUICK_ROWS = [1, 16, 512]
 DTYPE_NAMES = {dtype: name for name, dtype in harness.DTYPES.items()}
 
 
 def cases(args) -> list[harness.Case]:
-    shapes, rows = (QUICK_SHAPES, QUICK_ROWS) if args.quick else (SHAPES, ROWS)
+    shapes, rows = (QUICK_SHAPES, QUICK_ROWS) if args.quick else (SHAPES, GPU_ROWS if args.device == "cuda" else ROWS)
     return [harness.Case(f"{out}x{inp} M={m} {DTYPE_NAMES[dtype]}", dict(shape=(out, inp), m=m, dtype=dtype,
                                                                          device=args.device))
             for out, inp in shapes for m in rows for dtype in args.dtypes]
