@@ -30,7 +30,7 @@ CSRC = ROOT / "csrc"
 CUDA_INCLUDE = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 NUMEL, BLOCKSIZE, NUMEL8 = 704, 64, 300  # 11 NF4 blocks (2 thread blocks), 8-bit: one full block + a partial
 LORA_M, LORA_IN, LORA_R, LORA_SEED, LORA_P, LORA_SCALING = 37, 67, 5, 2024, 0.3, 0.5
-GEMV_M, GEMV_OUT = 3, 32  # NF4 weight [32, 22]: rows straddle the 64-element blocks
+GEMV_M, GEMV_OUTS = 3, (32, 11)  # NF4 weights [32, 22] (rows straddle the 64-element blocks) and [11, 64]
 
 if not (CUDA_INCLUDE / "cuda_runtime.h").is_file() or shutil.which("g++") is None:
     pytest.skip(f"needs g++ and the CUDA headers under {CUDA_INCLUDE} (set CUDA_HOME)", allow_module_level=True)
@@ -126,14 +126,17 @@ class Case:
         if step("decode8", NUMEL, BLOCKSIZE):
             want = R.nf4_dequantize(codes, qabsmax, nested, self.code, offset, BLOCKSIZE, torch.float32)
             compare("decode8", read(self.work / "out.f32", torch.float32), want)
-        # NF4 GEMV: 3 rows of x against the plain-absmax weight as [GEMV_OUT, NUMEL / GEMV_OUT]
-        gemv_in = NUMEL // GEMV_OUT
+        # NF4 GEMV: 3 rows of x against the plain-absmax weight as [out, NUMEL / out], for each out of
+        # GEMV_OUTS (in = 22: the element-wise path; in = 64: the 8-elements-per-lane path)
         w = R.nf4_dequantize(codes, self.ref_plain[1], None, None, None, BLOCKSIZE, torch.float32).double()
-        write(self.work / "x.f32", self.lora_x[:GEMV_M, :gemv_in].contiguous())
-        write(self.work / "bias.f32", self.lora_a[0, :GEMV_OUT].contiguous())
-        if step("gemv", GEMV_M, gemv_in, GEMV_OUT, BLOCKSIZE):
-            want = self.lora_x[:GEMV_M, :gemv_in].double() @ w.reshape(GEMV_OUT, gemv_in).t() + self.lora_a[0, :GEMV_OUT].double()
-            compare("gemv", read(self.work / "y.f32", torch.float32), want, 1e-5)
+        for gemv_out in GEMV_OUTS:
+            gemv_in = NUMEL // gemv_out
+            write(self.work / "x.f32", self.lora_x[:GEMV_M, :gemv_in].contiguous())
+            write(self.work / "bias.f32", self.lora_a[0, :gemv_out].contiguous())
+            if step("gemv", GEMV_M, gemv_in, gemv_out, BLOCKSIZE):
+                want = (self.lora_x[:GEMV_M, :gemv_in].double() @ w.reshape(gemv_out, gemv_in).t()
+                        + self.lora_a[0, :gemv_out].double())
+                compare(f"gemv in={gemv_in}", read(self.work / "y.f32", torch.float32), want, 1e-5)
         # LoRA dropout kernels against the float64 reference (fp32 accumulation: a tolerance, not equality)
         keep = R.dropout_keep((LORA_M, LORA_IN), LORA_P, LORA_SEED).double() / (1 - LORA_P)
         xd = self.lora_x.double() * keep
@@ -179,7 +182,10 @@ MUTANTS = [
      None, r"^decode: \d+ of 704 elements differ"),
     # the GEMV's warp reduction stops one step short: lanes 16 apart never meet
     ("gemv-short-reduction", "nf4.cu", "for (int offset = 16; offset > 0; offset >>= 1) v +=", "for (int offset = 8; offset > 0; offset >>= 1) v +=", None,
-     r"^gemv: \d+ of \d+ elements differ"),
+     r"^gemv in=22: \d+ of \d+ elements differ"),
+    # the 8-element path decodes the bytes of each 4-byte word in reverse order
+    ("gemv-byte-order", "nf4.cu", "static_cast<uint8_t>(word >> (8 * j))", "static_cast<uint8_t>(word >> (24 - 8 * j))", None,
+     r"^gemv in=64: \d+ of \d+ elements differ"),
     # LoRA backward applies the mask of the neighbouring element to dx
     ("shifted-mask", "lora_linear.cu", "keep_scale(p.drop, e) * t", "keep_scale(p.drop, e + 1) * t", None,
      r"^lora_bwd dx: \d+ of 2479"),

@@ -1,5 +1,7 @@
 // NF4 quantization kernels (encode, blockwise 8-bit for double quantization, decode) and their launchers.
 // No torch headers: csrc/cuda/nf4_bind.cpp validates tensors, fills the params and calls the launchers.
+#include <cstring>
+
 #include "launch.h"
 #include "nf4_launch.h"
 #include "peft_kernels/nf4.h"
@@ -86,12 +88,28 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(nf4::DecodeParams p) {
   }
 }
 
-// Small-batch linear: one warp per output row n. Lane l takes elements k = l, l + 32, ... of the row (the
-// 32 lanes read 16 consecutive bytes per step), decodes each through the block scale and the NF4 table and
-// accumulates x[i, k] * W[n, k] for all m <= 16 rows of x in registers; a shuffle reduction per row ends it.
-// Packed bytes are read once (0.5 B per weight plus one absmax byte per block); x [m, in] is re-read by every
-// warp, from L1/L2.
-template <class T>
+// Eight consecutive elements of x as fp32 with 16-byte loads (two float4, or one uint4 of 16-bit values); the
+// caller guarantees 16-byte alignment.
+template <class T> __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    T h[8];
+    memcpy(h, &raw, sizeof(raw));  // not a pointer cast: reading a uint4 as T is undefined (g++ read zeros)
+PK_UNROLL
+    for (int j = 0; j < 8; ++j) v[j] = load_f32(h, j);
+  }
+}
+
+// Small-batch linear: one warp per output row n, accumulating x[i, k] * W[n, k] for all m <= 16 rows of x in
+// registers, then one shuffle reduction per row. kVec8 (in % 8 == 0, x 16-byte aligned, codes 4-byte
+// aligned): lane l takes elements 8l .. 8l+7, then 8l + 256, ...: one 4-byte load of packed codes, one block
+// scale and 16-byte loads of x per 8 elements, and the warp reads 128 consecutive code bytes per step.
+// Otherwise lane l takes elements l, l + 32, ... one at a time (any in, e.g. 67). The packed weight is read
+// once (0.5 B per weight plus one absmax byte per block); x [m, in] is re-read by every warp from L1/L2.
+template <class T, bool kVec8>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(nf4::GemvParams p) {
   const T* x = static_cast<const T*>(p.x);
   const T* bias = static_cast<const T*>(p.bias);
@@ -102,12 +120,36 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(nf4::GemvParams p) {
 PK_UNROLL
     for (int i = 0; i < nf4::kGemvMaxRows; ++i) acc[i] = 0.0f;
     const int64_t row = n * p.in;
-    for (int64_t k = lane; k < p.in; k += 32) {
-      const int64_t e = row + k;
-      const float w = nf4::decode(nf4::code_of(p.w, e), nf4::block_scale(p.w, e / p.w.blocksize));
+    if constexpr (kVec8) {
+      for (int64_t k = 8 * lane; k < p.in; k += 256) {
+        const int64_t e = row + k;
+        const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(p.w.codes + e / 2));
+        const float scale = nf4::block_scale(p.w, e / p.w.blocksize);
+        float w[8];
 PK_UNROLL
-      for (int i = 0; i < nf4::kGemvMaxRows; ++i) {
-        if (i < p.m) acc[i] += load_f32(x, i * p.in + k) * w;
+        for (int j = 0; j < 4; ++j) {
+          const uint8_t byte = static_cast<uint8_t>(word >> (8 * j));  // little-endian: byte j of the 4
+          w[2 * j] = nf4::decode(nf4::high(byte), scale);
+          w[2 * j + 1] = nf4::decode(nf4::low(byte), scale);
+        }
+PK_UNROLL
+        for (int i = 0; i < nf4::kGemvMaxRows; ++i) {
+          if (i < p.m) {
+            float v[8];
+            load8(x + i * p.in + k, v);
+PK_UNROLL
+            for (int j = 0; j < 8; ++j) acc[i] += v[j] * w[j];
+          }
+        }
+      }
+    } else {
+      for (int64_t k = lane; k < p.in; k += 32) {
+        const int64_t e = row + k;
+        const float w = nf4::decode(nf4::code_of(p.w, e), nf4::block_scale(p.w, e / p.w.blocksize));
+PK_UNROLL
+        for (int i = 0; i < nf4::kGemvMaxRows; ++i) {
+          if (i < p.m) acc[i] += load_f32(x, i * p.in + k) * w;
+        }
       }
     }
 PK_UNROLL
@@ -139,7 +181,12 @@ cudaError_t nf4_decode(const nf4::DecodeParams& p, cudaStream_t stream) {
 }
 
 cudaError_t nf4_gemv(const nf4::GemvParams& p, cudaStream_t stream) {
-  return launch_typed(p.dtype, [&]<class T>() { KLAUNCH(gemv_kernel<T>, grid_for(p.out, kWarps), kThreads, 0, stream, p); });
+  const bool vec8 = p.in % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(p.w.codes) % 4 == 0;
+  return launch_typed(p.dtype, [&]<class T>() {
+    auto* kernel = vec8 ? &gemv_kernel<T, true> : &gemv_kernel<T, false>;
+    KLAUNCH(kernel, grid_for(p.out, kWarps), kThreads, 0, stream, p);
+  });
 }
 
 }  // namespace peft_kernels::cuda
