@@ -8,6 +8,7 @@
 #include "dispatch.h"
 #include "peft_kernels/lora_op.h"
 #include "peft_kernels/philox.h"
+#include "philox_simd.h"
 
 namespace peft_kernels::lora {
 namespace {
@@ -24,7 +25,7 @@ template <class Acc> void mask_row(const Dropout& d, int64_t first, int64_t n, A
     const uint64_t group = static_cast<uint64_t>(e) >> 2;
     const int64_t groups_left = ((first + n - 1) >> 2) - static_cast<int64_t>(group) + 1;
     const int count = static_cast<int>(std::min<int64_t>(philox::kBatch, groups_left));
-    philox::draw_batch(d.seed, group, count, draws);
+    philox::draw_batch_fast(d.seed, group, count, draws);
     const int64_t stop = std::min<int64_t>(first + n, static_cast<int64_t>(group + count) * 4);
     for (; e < stop; ++e) out[e - first] = draws[e - 4 * static_cast<int64_t>(group)] >= d.threshold ? scale : Acc(0);
   }
