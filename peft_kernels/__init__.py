@@ -6,7 +6,7 @@ from . import nn
 from ._ops import build_info
 from .lora import LoRAConfig, load_adapter, save_adapter
 from .nf4 import NF4Weight, dynamic_map
-from .ops import lora_linear, nf4_dequantize, nf4_quantize
+from .ops import kron_linear, lora_linear, nf4_dequantize, nf4_quantize
 from .targeting import apply, trainable_parameters
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "apply",
     "build_info",
     "dynamic_map",
+    "kron_linear",
     "load_adapter",
     "lora_linear",
     "nf4_dequantize",

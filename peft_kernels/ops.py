@@ -72,8 +72,42 @@ def lora_linear(
     Returns:
         y [..., out]. Saved for backward: x (only when lora_A requires grad) and x A^T [..., r].
     """
-    if seed is None:
-        seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
-    elif not isinstance(seed, torch.Tensor):
-        seed = torch.tensor(seed, dtype=torch.int64)
+    seed = _seed_tensor(seed, dropout_p)
     return torch.ops.peft_kernels.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+
+
+def kron_linear(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float = 1.0,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x W^T + b + scaling * dropout(x) (A ⊗ B)^T`` in one op, without forming ``A ⊗ B``; differentiable
+    in x, A, B and bias (never in the frozen ``weight``, which must have ``requires_grad=False``). With
+    ``weight`` and ``bias`` None it is the bare Kronecker product ``scaling * x (A ⊗ B)^T``.
+
+    Args:
+        x: [..., in] with in = a_in * b_in, fp32 / fp16 / bf16 (all tensors share its dtype and device).
+        A: [a_out, a_in]; B: [b_out, b_in]. The output has out = a_out * b_out features.
+        scaling: multiplies the Kronecker term.
+        weight: [out, in] frozen base weight, or None; bias: [out] or None.
+        dropout_p: dropout probability on the Kronecker branch's input, in [0, 1).
+        seed: keys the Philox dropout mask (an int or an int64 CPU tensor); None draws one from torch's
+            default generator. Backward regenerates the same mask from it: no mask is stored.
+
+    Returns:
+        y [..., out]. Saved for backward: x (only when A or B requires grad).
+    """
+    return torch.ops.peft_kernels.kron_linear_fwd(x, weight, bias, A, B, scaling, dropout_p, _seed_tensor(seed, dropout_p))
+
+
+def _seed_tensor(seed: int | torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    if seed is None:
+        return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    if not isinstance(seed, torch.Tensor):
+        return torch.tensor(seed, dtype=torch.int64)
+    return seed

@@ -156,3 +156,25 @@ def lora_linear(
         xd = x * dropout_keep(x.shape, dropout_p, seed, x.device) / (1 - dropout_p)
     lora = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A), lora_B)
     return torch.nn.functional.linear(x, weight, bias) + scaling * lora
+
+
+def kron_linear(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float = 1.0,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Reference of ``peft_kernels.ops.kron_linear`` (differentiable through autograd), by materializing
+    ``torch.kron(A, B)`` [a_out * b_out, a_in * b_in]: ``x W^T + b + scaling * dropout(x) kron(A, B)^T`` with the
+    Philox mask of ``seed``. x [..., in], A [a_out, a_in], B [b_out, b_in] -> [..., out]."""
+    xd = x
+    if dropout_p > 0:
+        xd = x * dropout_keep(x.shape, dropout_p, seed, x.device) / (1 - dropout_p)
+    y = scaling * torch.nn.functional.linear(xd, torch.kron(A, B))
+    if weight is not None:
+        y = y + torch.nn.functional.linear(x, weight)
+    return y if bias is None else y + bias
