@@ -220,3 +220,105 @@ def test_opcheck(backend, p, weight):
     dy = torch.randn(3, 5, 35, device=backend.device)
     torch.library.opcheck(backend.ops.kron_linear_bwd.default,
                           (dy, x.detach(), w, A.detach(), B.detach(), 0.5, p, torch.tensor(7), True, True, True, weight))
+
+
+def test_compile_fullgraph():
+    module = pk.nn.KronALinear.from_linear(torch.nn.Linear(24, 35), a_shape=(5, 3))
+    torch.nn.init.normal_(module.A)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    y_eager, y_compiled = module(x), compiled(x)
+    assert torch.allclose(y_eager, y_compiled, atol=1e-6)
+    g_eager = torch.autograd.grad(y_eager.sum(), [x, module.A, module.B])
+    g_compiled = torch.autograd.grad(y_compiled.sum(), [x, module.A, module.B])
+    for a, b in zip(g_eager, g_compiled):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+# ---- KronALinear -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_module_wraps_linear_without_copy(dtype):
+    linear = torch.nn.Linear(768, 3072).to(dtype)
+    module = pk.nn.KronALinear.from_linear(linear, scaling=2.0, dropout=0.1)
+    assert module.weight.data_ptr() == linear.weight.data_ptr() and not module.weight.requires_grad
+    assert (module.a_shape, module.b_shape) == ((48, 24), (64, 32))  # 3072 = 48 * 64, 768 = 24 * 32
+    assert module.A.dtype == dtype and module.B.dtype == dtype
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == {"A", "B"}
+    x = torch.randn(2, 3, 768).to(dtype)
+    module.eval()
+    assert torch.equal(module(x), linear(x))  # A = 0: a fresh adapter is the base layer
+
+
+def test_factor_shapes_follow_peft_lokr():
+    """Our default factorization is PEFT LoKr's (so saved adapters map onto PEFT's layers), for any factor."""
+    from peft.tuners.lokr.layer import factorization
+
+    for dim in [1, 2, 12, 30, 64, 127, 768, 1024, 4096, 11008]:
+        for factor in [-1, 2, 4, 5, 16, 64]:
+            assert pk.nn.krona.factorize(dim, factor) == factorization(dim, factor), (dim, factor)
+
+
+def test_module_factor_shapes_and_errors():
+    shapes = lambda *a, **k: pk.nn.KronALinear(*a, **k, device="meta")  # noqa: E731
+    assert (shapes(4096, 11008).a_shape, shapes(4096, 11008).b_shape) == ((86, 64), (128, 64))
+    assert shapes(4096, 11008, a_shape=(172, 64)).b_shape == (64, 64)
+    assert shapes(4096, 11008, b_shape=(64, 64)).a_shape == (172, 64)
+    with pytest.raises(ValueError, match=r"a_shape \(5, 64\) does not divide the layer \(11008 x 4096\): a_out \* b_out "
+                                         r"must be out_features=11008 \(a_out in \[1, 2, 4, "):
+        shapes(4096, 11008, a_shape=(5, 64))
+    with pytest.raises(ValueError, match=r"a_shape \(172, 64\) and b_shape \(64, 32\) do not multiply .* b_shape must "
+                                         r"be \(64, 64\)"):
+        shapes(4096, 11008, a_shape=(172, 64), b_shape=(64, 32))
+    with pytest.raises(ValueError, match=r"cannot factor in_features=127 .*\(a_in in \[1, 127\]"):
+        shapes(127, 64)
+    assert shapes(127, 64, a_shape=(8, 1)).b_shape == (8, 127)
+    with pytest.raises(ValueError, match=r"'b_shape' must be a pair of ints >= 1, got \(0, 4\)"):
+        shapes(64, 64, b_shape=(0, 4))
+    with pytest.raises(ValueError, match=r"residual=True .* in_features must equal out_features, got 64 -> 32"):
+        shapes(64, 32, residual=True)
+    with pytest.raises(ValueError, match=r"'dropout' must be in \[0, 1\), got 1.5"):
+        shapes(64, 64, dropout=1.5)
+    with pytest.raises(TypeError, match="must be an nn.Linear, got Conv1d"):
+        pk.nn.KronALinear.from_linear(torch.nn.Conv1d(2, 2, 1))
+
+
+def test_module_forward_is_the_reference():
+    torch.manual_seed(0)
+    module = pk.nn.KronALinear.from_linear(torch.nn.Linear(768, 768), scaling=0.5, residual=True)
+    torch.nn.init.normal_(module.A)
+    with torch.no_grad():
+        module.res_scale.fill_(0.25)
+    x = torch.randn(5, 768)
+    want = R.kron_linear(x.double(), module.A.double(), module.B.double(), 0.5, module.weight.double(),
+                         module.bias.double()) + 0.25 * x.double()
+    assert torch.allclose(module(x).double(), want, atol=1e-4)
+    (g,) = torch.autograd.grad(module(x).sum(), [module.res_scale])
+    assert torch.allclose(g.double(), x.double().sum(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["krona", "krona-res"])
+def test_module_train_eval_and_merge(residual):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 48)
+    w0 = linear.weight.detach().clone()
+    module = pk.nn.KronALinear.from_linear(linear, a_shape=(4, 6), scaling=0.5, dropout=0.5, residual=residual)
+    torch.nn.init.normal_(module.A)
+    if residual:
+        torch.nn.init.normal_(module.res_scale)
+    x = torch.randn(6, 48)
+    assert not torch.equal(module(x), module(x))  # training: a fresh dropout mask per call
+    module.eval()
+    y = module(x)
+    assert torch.equal(y, module(x))
+    module.merge()
+    assert module.merged and torch.allclose(module(x), y, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        module.merge()
+    module.unmerge()
+    assert (module.weight - w0).abs().max().item() <= 1e-6
+    assert torch.allclose(module(x), y, atol=1e-6)
+    with pytest.raises(RuntimeError, match="not merged"):
+        module.unmerge()

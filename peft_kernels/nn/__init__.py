@@ -1,5 +1,6 @@
 """Drop-in modules: each wraps one op call in forward."""
 
+from .krona import KronALinear
 from .lora import LoRALinear, enable_delta_lora
 
-__all__ = ["LoRALinear", "enable_delta_lora"]
+__all__ = ["KronALinear", "LoRALinear", "enable_delta_lora"]
