@@ -15,14 +15,9 @@ namespace {
 using kron::Dims;
 
 // keep(e) as 0 or 1; no draw when there is no dropout. Each element's draw is recomputed by every thread
-// that reads it (a_out times in u_kernel): simple, and identical for any thread layout.
+// that reads it (a_out times in kron_u_kernel): simple, and identical for any thread layout.
 __device__ __forceinline__ float keep(const kron::Dropout& d, int64_t e) {
   return d.threshold == 0 || philox::element(d.seed, static_cast<uint64_t>(e)) >= d.threshold ? 1.0f : 0.0f;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 // The sum of every thread's v, valid in thread 0; all threads of the block must call it.
@@ -42,7 +37,7 @@ __device__ __forceinline__ float block_sum(float v) {
 // U[r] = A (keep * X_r): one thread per element (r, p, j) of U; the threads of a warp take consecutive j, so
 // their reads of x are coalesced.
 template <class T>
-__global__ void __launch_bounds__(kThreads) u_kernel(const T* x, const T* a, Dims d, int64_t m, kron::Dropout drop,
+__global__ void __launch_bounds__(kThreads) kron_u_kernel(const T* x, const T* a, Dims d, int64_t m, kron::Dropout drop,
                                                      float* u) {
   const int64_t n = m * d.mid();
   for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
@@ -59,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) u_kernel(const T* x, const T* a, Dim
 
 // y[r] = (accumulate ? y[r] : 0) + s * U_r B^T: one thread per element (r, p, q) of y.
 template <class T>
-__global__ void __launch_bounds__(kThreads) y_kernel(const float* u, const T* b, Dims d, int64_t m, float s,
+__global__ void __launch_bounds__(kThreads) kron_y_kernel(const float* u, const T* b, Dims d, int64_t m, float s,
                                                      bool accumulate, T* y) {
   const int64_t n = m * d.out();
   for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
@@ -75,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) y_kernel(const float* u, const T* b,
 
 // G[r] = dY_r B: one thread per element (r, p, j) of G.
 template <class T>
-__global__ void __launch_bounds__(kThreads) g_kernel(const T* dy, const T* b, Dims d, int64_t m, float* g) {
+__global__ void __launch_bounds__(kThreads) kron_g_kernel(const T* dy, const T* b, Dims d, int64_t m, float* g) {
   const int64_t n = m * d.mid();
   for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
     const int64_t r = e / d.mid();
@@ -90,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) g_kernel(const T* dy, const T* b, Di
 
 // dx[r] = (accumulate ? dx[r] : 0) + s * keep_r * A^T G_r: one thread per element (r, i, j) of dx.
 template <class T>
-__global__ void __launch_bounds__(kThreads) dx_kernel(const float* g, const T* a, Dims d, int64_t m, kron::Dropout drop,
+__global__ void __launch_bounds__(kThreads) kron_dx_kernel(const float* g, const T* a, Dims d, int64_t m, kron::Dropout drop,
                                                       float s, bool accumulate, T* dx) {
   const int64_t n = m * d.in();
   for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
@@ -106,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) dx_kernel(const float* g, const T* a
 
 // dA[p, i] = s * sum over rows r and j of G[r, p, j] keep x[r, i, j]: one block per element of dA.
 template <class T>
-__global__ void __launch_bounds__(kThreads) da_kernel(const float* g, const T* x, Dims d, int64_t m, kron::Dropout drop,
+__global__ void __launch_bounds__(kThreads) kron_da_kernel(const float* g, const T* x, Dims d, int64_t m, kron::Dropout drop,
                                                       float s, T* da) {
   const int64_t n = d.a_out * d.a_in, terms = m * d.b_in;
   for (int64_t e = blockIdx.x; e < n; e += gridDim.x) {
@@ -124,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) da_kernel(const float* g, const T* x
 
 // dB[q, j] = s * sum over rows r and p of dY[r, p, q] U[r, p, j]: one block per element of dB.
 template <class T>
-__global__ void __launch_bounds__(kThreads) db_kernel(const T* dy, const float* u, Dims d, int64_t m, float s, T* db) {
+__global__ void __launch_bounds__(kThreads) kron_db_kernel(const T* dy, const float* u, Dims d, int64_t m, float s, T* db) {
   const int64_t n = d.b_out * d.b_in, terms = m * d.a_out;
   for (int64_t e = blockIdx.x; e < n; e += gridDim.x) {
     const int64_t q = e / d.b_in, j = e - q * d.b_in;
@@ -146,9 +141,9 @@ inline unsigned reduce_grid(int64_t elements) { return static_cast<unsigned>(ele
 cudaError_t kron_forward(const kron::ForwardParams& p, cudaStream_t stream) {
   return launch_typed(p.dtype, [&]<class T>() {
     const Dims d = p.d;
-    KLAUNCH(u_kernel<T>, grid_for(p.m * d.mid(), kThreads), kThreads, 0, stream, static_cast<const T*>(p.x),
+    KLAUNCH(kron_u_kernel<T>, grid_for(p.m * d.mid(), kThreads), kThreads, 0, stream, static_cast<const T*>(p.x),
             static_cast<const T*>(p.a), d, p.m, p.drop, p.workspace);
-    KLAUNCH(y_kernel<T>, grid_for(p.m * d.out(), kThreads), kThreads, 0, stream, static_cast<const float*>(p.workspace),
+    KLAUNCH(kron_y_kernel<T>, grid_for(p.m * d.out(), kThreads), kThreads, 0, stream, static_cast<const float*>(p.workspace),
             static_cast<const T*>(p.b), d, p.m, static_cast<float>(p.drop.scale), p.accumulate, static_cast<T*>(p.y));
   });
 }
@@ -162,21 +157,21 @@ cudaError_t kron_backward(const kron::BackwardParams& p, cudaStream_t stream) {
     const T* x = static_cast<const T*>(p.x);
     const T* dy = static_cast<const T*>(p.dy);
     if (p.dx != nullptr || p.da != nullptr) {
-      KLAUNCH(g_kernel<T>, grid_for(p.m * d.mid(), kThreads), kThreads, 0, stream, dy, static_cast<const T*>(p.b), d,
+      KLAUNCH(kron_g_kernel<T>, grid_for(p.m * d.mid(), kThreads), kThreads, 0, stream, dy, static_cast<const T*>(p.b), d,
               p.m, g);
     }
     if (p.dx != nullptr) {
-      KLAUNCH(dx_kernel<T>, grid_for(p.m * d.in(), kThreads), kThreads, 0, stream, static_cast<const float*>(g),
+      KLAUNCH(kron_dx_kernel<T>, grid_for(p.m * d.in(), kThreads), kThreads, 0, stream, static_cast<const float*>(g),
               static_cast<const T*>(p.a), d, p.m, p.drop, s, p.accumulate_dx, static_cast<T*>(p.dx));
     }
     if (p.da != nullptr) {
-      KLAUNCH(da_kernel<T>, reduce_grid(d.a_out * d.a_in), kThreads, 0, stream, static_cast<const float*>(g), x, d, p.m,
+      KLAUNCH(kron_da_kernel<T>, reduce_grid(d.a_out * d.a_in), kThreads, 0, stream, static_cast<const float*>(g), x, d, p.m,
               p.drop, s, static_cast<T*>(p.da));
     }
     if (p.db != nullptr) {
-      KLAUNCH(u_kernel<T>, grid_for(p.m * d.mid(), kThreads), kThreads, 0, stream, x, static_cast<const T*>(p.a), d,
+      KLAUNCH(kron_u_kernel<T>, grid_for(p.m * d.mid(), kThreads), kThreads, 0, stream, x, static_cast<const T*>(p.a), d,
               p.m, p.drop, u);
-      KLAUNCH(db_kernel<T>, reduce_grid(d.b_out * d.b_in), kThreads, 0, stream, dy, static_cast<const float*>(u), d,
+      KLAUNCH(kron_db_kernel<T>, reduce_grid(d.b_out * d.b_in), kThreads, 0, stream, dy, static_cast<const float*>(u), d,
               p.m, s, static_cast<T*>(p.db));
     }
   });
