@@ -37,8 +37,8 @@ __device__ __forceinline__ float block_sum(float v) {
 // U[r] = A (keep * X_r): one thread per element (r, p, j) of U; the threads of a warp take consecutive j, so
 // their reads of x are coalesced.
 template <class T>
-__global__ void __launch_bounds__(kThreads) kron_u_kernel(const T* x, const T* a, Dims d, int64_t m, kron::Dropout drop,
-                                                     float* u) {
+__global__ void __launch_bounds__(kThreads)
+kron_u_kernel(const T* x, const T* a, Dims d, int64_t m, kron::Dropout drop, float* u) {
   const int64_t n = m * d.mid();
   for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
     const int64_t r = e / d.mid();
@@ -54,8 +54,8 @@ __global__ void __launch_bounds__(kThreads) kron_u_kernel(const T* x, const T* a
 
 // y[r] = (accumulate ? y[r] : 0) + s * U_r B^T: one thread per element (r, p, q) of y.
 template <class T>
-__global__ void __launch_bounds__(kThreads) kron_y_kernel(const float* u, const T* b, Dims d, int64_t m, float s,
-                                                     bool accumulate, T* y) {
+__global__ void __launch_bounds__(kThreads)
+kron_y_kernel(const float* u, const T* b, Dims d, int64_t m, float s, bool accumulate, T* y) {
   const int64_t n = m * d.out();
   for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
     const int64_t r = e / d.out();
@@ -85,8 +85,8 @@ __global__ void __launch_bounds__(kThreads) kron_g_kernel(const T* dy, const T* 
 
 // dx[r] = (accumulate ? dx[r] : 0) + s * keep_r * A^T G_r: one thread per element (r, i, j) of dx.
 template <class T>
-__global__ void __launch_bounds__(kThreads) kron_dx_kernel(const float* g, const T* a, Dims d, int64_t m, kron::Dropout drop,
-                                                      float s, bool accumulate, T* dx) {
+__global__ void __launch_bounds__(kThreads)
+kron_dx_kernel(const float* g, const T* a, Dims d, int64_t m, kron::Dropout drop, float s, bool accumulate, T* dx) {
   const int64_t n = m * d.in();
   for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
     const int64_t r = e / d.in();
@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(kThreads) kron_dx_kernel(const float* g, const
 
 // dA[p, i] = s * sum over rows r and j of G[r, p, j] keep x[r, i, j]: one block per element of dA.
 template <class T>
-__global__ void __launch_bounds__(kThreads) kron_da_kernel(const float* g, const T* x, Dims d, int64_t m, kron::Dropout drop,
-                                                      float s, T* da) {
+__global__ void __launch_bounds__(kThreads)
+kron_da_kernel(const float* g, const T* x, Dims d, int64_t m, kron::Dropout drop, float s, T* da) {
   const int64_t n = d.a_out * d.a_in, terms = m * d.b_in;
   for (int64_t e = blockIdx.x; e < n; e += gridDim.x) {
     const int64_t p = e / d.a_in, i = e - p * d.a_in;
@@ -119,7 +119,8 @@ __global__ void __launch_bounds__(kThreads) kron_da_kernel(const float* g, const
 
 // dB[q, j] = s * sum over rows r and p of dY[r, p, q] U[r, p, j]: one block per element of dB.
 template <class T>
-__global__ void __launch_bounds__(kThreads) kron_db_kernel(const T* dy, const float* u, Dims d, int64_t m, float s, T* db) {
+__global__ void __launch_bounds__(kThreads)
+kron_db_kernel(const T* dy, const float* u, Dims d, int64_t m, float s, T* db) {
   const int64_t n = d.b_out * d.b_in, terms = m * d.a_out;
   for (int64_t e = blockIdx.x; e < n; e += gridDim.x) {
     const int64_t q = e / d.b_in, j = e - q * d.b_in;
@@ -143,8 +144,9 @@ cudaError_t kron_forward(const kron::ForwardParams& p, cudaStream_t stream) {
     const Dims d = p.d;
     KLAUNCH(kron_u_kernel<T>, grid_for(p.m * d.mid(), kThreads), kThreads, 0, stream, static_cast<const T*>(p.x),
             static_cast<const T*>(p.a), d, p.m, p.drop, p.workspace);
-    KLAUNCH(kron_y_kernel<T>, grid_for(p.m * d.out(), kThreads), kThreads, 0, stream, static_cast<const float*>(p.workspace),
-            static_cast<const T*>(p.b), d, p.m, static_cast<float>(p.drop.scale), p.accumulate, static_cast<T*>(p.y));
+    KLAUNCH(kron_y_kernel<T>, grid_for(p.m * d.out(), kThreads), kThreads, 0, stream,
+            static_cast<const float*>(p.workspace), static_cast<const T*>(p.b), d, p.m, static_cast<float>(p.drop.scale),
+            p.accumulate, static_cast<T*>(p.y));
   });
 }
 
@@ -157,22 +159,22 @@ cudaError_t kron_backward(const kron::BackwardParams& p, cudaStream_t stream) {
     const T* x = static_cast<const T*>(p.x);
     const T* dy = static_cast<const T*>(p.dy);
     if (p.dx != nullptr || p.da != nullptr) {
-      KLAUNCH(kron_g_kernel<T>, grid_for(p.m * d.mid(), kThreads), kThreads, 0, stream, dy, static_cast<const T*>(p.b), d,
-              p.m, g);
+      KLAUNCH(kron_g_kernel<T>, grid_for(p.m * d.mid(), kThreads), kThreads, 0, stream, dy,
+              static_cast<const T*>(p.b), d, p.m, g);
     }
     if (p.dx != nullptr) {
       KLAUNCH(kron_dx_kernel<T>, grid_for(p.m * d.in(), kThreads), kThreads, 0, stream, static_cast<const float*>(g),
               static_cast<const T*>(p.a), d, p.m, p.drop, s, p.accumulate_dx, static_cast<T*>(p.dx));
     }
     if (p.da != nullptr) {
-      KLAUNCH(kron_da_kernel<T>, reduce_grid(d.a_out * d.a_in), kThreads, 0, stream, static_cast<const float*>(g), x, d, p.m,
-              p.drop, s, static_cast<T*>(p.da));
+      KLAUNCH(kron_da_kernel<T>, reduce_grid(d.a_out * d.a_in), kThreads, 0, stream, static_cast<const float*>(g), x,
+              d, p.m, p.drop, s, static_cast<T*>(p.da));
     }
     if (p.db != nullptr) {
-      KLAUNCH(kron_u_kernel<T>, grid_for(p.m * d.mid(), kThreads), kThreads, 0, stream, x, static_cast<const T*>(p.a), d,
-              p.m, p.drop, u);
-      KLAUNCH(kron_db_kernel<T>, reduce_grid(d.b_out * d.b_in), kThreads, 0, stream, dy, static_cast<const float*>(u), d,
-              p.m, s, static_cast<T*>(p.db));
+      KLAUNCH(kron_u_kernel<T>, grid_for(p.m * d.mid(), kThreads), kThreads, 0, stream, x,
+              static_cast<const T*>(p.a), d, p.m, p.drop, u);
+      KLAUNCH(kron_db_kernel<T>, reduce_grid(d.b_out * d.b_in), kThreads, 0, stream, dy,
+              static_cast<const float*>(u), d, p.m, s, static_cast<T*>(p.db));
     }
   });
 }

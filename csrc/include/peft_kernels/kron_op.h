@@ -22,8 +22,9 @@
 
 namespace peft_kernels::kron {
 
-// Validates the factors, the optional frozen weight and bias, and dropout against `activation` (x in forward,
-// dy in backward), whose last dimension must be `last` of the layer (in or out); returns the factor sizes.
+// Validates the factors, the optional frozen weight and bias, and dropout against `activation`: x in forward
+// (last_is_in: its last dimension must be in = a_in * b_in) or dy in backward (out = a_out * b_out). Returns the
+// factor sizes.
 inline Dims check_factors(const char* op, const char* act, const at::Tensor& activation, bool last_is_in,
                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                           const at::Tensor& a, const at::Tensor& b, double dropout_p, bool allow_f64) {
