@@ -45,10 +45,18 @@ class KronAConfig:
         weights), freeze every other parameter except fresh task heads, and return ``model``."""
         targets = targeting.resolve_targets(model, self.target_modules, config_name="KronAConfig")
         names = targeting.linear_names(model, targets)
+        # Every layer is built before the model is touched: a layer that cannot take the adapter (a prime width,
+        # residual on a non-square layer) raises with the model unchanged.
+        made = {}
+        for name in names:
+            linear = model.get_submodule(name)
+            try:
+                made[id(linear)] = KronALinear.from_linear(linear, scaling=self.scaling, dropout=self.dropout,
+                                                           residual=self.residual, decompose_factor=self.decompose_factor)
+            except ValueError as exc:
+                raise ValueError(f"apply: {name}: {exc}") from exc
         targeting.freeze(model)
-        targeting.replace(model, names, lambda linear: KronALinear.from_linear(
-            linear, scaling=self.scaling, dropout=self.dropout, residual=self.residual,
-            decompose_factor=self.decompose_factor))
+        targeting.replace(model, names, lambda linear: made[id(linear)])
         if self.train_task_head:
             targeting.unfreeze_task_head(model)
         model.peft_kernels_krona = dataclasses.replace(self, target_modules=targets)

@@ -39,6 +39,13 @@ def test_apply_targets_and_freezes():
         assert torch.equal(model(TOKENS).logits, tiny_llama()(TOKENS).logits)
 
 
+def test_a_layer_that_cannot_take_the_adapter_leaves_the_model_unchanged():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"apply: model.layers.0.self_attn.v_proj: KronALinear: residual=True .* 64 -> 32"):
+        pk.apply(model, pk.KronAConfig(residual=True))
+    assert not kron_modules(model) and all(p.requires_grad for p in model.parameters())
+
+
 def test_targets_that_match_nothing():
     with pytest.raises(ValueError, match=r"target_modules \['nope'\] match no nn.Linear of LlamaForCausalLM"):
         pk.apply(tiny_llama(), pk.KronAConfig(target_modules=["nope"]))
