@@ -106,6 +106,8 @@ def kron_linear(
 
 
 def _seed_tensor(seed: int | torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    """The int64 CPU tensor the ops take as ``seed``: a fresh draw from torch's generator for None with dropout
+    (a tensor, so a compiled graph draws a new one each call), 0 for None without."""
     if seed is None:
         return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
     if not isinstance(seed, torch.Tensor):
