@@ -322,3 +322,48 @@ def test_module_train_eval_and_merge(residual):
     assert torch.allclose(module(x), y, atol=1e-6)
     with pytest.raises(RuntimeError, match="not merged"):
         module.unmerge()
+
+
+# ---- PHMLinear: PHM and Compacter layers on kron_linear ----------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [None, 2], ids=["phm", "compacter"])
+def test_phm_values_and_grads_match_the_materialized_sum(rank):
+    torch.manual_seed(0)
+    layer = pk.nn.PHMLinear(24, 36, n=4, rank=rank).double()
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
+    factors = [layer.B] if rank is None else [layer.s, layer.t]
+    leaves = [x, layer.A, *factors, layer.bias]
+    b = layer.B if rank is None else layer.s @ layer.t
+    w = sum(torch.kron(layer.A[i], b[i]) for i in range(4))
+    y, ref = layer(x), x @ w.t() + layer.bias
+    assert torch.allclose(y, ref, atol=1e-12)
+    dy = torch.randn_like(y)
+    for name, g, g_ref in zip(["x", "A", *("B" if rank is None else "st"), "bias"],
+                              torch.autograd.grad(y, leaves, dy), torch.autograd.grad(ref, leaves, dy)):
+        assert torch.allclose(g, g_ref, atol=1e-12), name
+    assert torch.allclose(layer.weight().double(), w.detach(), atol=1e-6)
+
+
+def test_compacter_shares_A_between_layers():
+    shared = pk.nn.PHMLinear.shared_factors(4)
+    down = pk.nn.PHMLinear(32, 8, n=4, rank=1, shared_A=shared)
+    up = pk.nn.PHMLinear(8, 32, n=4, rank=1, shared_A=shared)
+    adapter = torch.nn.Sequential(down, up)
+    assert down.A is up.A is shared
+    # A once (4^3), down s [4, 2, 1] t [4, 1, 8] bias 8, up s [4, 8, 1] t [4, 1, 2] bias 32
+    assert sum(p.numel() for p in adapter.parameters()) == 64 + (8 + 32 + 8) + (32 + 8 + 32)
+    x = torch.randn(3, 32)
+    (g,) = torch.autograd.grad(adapter(x).square().sum(), [shared])
+    assert g.abs().sum() > 0
+
+
+def test_phm_bad_arguments():
+    with pytest.raises(ValueError, match=r"'n' must divide in_features=24 and out_features=36 \(one of \[1, 2, 3, 4, 6, "
+                                         r"12\]\), got 5"):
+        pk.nn.PHMLinear(24, 36, n=5)
+    with pytest.raises(ValueError, match=r"'shared_A' must be \[n, n, n\] = \[4, 4, 4\], got \[3, 3, 3\]"):
+        pk.nn.PHMLinear(24, 36, n=4, shared_A=pk.nn.PHMLinear.shared_factors(3))
+    with pytest.raises(ValueError, match="'rank' must be None"):
+        pk.nn.PHMLinear(24, 36, n=4, rank=0)
