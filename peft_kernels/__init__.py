@@ -4,13 +4,15 @@ import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's librar
 
 from . import nn
 from ._ops import build_info
+from .krona import KronAConfig
 from .lora import LoRAConfig, load_adapter, save_adapter
 from .nf4 import NF4Weight, dynamic_map
 from .qlora import QLoRAConfig, bnb_nf4_state_dict, load_bnb_nf4, weight_bytes
-from .ops import lora_linear, nf4_dequantize, nf4_linear, nf4_quantize, qlora_linear
+from .ops import kron_linear, lora_linear, nf4_dequantize, nf4_linear, nf4_quantize, qlora_linear
 from .targeting import apply, trainable_parameters
 
 __all__ = [
+    "KronAConfig",
     "LoRAConfig",
     "NF4Weight",
     "QLoRAConfig",
@@ -18,6 +20,7 @@ __all__ = [
     "bnb_nf4_state_dict",
     "build_info",
     "dynamic_map",
+    "kron_linear",
     "load_adapter",
     "load_bnb_nf4",
     "lora_linear",

@@ -192,8 +192,53 @@ def _register_qlora(namespace: str) -> None:
     torch.library.register_autograd(f"{namespace}::qlora_linear_fwd", backward, setup_context=setup_context)
 
 
+def _register_kron(namespace: str) -> None:
+    """Fakes of the kron_linear ops and the autograd formula of kron_linear_fwd (backward = kron_linear_bwd)."""
+    @torch.library.register_fake(f"{namespace}::kron_linear_fwd")
+    def _(x, weight, bias, A, B, scaling, dropout_p, seed):
+        n_in = A.shape[1] * B.shape[1]
+        torch._check(x.shape[-1] == n_in, lambda: f"kron_linear: x {tuple(x.shape)} vs A {tuple(A.shape)}, B {tuple(B.shape)}")
+        return x.new_empty((*x.shape[:-1], A.shape[0] * B.shape[0]))
+
+    @torch.library.register_fake(f"{namespace}::kron_linear_bwd")
+    def _(dy, x, weight, A, B, scaling, dropout_p, seed, need_dx, need_dA, need_dB, need_dbias):
+        empty = dy.new_empty((0,))
+        return (
+            dy.new_empty((*dy.shape[:-1], A.shape[1] * B.shape[1])) if need_dx else empty,
+            A.new_empty(A.shape) if need_dA else empty,
+            B.new_empty(B.shape) if need_dB else empty,
+            dy.new_empty((A.shape[0] * B.shape[0],)) if need_dbias else empty,
+        )
+
+    ops = getattr(torch.ops, namespace)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, A, B, scaling, dropout_p, seed = inputs
+        if weight is not None and weight.requires_grad:
+            raise ValueError(
+                "kron_linear: argument 'weight' is the frozen base weight and gets no gradient, but it has "
+                "requires_grad=True; call weight.requires_grad_(False) (KronALinear does)"
+            )
+        # x is the only activation kept, and only for the factors' gradients: the mask is redrawn from seed.
+        ctx.save_for_backward(x if A.requires_grad or B.requires_grad else None, weight, A, B, seed)
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+
+    def backward(ctx, dy):
+        x, weight, A, B, seed = ctx.saved_tensors
+        # needs_input_grad is False for a None bias, so need_bias also says that a bias exists.
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dx, da, db, dbias = ops.kron_linear_bwd(
+            dy, x, weight, A, B, ctx.scaling, ctx.dropout_p, seed, need_x, need_a, need_b, need_bias
+        )
+        pick = lambda needed, grad: grad if needed else None  # noqa: E731
+        return pick(need_x, dx), None, pick(need_bias, dbias), pick(need_a, da), pick(need_b, db), None, None, None
+
+    torch.library.register_autograd(f"{namespace}::kron_linear_fwd", backward, setup_context=setup_context)
+
+
 for _namespace in ["peft_kernels"] + (["peft_kernels_sim"] if _sim_path is not None else []):
     _register_fakes(_namespace)
     _register_nf4_linear(_namespace)
     _register_lora(_namespace)
     _register_qlora(_namespace)
+    _register_kron(_namespace)

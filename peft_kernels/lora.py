@@ -68,8 +68,13 @@ def _lora_modules(model: nn.Module) -> dict[str, LoRALinear | QLoRALinear]:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write the adapter in HF PEFT's format (loadable by ``peft.PeftModel.from_pretrained``). Each file is
-    written to a temporary name and renamed, so a failure leaves any previous adapter there intact."""
+    """Write the adapter in HF PEFT's format (loadable by ``peft.PeftModel.from_pretrained``): LoRA, or LoKr for a
+    model with a KronA adapter (peft_kernels.krona). Each file is written to a temporary name and renamed, so a
+    failure leaves any previous adapter there intact."""
+    if getattr(model, "peft_kernels_krona", None) is not None:
+        from . import krona  # krona imports this module
+
+        return krona.save_adapter(model, directory)
     config = getattr(model, "peft_kernels_lora", None)
     modules = _lora_modules(model)
     if config is None or not modules:
@@ -118,16 +123,21 @@ def _atomic_write(target: pathlib.Path, write) -> None:
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load a LoRA adapter saved by :func:`save_adapter` or by HF PEFT into ``model`` (applying LoRA first if
-    the model has none). Every key, shape and rank is checked before anything is copied: on error the model is
-    left as it was."""
+    """Load a LoRA (or LoKr, as KronA) adapter saved by :func:`save_adapter` or by HF PEFT into ``model`` (applying
+    the method first if the model has none). Every key, shape and rank is checked before anything is copied: on
+    error the model is left as it was."""
     directory = pathlib.Path(directory)
     try:
         raw = json.loads((directory / CONFIG_NAME).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"load_adapter: cannot read {directory / CONFIG_NAME}: {exc}") from exc
+    if raw.get("peft_type") == "LOKR":
+        from . import krona  # krona imports this module
+
+        return krona.load_adapter(model, directory, raw)
     if raw.get("peft_type") != "LORA":
-        raise ValueError(f"load_adapter: {directory / CONFIG_NAME} has peft_type {raw.get('peft_type')!r}, expected 'LORA'")
+        raise ValueError(f"load_adapter: {directory / CONFIG_NAME} has peft_type {raw.get('peft_type')!r}, "
+                         "expected 'LORA' or 'LOKR'")
     for key in ("use_dora", "fan_in_fan_out"):
         if raw.get(key):
             raise ValueError(f"load_adapter: {key}=True adapters are not supported")

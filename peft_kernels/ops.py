@@ -94,15 +94,7 @@ def lora_linear(
         y [..., out]. Saved for backward: x (only when lora_A requires grad) and x A^T [..., r].
     """
     return torch.ops.peft_kernels.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                                  _seed(seed, dropout_p))[0]
-
-
-def _seed(seed: int | torch.Tensor | None, dropout_p: float) -> torch.Tensor:
-    if seed is None:
-        if dropout_p > 0:
-            return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
-        return torch.zeros((), dtype=torch.int64)
-    return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+                                                  _seed_tensor(seed, dropout_p))[0]
 
 
 def qlora_linear(
@@ -133,4 +125,43 @@ def qlora_linear(
         raise ValueError(f"qlora_linear: argument 'q' must hold a 2-D weight [out, in], got shape {list(q.shape)}")
     return torch.ops.peft_kernels.qlora_linear_fwd(
         x, q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, q.shape[0], bias, lora_A, lora_B,
-        scaling, dropout_p, _seed(seed, dropout_p))[0]
+        scaling, dropout_p, _seed_tensor(seed, dropout_p))[0]
+
+
+def kron_linear(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float = 1.0,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x W^T + b + scaling * dropout(x) (A ⊗ B)^T`` in one op, without forming ``A ⊗ B``; differentiable
+    in x, A, B and bias (never in the frozen ``weight``, which must have ``requires_grad=False``). With
+    ``weight`` and ``bias`` None it is the bare Kronecker product ``scaling * x (A ⊗ B)^T``.
+
+    Args:
+        x: [..., in] with in = a_in * b_in, fp32 / fp16 / bf16 (all tensors share its dtype and device).
+        A: [a_out, a_in]; B: [b_out, b_in]. The output has out = a_out * b_out features.
+        scaling: multiplies the Kronecker term.
+        weight: [out, in] frozen base weight, or None; bias: [out] or None.
+        dropout_p: dropout probability on the Kronecker branch's input, in [0, 1).
+        seed: keys the Philox dropout mask (an int or an int64 CPU tensor); None draws one from torch's
+            default generator. Backward regenerates the same mask from it: no mask is stored.
+
+    Returns:
+        y [..., out]. Saved for backward: x (only when A or B requires grad).
+    """
+    return torch.ops.peft_kernels.kron_linear_fwd(x, weight, bias, A, B, scaling, dropout_p, _seed_tensor(seed, dropout_p))
+
+
+def _seed_tensor(seed: int | torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    """The int64 CPU tensor the ops take as ``seed``: a fresh draw from torch's generator for None with dropout
+    (a tensor, so a compiled graph draws a new one each call), 0 for None without."""
+    if seed is None:
+        return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    if not isinstance(seed, torch.Tensor):
+        return torch.tensor(seed, dtype=torch.int64)
+    return seed

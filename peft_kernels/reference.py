@@ -170,3 +170,24 @@ def qlora_linear(x, q, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0):
     NF4Weight ``q`` (fp32 values cast to x's dtype)."""
     w = nf4_dequantize(q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, torch.float32)
     return lora_linear(x, w.reshape(q.shape).to(x.dtype), bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+def kron_linear(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float = 1.0,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Reference of ``peft_kernels.ops.kron_linear`` (differentiable through autograd), by materializing
+    ``torch.kron(A, B)`` [a_out * b_out, a_in * b_in]: ``x W^T + b + scaling * dropout(x) kron(A, B)^T`` with the
+    Philox mask of ``seed``. x [..., in], A [a_out, a_in], B [b_out, b_in] -> [..., out]."""
+    xd = x
+    if dropout_p > 0:
+        xd = x * dropout_keep(x.shape, dropout_p, seed, x.device) / (1 - dropout_p)
+    y = scaling * torch.nn.functional.linear(xd, torch.kron(A, B))
+    if weight is not None:
+        y = y + torch.nn.functional.linear(x, weight)
+    return y if bias is None else y + bias

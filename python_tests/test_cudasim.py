@@ -1,6 +1,6 @@
 """The CUDA kernels under ThreadSanitizer and AddressSanitizer, and mutants of them that the suite must catch.
 
-csrc/sim/kernel_driver.cpp runs the launchers of csrc/cuda/*.cu (NF4 and LoRA dropout kernels) through the CPU executor on files written
+csrc/sim/kernel_driver.cpp runs the launchers of csrc/cuda/*.cu (NF4, LoRA dropout and kron_linear kernels) through the CPU executor on files written
 here; built with -fsanitize=thread or =address and run with CUDASIM_MODE=threads (every CUDA thread an OS
 thread) on tiny grids. Outputs are compared with peft_kernels.reference.
 
@@ -31,6 +31,8 @@ CUDA_INCLUDE = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "i
 NUMEL, BLOCKSIZE, NUMEL8 = 704, 64, 300  # 11 NF4 blocks (2 thread blocks), 8-bit: one full block + a partial
 LORA_M, LORA_IN, LORA_R, LORA_SEED, LORA_P, LORA_SCALING = 37, 67, 5, 2024, 0.3, 0.5
 GEMV_M, GEMV_OUTS = 3, (32, 11)  # NF4 weights [32, 22] (rows straddle the 64-element blocks) and [11, 64]
+# kron_linear: M rows, A [AO, AI], B [BO, BI] (in 10, out 12; 6 and 20 dA/dB blocks of 256 threads)
+KRON_M, KRON_AO, KRON_AI, KRON_BO, KRON_BI, KRON_SEED, KRON_P, KRON_SCALING = 7, 3, 2, 4, 5, 77, 0.3, 0.8
 
 if not (CUDA_INCLUDE / "cuda_runtime.h").is_file() or shutil.which("g++") is None:
     pytest.skip(f"needs g++ and the CUDA headers under {CUDA_INCLUDE} (set CUDA_HOME)", allow_module_level=True)
@@ -79,6 +81,14 @@ class Case:
         self.lora_a = torch.randn(LORA_R, LORA_IN, generator=g)
         self.lora_dxa = torch.randn(LORA_M, LORA_R, generator=g)
         self.lora_dx = torch.randn(LORA_M, LORA_IN, generator=g)
+        self.kron = {
+            "x": torch.randn(KRON_M, KRON_AI * KRON_BI, generator=g),
+            "a": torch.randn(KRON_AO, KRON_AI, generator=g),
+            "b": torch.randn(KRON_BO, KRON_BI, generator=g),
+            "y": torch.randn(KRON_M, KRON_AO * KRON_BO, generator=g),
+            "dy": torch.randn(KRON_M, KRON_AO * KRON_BO, generator=g),
+            "dx": torch.randn(KRON_M, KRON_AI * KRON_BI, generator=g),
+        }
         write(work / "weight.f32", self.weight)
         write(work / "code.f32", self.code)
 
@@ -151,6 +161,20 @@ class Case:
             want_dx = self.lora_dx.double() + keep * (dxa @ self.lora_a.double())
             compare("lora_bwd dx", read(self.work / "dx.f32", torch.float32), want_dx, 1e-5)
             compare("lora_bwd da", read(self.work / "da.f32", torch.float32), dxa.t() @ xd, 1e-5)
+        # kron_linear kernels against the float64 torch.kron reference (y and dx accumulate onto given values)
+        for name, t in self.kron.items():
+            write(self.work / f"{name}.f32", t)
+        x, a, b = (self.kron[k].double().requires_grad_() for k in ("x", "a", "b"))
+        ref = R.kron_linear(x, a, b, KRON_SCALING, dropout_p=KRON_P, seed=KRON_SEED)
+        grads = torch.autograd.grad(ref, [x, a, b], self.kron["dy"].double())
+        sizes = (KRON_M, KRON_AO, KRON_AI, KRON_BO, KRON_BI, KRON_SEED, KRON_P, KRON_SCALING)
+        if step("kron_fwd", *sizes):
+            compare("kron_fwd y", read(self.work / "y.f32", torch.float32), self.kron["y"].double() + ref.detach(), 1e-5)
+        write(self.work / "dx.f32", self.kron["dx"])
+        if step("kron_bwd", *sizes):
+            compare("kron_bwd dx", read(self.work / "dx.f32", torch.float32), self.kron["dx"].double() + grads[0], 1e-5)
+            compare("kron_bwd da", read(self.work / "da.f32", torch.float32), grads[1], 1e-5)
+            compare("kron_bwd db", read(self.work / "db.f32", torch.float32), grads[2], 1e-5)
         return problems
 
 
@@ -165,7 +189,7 @@ def test_kernels_clean_under_sanitizer(work, sanitizer):
     assert Case(work / f"run-{sanitizer}").failures(exe) == []
 
 
-SOURCES = {name: (CSRC / "cuda" / name).read_text() for name in ("nf4.cu", "lora_linear.cu")}
+SOURCES = {name: (CSRC / "cuda" / name).read_text() for name in ("nf4.cu", "lora_linear.cu", "kron_linear.cu")}
 
 # (id, file, text to replace, replacement, sanitizer the mutant is built with, a regex for how it must be caught)
 MUTANTS = [
@@ -189,6 +213,12 @@ MUTANTS = [
     # LoRA backward applies the mask of the neighbouring element to dx
     ("shifted-mask", "lora_linear.cu", "keep_scale(p.drop, e) * t", "keep_scale(p.drop, e + 1) * t", None,
      r"^lora_bwd dx: \d+ of 2479"),
+    # kron_linear's block reduction: thread 0 sums the warps' partials before the other warps have written them
+    ("kron-missing-barrier", "kron_linear.cu", "partial[threadIdx.x >> 5] = v;\n  __syncthreads();",
+     "partial[threadIdx.x >> 5] = v;", "thread", r"^kron_bwd: exit 66: WARNING: ThreadSanitizer: data race"),
+    # kron_linear's u kernel reads x[r, j, i] instead of x[r, i, j]: the Kronecker index map transposed
+    ("kron-transposed-index", "kron_linear.cu", "kron::x_at(d, i, pj.inner)", "i + pj.inner * d.a_in", None,
+     r"^kron_fwd y: \d+ of 84"),
 ]
 
 

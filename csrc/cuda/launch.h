@@ -39,6 +39,12 @@ template <> __device__ __forceinline__ void store_f32<__nv_bfloat16>(__nv_bfloat
   p[i] = __float2bfloat16_rn(v);
 }
 
+// The sum of v over the 32 lanes of a warp, in every lane (all lanes must call it).
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
 // Runs launch.template operator()<T>() with T the CUDA element type of `dtype`, then reports the launch's
 // error: every launcher dispatches its dtype here, once. fp64 never reaches a GPU kernel (the op bodies
 // reject it for GPU backends), so it is an invalid value.

@@ -15,11 +15,6 @@ __device__ __forceinline__ float keep_scale(const lora::Dropout& d, int64_t e) {
   return philox::element(d.seed, static_cast<uint64_t>(e)) >= d.threshold ? static_cast<float>(d.scale) : 0.0f;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 // One warp per row of x: lanes stride over the row (coalesced), each keeps kRankTile partial dot products,
 // reduced across the warp by shuffles. Rank tiles beyond the first re-read the row from L1/L2.
 template <class T>

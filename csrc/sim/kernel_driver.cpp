@@ -10,7 +10,10 @@
 //   kernel_driver gemv      DIR M IN OUT BLOCKSIZE x.f32 codes.u8 absmax.f32 bias.f32 -> y.f32
 //   kernel_driver lora_down DIR M IN R SEED P     x.f32 a.f32                       -> xa.f32
 //   kernel_driver lora_bwd  DIR M IN R SEED P S   x.f32 a.f32 dxa.f32 dx.f32        -> dx.f32 da.f32
+//   kernel_driver kron_fwd  DIR M AO AI BO BI SEED P S   x.f32 a.f32 b.f32 y.f32    -> y.f32 (y += ...)
+//   kernel_driver kron_bwd  DIR M AO AI BO BI SEED P S   dy.f32 x.f32 a.f32 b.f32 dx.f32 -> dx.f32 da.f32 db.f32
 #include "launch.h"
+#include "kron_linear.cu"
 #include "lora_linear.cu"
 #include "nf4.cu"
 
@@ -133,6 +136,32 @@ int main(int argc, char** argv) {
       check(cuda::lora_backward({x, a, dxa, dx, da, DType::kFloat32, m, in, r, drop}, nullptr), "lora_backward");
       save(dir, "dx.f32", dx, m * in);
       save(dir, "da.f32", da, size_t(r) * in);
+    }
+  } else if (kernel == "kron_fwd" || kernel == "kron_bwd") {
+    if (argc < 11) die("usage: kernel_driver kron_fwd|kron_bwd DIR M AO AI BO BI SEED P SCALING");
+    const int64_t m = n;
+    const kron::Dims d{std::atoll(argv[4]), std::atoll(argv[5]), std::atoll(argv[6]), std::atoll(argv[7])};
+    const double p = std::atof(argv[9]), scaling = std::atof(argv[10]);
+    const lora::Dropout drop{std::strtoull(argv[8], nullptr, 10), philox::drop_threshold(p), scaling / (1.0 - p)};
+    const float* x = load<float>(dir, "x.f32", m * d.in());
+    const float* a = load<float>(dir, "a.f32", d.a_out * d.a_in);
+    const float* b = load<float>(dir, "b.f32", d.b_out * d.b_in);
+    if (kernel == "kron_fwd") {
+      float* y = load<float>(dir, "y.f32", m * d.out());
+      float* ws = alloc<float>(kron::forward_workspace(m, d));
+      check(cuda::kron_forward({x, a, b, y, true, DType::kFloat32, m, d, drop, ws}, nullptr), "kron_forward");
+      save(dir, "y.f32", y, m * d.out());
+    } else {
+      const float* dy = load<float>(dir, "dy.f32", m * d.out());
+      float* dx = load<float>(dir, "dx.f32", m * d.in());
+      float* da = alloc<float>(d.a_out * d.a_in);
+      float* db = alloc<float>(d.b_out * d.b_in);
+      float* ws = alloc<float>(kron::backward_workspace(m, d));
+      check(cuda::kron_backward({dy, x, a, b, dx, da, db, true, DType::kFloat32, m, d, drop, ws}, nullptr),
+            "kron_backward");
+      save(dir, "dx.f32", dx, m * d.in());
+      save(dir, "da.f32", da, d.a_out * d.a_in);
+      save(dir, "db.f32", db, d.b_out * d.b_in);
     }
   } else {
     die("unknown kernel " + kernel);

@@ -47,6 +47,17 @@ inline void define_schemas(torch::Library& m) {
       "Tensor? offset, int blocksize, int out_features, Tensor lora_A, Tensor lora_B, Tensor xa, float scaling, "
       "float dropout_p, Tensor seed, bool need_dx, bool need_dA, bool need_dB, bool need_dbias) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // x [..., in], weight [out, in] or None (frozen), bias [out] or None, A [a_out, a_in], B [b_out, b_in] with
+  // in = a_in * b_in, out = a_out * b_out -> y [..., out] = x weight^T + bias + scaling * dropout(x) (A ⊗ B)^T,
+  // A ⊗ B never formed. seed keys the Philox mask as for lora_linear_fwd.
+  m.def(
+      "kron_linear_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor A, Tensor B, float scaling, float dropout_p, "
+      "Tensor seed) -> Tensor");
+  // -> (dx [..., in], dA [a_out, a_in], dB [b_out, b_in], d bias [out]); an output not asked for is empty. x (the
+  // saved input) is needed only for dA and dB.
+  m.def(
+      "kron_linear_bwd(Tensor dy, Tensor? x, Tensor? weight, Tensor A, Tensor B, float scaling, float dropout_p, "
+      "Tensor seed, bool need_dx, bool need_dA, bool need_dB, bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace peft_kernels

@@ -1,0 +1,33 @@
+// Helpers of the CPU kernels that apply the Philox dropout mask (LoRA's and kron_linear's) on the fly.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "peft_kernels/lora_params.h"
+#include "peft_kernels/philox.h"
+#include "philox_simd.h"
+
+namespace peft_kernels::cpu {
+
+// keep(e) * scale for elements [first, first + n) into out[0, n), drawing up to 256 elements per batch.
+template <class Acc> void mask_row(const lora::Dropout& d, int64_t first, int64_t n, Acc* out) {
+  const Acc scale = static_cast<Acc>(d.scale);
+  uint32_t draws[4 * philox::kBatch];
+  for (int64_t e = first; e < first + n;) {
+    const uint64_t group = static_cast<uint64_t>(e) >> 2;
+    const int64_t groups_left = ((first + n - 1) >> 2) - static_cast<int64_t>(group) + 1;
+    const int count = static_cast<int>(std::min<int64_t>(philox::kBatch, groups_left));
+    philox::draw_batch_fast(d.seed, group, count, draws);
+    const int64_t stop = std::min<int64_t>(first + n, static_cast<int64_t>(group + count) * 4);
+    for (; e < stop; ++e) out[e - first] = draws[e - 4 * static_cast<int64_t>(group)] >= d.threshold ? scale : Acc(0);
+  }
+}
+
+template <class Acc, class T> std::vector<Acc> widen(const T* p, int64_t n) {
+  std::vector<Acc> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<Acc>(p[i]);
+  return out;
+}
+
+}  // namespace peft_kernels::cpu
