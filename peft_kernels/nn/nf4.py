@@ -75,6 +75,10 @@ class NF4Linear(nn.Module):
         return self.quantized.nbytes
 
     def _base_input(self, x: torch.Tensor) -> torch.Tensor:
+        # Any float input is cast to compute_dtype (as Linear4bit does); an integer one (token ids passed by
+        # mistake) would be cast too and give a meaningless result, so it is refused as nn.Linear refuses it.
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__}: input 'x' must be a floating-point tensor, got {x.dtype}")
         return x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +126,8 @@ class QLoRALinear(NF4Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         cast = lambda t: t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)  # noqa: E731
-        y = ops.qlora_linear(cast(x), self.quantized, self.bias, cast(self.lora_A), cast(self.lora_B), self.scaling, p)
+        y = ops.qlora_linear(self._base_input(x), self.quantized, self.bias, cast(self.lora_A), cast(self.lora_B),
+                             self.scaling, p)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @torch.no_grad()
