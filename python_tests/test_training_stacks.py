@@ -161,7 +161,7 @@ def test_autocast_qlora_linear(compute_dtype):
 def test_autocast_model_trains(kind):
     """A whole LLaMA with fp32 adapters under bf16 autocast: forward and backward run (LoRALinear inputs arrive
     in fp32 from RMSNorm and in bf16 from autocast's matmuls), every adapter gets a finite fp32 gradient, and
-    the loss is the fp32 model's within bf16 rounding (|diff| 0.003 measured on a loss of 4.6)."""
+    the loss is the fp32 model's within bf16 rounding (|diff| 0.0002 measured on a loss of 4.64)."""
     model = adapted(kind).train()
     randomize_adapters(model, 1)
     with torch.no_grad():
@@ -169,7 +169,7 @@ def test_autocast_model_trains(kind):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(input_ids=TOKENS, labels=TOKENS).loss
     loss.backward()
-    assert abs(loss.item() - fp32_loss.item()) < 0.03
+    assert abs(loss.item() - fp32_loss.item()) < 0.01
     grads = adapter_grads(model)
     assert len(grads) == 8 and all(g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0
                                    for g in grads.values())
@@ -236,9 +236,10 @@ def test_gradient_checkpointing(kind, reentrant):
     assert grads.keys() == ckpt_grads.keys() and len(grads) == 8
     for name, g in grads.items():
         assert g.abs().sum() > 0 and torch.allclose(ckpt_grads[name], g, rtol=1e-5, atol=1e-7), name
-    # Measured: 2 decoder layers, 18 tokens: LoRA 124 KiB saved without checkpointing, 40 KiB with it (the
-    # layers' inputs, the embedding, the head and the loss); QLoRA the same within 1 KiB.
-    assert ckpt_bytes < 0.5 * plain_bytes, (ckpt_bytes, plain_bytes)
+    # Measured (2 decoder layers, 18 tokens, LoRA and QLoRA alike, both modes): 118.4 KiB saved for backward
+    # without checkpointing, 20.8 KiB with it (what is saved outside the checkpointed layers: embedding output,
+    # final norm, head, loss).
+    assert ckpt_bytes < 0.25 * plain_bytes, (ckpt_bytes, plain_bytes)
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
