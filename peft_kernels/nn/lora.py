@@ -84,7 +84,8 @@ class LoRALinear(nn.Module):
             return nn.functional.linear(x, self.weight, self.bias)
         p = self.dropout if self.training else 0.0
         weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):
+        # is_autocast_enabled raises for device types autocast does not know (meta): ask availability first.
+        if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
         elif x.dtype != weight.dtype:
