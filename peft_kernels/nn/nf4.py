@@ -18,8 +18,10 @@ _PARTS = ("codes", "absmax", "nested_absmax", "nested_code", "offset")
 class NF4Linear(nn.Module):
     """``y = x W^T + b`` with W stored as NF4 (4.127 bits per weight at blocksize 64 with double quantization).
 
-    Shapes: x [..., in_features] -> y [..., out_features]. x is cast to ``compute_dtype`` for the product and
-    y is returned in x's dtype (as bitsandbytes' Linear4bit). The packed weight lives in buffers (``codes``
+    Shapes: x [..., in_features] -> y [..., out_features]. x (any floating dtype; an integer one is a
+    TypeError) is cast to ``compute_dtype`` for the product and y is returned in x's dtype (as bitsandbytes'
+    Linear4bit). ``torch.autocast`` does not change this: ``compute_dtype`` is the layer's own precision, so
+    under bf16 autocast an fp32 x still gives an fp32 y. The packed weight lives in buffers (``codes``
     uint8 [out*in/2], ``absmax``, ``nested_absmax``, ``nested_code``, ``offset``), so ``state_dict()`` and
     ``.to(device)`` carry it; ``bias`` is a frozen parameter in ``compute_dtype``. No full-precision copy of W
     is kept: up to 16 rows per call stream the packed weight (GEMV), more decode it tile by tile into a
@@ -95,7 +97,7 @@ class QLoRALinear(NF4Linear):
     """QLoRA: ``y = x W^T + b + scaling * (dropout(x) A^T) B^T`` with W frozen in NF4 (see :class:`NF4Linear`)
     and the adapter ``lora_A`` [r, in] (Kaiming-uniform, a = sqrt(5)), ``lora_B`` [out, r] (zeros) trainable,
     kept in ``adapter_dtype`` (fp32 by default, as HF PEFT keeps QLoRA adapters) and cast to ``compute_dtype``
-    inside the step. One ``qlora_linear`` op call per forward; dropout as :class:`LoRALinear` (Philox mask
+    inside the step, with or without autocast (their gradients arrive in ``adapter_dtype``). One ``qlora_linear`` op call per forward; dropout as :class:`LoRALinear` (Philox mask
     regenerated in backward). Saved for backward: x and x A^T [..., r] (x only while lora_A trains).
     """
 
