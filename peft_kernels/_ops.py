@@ -56,10 +56,20 @@ def build_info() -> dict:
     }
 
 
+def _same_device(op: str, first: torch.Tensor, /, **tensors) -> None:
+    """The fakes' copy of the C++ device check. Without it a call mixing meta and real tensors ran the fake as
+    the Meta kernel and returned an uninitialized real tensor (x.new_empty) instead of an error."""
+    for name, t in tensors.items():
+        if t is not None and t.device != first.device:
+            raise ValueError(f"{op}: argument '{name}' must be on {first.device} like the other inputs, got a tensor on "
+                             f"{t.device}")
+
+
 def _register_fakes(namespace: str) -> None:
     """Fake (meta) kernels of the NF4 ops, for torch.compile and opcheck."""
     @torch.library.register_fake(f"{namespace}::nf4_quantize")
     def _(weight, blocksize, nested_code):
+        _same_device("nf4_quantize", weight, nested_code=nested_code)
         n = weight.numel()
         torch._check(n % blocksize == 0, lambda: f"nf4_quantize: numel {n} is not a multiple of blocksize {blocksize}")
         nblocks = n // blocksize
@@ -72,6 +82,8 @@ def _register_fakes(namespace: str) -> None:
 
     @torch.library.register_fake(f"{namespace}::nf4_dequantize")
     def _(codes, absmax, nested_absmax, nested_code, offset, blocksize, dtype):
+        _same_device("nf4_dequantize", codes, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code,
+                     offset=offset)
         return codes.new_empty((2 * codes.numel(),), dtype=dtype)
 
 
@@ -79,12 +91,16 @@ def _register_nf4_linear(namespace: str) -> None:
     """Fakes of the NF4 linear ops and the autograd formula of nf4_linear (dx = nf4_linear_dx, dbias = sum)."""
     @torch.library.register_fake(f"{namespace}::nf4_linear")
     def _(x, codes, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias):
+        _same_device("nf4_linear", x, codes=codes, absmax=absmax, nested_absmax=nested_absmax,
+                     nested_code=nested_code, offset=offset, bias=bias)
         in_features = 2 * codes.numel() // out_features
         torch._check(x.shape[-1] == in_features, lambda: f"nf4_linear: x {tuple(x.shape)} vs weight [{out_features}, {in_features}]")
         return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake(f"{namespace}::nf4_linear_dx")
     def _(dy, codes, absmax, nested_absmax, nested_code, offset, blocksize, out_features):
+        _same_device("nf4_linear_dx", dy, codes=codes, absmax=absmax, nested_absmax=nested_absmax,
+                     nested_code=nested_code, offset=offset)
         return dy.new_empty((*dy.shape[:-1], 2 * codes.numel() // out_features))
 
     ops = getattr(torch.ops, namespace)
@@ -109,11 +125,13 @@ def _register_lora(namespace: str) -> None:
     """Fakes of the LoRA ops and the autograd formula of lora_linear_fwd (backward = lora_linear_bwd)."""
     @torch.library.register_fake(f"{namespace}::lora_linear_fwd")
     def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        _same_device("lora_linear", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
         torch._check(x.shape[-1] == weight.shape[1], lambda: f"lora_linear: x {tuple(x.shape)} vs weight {tuple(weight.shape)}")
         return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((*x.shape[:-1], lora_A.shape[0]))
 
     @torch.library.register_fake(f"{namespace}::lora_linear_bwd")
     def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB, need_dbias):
+        _same_device("lora_linear", dy, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, xa=xa)
         empty = dy.new_empty((0,))
         return (
             dy.new_empty((*dy.shape[:-1], weight.shape[1])) if need_dx else empty,
@@ -153,12 +171,16 @@ def _register_qlora(namespace: str) -> None:
     @torch.library.register_fake(f"{namespace}::qlora_linear_fwd")
     def _(x, codes, absmax, nested_absmax, nested_code, offset, blocksize, out_features, bias, lora_A, lora_B,
           scaling, dropout_p, seed):
+        _same_device("qlora_linear", x, codes=codes, absmax=absmax, nested_absmax=nested_absmax,
+                     nested_code=nested_code, offset=offset, bias=bias, lora_A=lora_A, lora_B=lora_B)
         torch._check(x.shape[-1] == lora_A.shape[1], lambda: f"qlora_linear: x {tuple(x.shape)} vs lora_A {tuple(lora_A.shape)}")
         return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((*x.shape[:-1], lora_A.shape[0]))
 
     @torch.library.register_fake(f"{namespace}::qlora_linear_bwd")
     def _(dy, x, codes, absmax, nested_absmax, nested_code, offset, blocksize, out_features, lora_A, lora_B, xa,
           scaling, dropout_p, seed, need_dx, need_dA, need_dB, need_dbias):
+        _same_device("qlora_linear", dy, x=x, codes=codes, absmax=absmax, nested_absmax=nested_absmax,
+                     nested_code=nested_code, offset=offset, lora_A=lora_A, lora_B=lora_B, xa=xa)
         empty = dy.new_empty((0,))
         return (
             dy.new_empty((*dy.shape[:-1], lora_A.shape[1])) if need_dx else empty,

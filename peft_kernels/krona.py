@@ -121,9 +121,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         tensors[f"{_PREFIX}{name}.lokr_w2"] = m.B.detach().contiguous()
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     text = json.dumps(config.to_peft_dict(r), indent=2)
-    _atomic_write(directory / CONFIG_NAME, lambda path: pathlib.Path(path).write_text(text))
+    _atomic_write({directory / WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+                   directory / CONFIG_NAME: lambda path: pathlib.Path(path).write_text(text)})
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, raw: dict) -> nn.Module:
@@ -137,7 +137,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, raw: dict) -> n
     targets = raw.get("target_modules")
     if not isinstance(targets, list):
         raise ValueError(f"load_adapter: target_modules must be a list of module names, got {targets!r}")
-    scaling = raw["alpha"] / raw["r"]
+    r, alpha = raw.get("r"), raw.get("alpha")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+        raise ValueError(f"load_adapter: a LoKr config needs an int 'r' >= 1 and a number 'alpha', got r={r!r}, "
+                         f"alpha={alpha!r}")
+    scaling = alpha / r
     config = KronAConfig(scaling=scaling, target_modules=list(targets), decompose_factor=raw.get("decompose_factor", -1))
     try:
         with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:

@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import tempfile
+import warnings
 
 import torch
 from safetensors import safe_open
@@ -106,78 +107,159 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
             peft_dict["task_type"] = "SEQ_CLS"
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     text = json.dumps(peft_dict, indent=2)
-    _atomic_write(directory / CONFIG_NAME, lambda path: pathlib.Path(path).write_text(text))
+    _atomic_write({directory / WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+                   directory / CONFIG_NAME: lambda path: pathlib.Path(path).write_text(text)})
 
 
-def _atomic_write(target: pathlib.Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+def _atomic_write(writers: dict) -> None:
+    """Write each target through a temporary file in its directory, and rename them into place only once all
+    are written: a failure while writing any of them (disk full, an exception, a kill) leaves every previous
+    file, so new weights are never paired with an old config. Only a crash between the renames, which follow
+    each other and allocate nothing, could split the pair."""
+    temporaries = {}
     try:
-        write(tmp)
-        os.replace(tmp, target)
+        for target, write in writers.items():
+            fd, temporaries[target] = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            os.close(fd)
+            write(temporaries[target])
+        for target, tmp in temporaries.items():
+            os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in temporaries.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+# adapter_config.json keys (HF PEFT's LoraConfig fields) by what loading does with them.
+# Read: peft_type, r, lora_alpha, lora_dropout, target_modules, use_rslora, modules_to_save.
+# Features that change what a saved adapter computes or which modules carry it: loadable only at these neutral
+# values, anything else is an error naming the key (the file's weights alone would give wrong outputs).
+_NEUTRAL = {
+    "fan_in_fan_out": False, "bias": "none", "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+    "layers_to_transform": None, "exclude_modules": None, "trainable_token_indices": None,
+    "alora_invocation_tokens": None, "use_qalora": False, "layer_replication": None, "lora_bias": False,
+    "target_parameters": None, "velora_config": None, "monteclora_config": None, "use_bdlora": None,
+    "arrow_config": None, "kasa_config": None,
+}
+# Metadata, and settings that only shape a fresh adapter's initialization or a runtime (the file's weights
+# already carry their effect): ignored whatever their value.
+_METADATA = {
+    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "init_lora_weights", "layers_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config", "runtime_config", "qalora_group_size", "ensure_weight_tying",
+}
+_READ = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "modules_to_save"}
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load a LoRA (or LoKr, as KronA) adapter saved by :func:`save_adapter` or by HF PEFT into ``model`` (applying
-    the method first if the model has none). Every key, shape and rank is checked before anything is copied: on
-    error the model is left as it was."""
+    """Load a LoRA (or LoKr, as KronA: peft_kernels.krona) adapter saved by :func:`save_adapter` or by HF PEFT
+    into ``model`` (applying the method first if the model has none). Only ``adapter_model.safetensors`` is read (never a pickle). Every key, shape, rank and
+    value is checked before the model is touched: on error (unreadable, truncated or corrupt files, NaN/Inf
+    weights, a shape or rank mismatch, an adapter for another architecture) a ``ValueError`` says what and the
+    model is left exactly as it was, LoRA modules not added.
+
+    The config may carry any of HF PEFT's keys. A feature this loader does not implement (DoRA, per-module
+    ``rank_pattern`` / ``alpha_pattern``, ``layers_to_transform``, a regex ``target_modules``, trainable bias, ...)
+    set to anything but its neutral value is an error naming it; keys neither PEFT 0.21 nor we know are ignored
+    with a warning (as PEFT does for configs from a newer version).
+    """
     directory = pathlib.Path(directory)
     try:
-        raw = json.loads((directory / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"load_adapter: cannot read {directory / CONFIG_NAME}: {exc}") from exc
-    if raw.get("peft_type") == "LOKR":
+        peft_type = json.loads((directory / CONFIG_NAME).read_text()).get("peft_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        peft_type = None  # _read_config reports what is wrong with the file
+    if peft_type == "LOKR":
         from . import krona  # krona imports this module
 
-        return krona.load_adapter(model, directory, raw)
-    if raw.get("peft_type") != "LORA":
-        raise ValueError(f"load_adapter: {directory / CONFIG_NAME} has peft_type {raw.get('peft_type')!r}, "
-                         "expected 'LORA' or 'LOKR'")
-    for key in ("use_dora", "fan_in_fan_out"):
-        if raw.get(key):
-            raise ValueError(f"load_adapter: {key}=True adapters are not supported")
-    config = LoRAConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                        target_modules=list(raw["target_modules"]), use_rslora=raw.get("use_rslora", False))
+        return krona.load_adapter(model, directory, json.loads((directory / CONFIG_NAME).read_text()))
+    config, modules_to_save = _read_config(directory / CONFIG_NAME)
     try:
         with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
         raise ValueError(f"load_adapter: cannot read {directory / WEIGHTS_NAME}: {exc}") from exc
-    extra = _modules_to_save(model, tensors, raw.get("modules_to_save") or [])
+    for key, value in tensors.items():
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise ValueError(f"load_adapter: {key} in {directory / WEIGHTS_NAME} must hold finite floating-point "
+                             f"values, got a {value.dtype} tensor" + (" with NaN or Inf" if value.is_floating_point() else ""))
+    extra = _modules_to_save(model, tensors, modules_to_save)
     tensors = {k: v for k, v in tensors.items() if k not in extra}
     modules = _lora_modules(model)
-    if not modules:
+    if modules:
+        sizes = {name: (m.r, m.in_features, m.out_features) for name, m in modules.items()}
+    else:
+        # What apply_to would create, checked before it runs: a failed load must not leave LoRA modules behind.
         _check_keys(model, tensors)
-        config.apply_to(model)
-        modules = _lora_modules(model)
-    plan = []
+        names = targeting.linear_names(model, config.target_modules)
+        sizes = {name: (config.r, model.get_submodule(name).in_features, model.get_submodule(name).out_features)
+                 for name in names}
     for key, value in tensors.items():
         name, part = _split_key(key)
-        module = modules.get(name)
-        if module is None:
+        if name not in sizes:
             raise ValueError(f"load_adapter: {key} names no LoRA module of {type(model).__name__} "
-                             f"(its LoRA modules include {list(modules)[:4]})")
-        target = getattr(module, part)
-        if value.shape != target.shape:
+                             f"(its LoRA modules include {list(sizes)[:4]})")
+        r, n_in, n_out = sizes[name]
+        expected = [r, n_in] if part == "lora_A" else [n_out, r]
+        if list(value.shape) != expected:
             raise ValueError(f"load_adapter: {name}.{part} has shape {list(value.shape)} in the file but "
-                             f"{list(target.shape)} in the model (rank {module.r}, in {module.in_features}, "
-                             f"out {module.out_features})")
-        plan.append((target, value))
-    plan += list(extra.values())
-    missing = {f"{n}.{p}" for n in modules for p in ("lora_A", "lora_B")} - {".".join(_split_key(k)) for k in tensors}
+                             f"{expected} in the model (rank {r}, in {n_in}, out {n_out})")
+    missing = {f"{n}.{p}" for n in sizes for p in ("lora_A", "lora_B")} - {".".join(_split_key(k)) for k in tensors}
     if missing:
         raise ValueError(f"load_adapter: the file lacks {sorted(missing)[:4]}")
+    if not modules:
+        config.apply_to(model)
+        modules = _lora_modules(model)
     with torch.no_grad():
-        for target, value in plan:
+        for key, value in tensors.items():
+            name, part = _split_key(key)
+            getattr(modules[name], part).copy_(value)
+        for target, value in extra.values():
             target.copy_(value)
     for module in modules.values():
         module.scaling = config.alpha / (module.r**0.5 if config.use_rslora else module.r)
     return model
+
+
+def _read_config(path: pathlib.Path) -> tuple[LoRAConfig, list[str]]:
+    """The adapter's LoRAConfig and modules_to_save, every key checked (see :func:`load_adapter`)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"load_adapter: cannot read {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"load_adapter: {path} must hold a JSON object, got {type(raw).__name__}")
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"load_adapter: {path} has peft_type {raw.get('peft_type')!r}, expected 'LORA' (or 'LOKR')")
+    for key, neutral in _NEUTRAL.items():
+        if key in raw and not _is_neutral(raw[key], neutral):
+            raise ValueError(f"load_adapter: {path} sets {key}={raw[key]!r}; this loader supports only "
+                             f"{key}={neutral!r}")
+    unknown = sorted(raw.keys() - _READ - _NEUTRAL.keys() - _METADATA)
+    if unknown:
+        warnings.warn(f"load_adapter: {path} has keys this loader does not know, ignored: {unknown}", stacklevel=3)
+    r, alpha, dropout = raw.get("r"), raw.get("lora_alpha"), raw.get("lora_dropout", 0.0)
+    targets, use_rslora = raw.get("target_modules"), raw.get("use_rslora", False)
+    checks = [
+        ("r", isinstance(r, int) and not isinstance(r, bool) and r >= 1, "an int >= 1", r),
+        ("lora_alpha", isinstance(alpha, (int, float)) and not isinstance(alpha, bool), "a number", alpha),
+        ("lora_dropout", isinstance(dropout, (int, float)) and 0 <= dropout < 1, "a number in [0, 1)", dropout),
+        ("target_modules", isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets),
+         "a non-empty list of module names (a regex string is not supported)", targets),
+        ("use_rslora", isinstance(use_rslora, bool), "a bool", use_rslora),
+    ]
+    for key, ok, expected, got in checks:
+        if not ok:
+            raise ValueError(f"load_adapter: {path} key {key!r} must be {expected}, got {got!r}")
+    config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=list(targets), use_rslora=use_rslora)
+    return config, list(raw.get("modules_to_save") or [])
+
+
+def _is_neutral(value, neutral) -> bool:
+    """``value`` means "feature off": equal to the neutral value, or, where that is an empty one (None, False,
+    {}), any other empty value (PEFT versions write null, [] or {} for the same thing)."""
+    empty = lambda v: v is None or v is False or v == {} or v == []  # noqa: E731
+    return value == neutral or (empty(value) and empty(neutral))
 
 
 def _split_key(key: str) -> tuple[str, str]:

@@ -29,8 +29,12 @@ def _dynamic_map_cpu() -> torch.Tensor:
 
 
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map, fp32 [256] sorted: the code of double-quantized absmax."""
-    return _dynamic_map_cpu().to(device)
+    """bitsandbytes' signed 8-bit dynamic map, fp32 [256] sorted: the code of double-quantized absmax.
+
+    A new tensor at each call: every NF4Weight owns its map (1 KiB). Handing out the cached one made all
+    NF4Linear modules on the CPU share one buffer, which save_pretrained (HF Trainer checkpoints) refuses as
+    "shared tensors", and which a load_state_dict into any of them would have overwritten for all."""
+    return _dynamic_map_cpu().to(device, copy=True)
 
 
 @dataclasses.dataclass(frozen=True)

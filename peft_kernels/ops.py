@@ -39,8 +39,7 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 
 def nf4_dequantize(q: NF4Weight) -> torch.Tensor:
     """The weight of ``q`` in its original shape and dtype (``NF4[code] * absmax`` in fp32, then one cast)."""
-    if not isinstance(q, NF4Weight):
-        raise TypeError(f"nf4_dequantize: argument 'q' must be an NF4Weight, got {type(q).__name__}")
+    _check_q("nf4_dequantize", q, linear=False)
     out = torch.ops.peft_kernels.nf4_dequantize(
         q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, q.dtype
     )
@@ -60,10 +59,7 @@ def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) 
     Returns:
         y [..., out] of x's dtype. Saved for backward: nothing but q's own tensors.
     """
-    if not isinstance(q, NF4Weight):
-        raise TypeError(f"nf4_linear: argument 'q' must be an NF4Weight, got {type(q).__name__}")
-    if len(q.shape) != 2:
-        raise ValueError(f"nf4_linear: argument 'q' must hold a 2-D weight [out, in], got shape {list(q.shape)}")
+    _check_q("nf4_linear", q, linear=True)
     return torch.ops.peft_kernels.nf4_linear(x, q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset,
                                              q.blocksize, q.shape[0], bias)
 
@@ -94,7 +90,30 @@ def lora_linear(
         y [..., out]. Saved for backward: x (only when lora_A requires grad) and x A^T [..., r].
     """
     return torch.ops.peft_kernels.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                                  _seed_tensor(seed, dropout_p))[0]
+                                                  _seed("lora_linear", seed, dropout_p))[0]
+
+
+def _seed(op: str, seed: int | torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    if seed is None:
+        if dropout_p > 0:
+            return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
+        return torch.zeros((), dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        return seed
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"{op}: argument 'seed' must be an int64 (in [-2**63, 2**63)), got {seed}")
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def _check_q(op: str, q: NF4Weight, linear: bool) -> None:
+    """``q`` is an NF4Weight whose shape agrees with its codes (a hand-built one may not), 2-D for a linear op."""
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"{op}: argument 'q' must be an NF4Weight, got {type(q).__name__}")
+    if linear and len(q.shape) != 2:
+        raise ValueError(f"{op}: argument 'q' must hold a 2-D weight [out, in], got shape {list(q.shape)}")
+    if isinstance(q.codes, torch.Tensor) and 2 * q.codes.numel() != q.numel():
+        raise ValueError(f"{op}: argument 'q' has shape {list(q.shape)} ({q.numel()} elements) but holds "
+                         f"{q.codes.numel()} bytes of codes ({2 * q.codes.numel()} elements)")
 
 
 def qlora_linear(
@@ -119,13 +138,10 @@ def qlora_linear(
     Returns:
         y [..., out]. Saved for backward: x (only when lora_A requires grad) and x A^T [..., r].
     """
-    if not isinstance(q, NF4Weight):
-        raise TypeError(f"qlora_linear: argument 'q' must be an NF4Weight, got {type(q).__name__}")
-    if len(q.shape) != 2:
-        raise ValueError(f"qlora_linear: argument 'q' must hold a 2-D weight [out, in], got shape {list(q.shape)}")
+    _check_q("qlora_linear", q, linear=True)
     return torch.ops.peft_kernels.qlora_linear_fwd(
         x, q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, q.shape[0], bias, lora_A, lora_B,
-        scaling, dropout_p, _seed_tensor(seed, dropout_p))[0]
+        scaling, dropout_p, _seed("qlora_linear", seed, dropout_p))[0]
 
 
 def kron_linear(
@@ -154,14 +170,4 @@ def kron_linear(
     Returns:
         y [..., out]. Saved for backward: x (only when A or B requires grad).
     """
-    return torch.ops.peft_kernels.kron_linear_fwd(x, weight, bias, A, B, scaling, dropout_p, _seed_tensor(seed, dropout_p))
-
-
-def _seed_tensor(seed: int | torch.Tensor | None, dropout_p: float) -> torch.Tensor:
-    """The int64 CPU tensor the ops take as ``seed``: a fresh draw from torch's generator for None with dropout
-    (a tensor, so a compiled graph draws a new one each call), 0 for None without."""
-    if seed is None:
-        return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
-    if not isinstance(seed, torch.Tensor):
-        return torch.tensor(seed, dtype=torch.int64)
-    return seed
+    return torch.ops.peft_kernels.kron_linear_fwd(x, weight, bias, A, B, scaling, dropout_p, _seed("kron_linear", seed, dropout_p))

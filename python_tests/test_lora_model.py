@@ -4,11 +4,13 @@ format in both directions (same logits as PEFT), merged logits, and clear errors
 import copy
 import json
 import os
+import pathlib
+import pickle
 
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import peft_kernels as pk
@@ -116,22 +118,178 @@ def test_adapter_for_another_architecture(tmp_path):
     assert not any(isinstance(m, pk.nn.LoRALinear) for m in bert.modules())
 
 
-def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["weights", "config"])
+def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch, failing):
+    """A write that fails midway, of either file, leaves the previous adapter's two files as they were (no
+    new weights next to an old config) and no temporary file behind."""
     model = pk.apply(tiny_llama(), pk.LoRAConfig(r=2))
     pk.save_adapter(model, tmp_path)
-    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
     randomize_adapters(model)
+    model.peft_kernels_lora.alpha = 4  # the new config differs too
 
-    def crash(tensors, path, metadata=None):
+    def crash(path, *args, **kwargs):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("peft_kernels.lora.save_file", crash)
+    if failing == "weights":
+        monkeypatch.setattr("peft_kernels.lora.save_file", lambda tensors, path, metadata=None: crash(path))
+    else:
+        monkeypatch.setattr(pathlib.Path, "write_text", crash)
     with pytest.raises(OSError, match="disk full"):
         pk.save_adapter(model, tmp_path)
-    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+def snapshot(model):
+    return ([type(m) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()},
+            [p.requires_grad for p in model.parameters()])
+
+
+def assert_untouched(model, before):
+    types, state, flags = snapshot(model)
+    assert types == before[0], "modules were replaced"
+    assert state.keys() == before[1].keys() and all(torch.equal(v, before[1][k]) for k, v in state.items())
+    assert flags == before[2], "requires_grad flags changed"
+
+
+def corrupt(tmp_path, how):
+    path = tmp_path / "adapter_model.safetensors"
+    data = path.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    if how == "one-byte-short":
+        path.write_bytes(data[:-1])
+    elif how == "header-length":
+        path.write_bytes((1 << 60).to_bytes(8, "little") + data[8:])
+    elif how == "header-json":
+        path.write_bytes(data[:8] + data[8:8 + header].replace(b'"', b"'") + data[8 + header:])
+    elif how == "offsets":
+        path.write_bytes(data[:8] + data[8:8 + header].replace(b'"data_offsets":[0,', b'"data_offsets":[9,') + data[8 + header:])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "missing":
+        path.unlink()
+    elif how == "nan":
+        tensors = load_file(path)
+        tensors[next(iter(tensors))][0, 0] = float("nan")
+        save_file(tensors, path)
+    elif how == "integer":
+        save_file({k: v.to(torch.int8) for k, v in load_file(path).items()}, path)
+
+
+@pytest.mark.parametrize("how", ["one-byte-short", "header-length", "header-json", "offsets", "empty", "missing",
+                                 "nan", "integer"])
+def test_corrupt_weights_are_refused_and_nothing_is_loaded(tmp_path, how):
+    """A damaged adapter_model.safetensors: a clear ValueError naming the file, and the model (no LoRA yet, so
+    load_adapter would apply it) left exactly as it was: no LoRA module added, nothing frozen, no value changed.
+    (A file truncated to half: test_failed_load_leaves_model_intact.)"""
+    source = pk.apply(tiny_llama(), pk.LoRAConfig(r=4))
+    randomize_adapters(source)
+    pk.save_adapter(source, tmp_path)
+    corrupt(tmp_path, how)
+    target = tiny_llama(seed=1)
+    before = snapshot(target)
+    message = {"nan": "must hold finite floating-point values, got a torch.float32 tensor with NaN",
+               "integer": "must hold finite floating-point values, got a torch.int8 tensor"}.get(how, "cannot read .*adapter_model.safetensors")
+    with pytest.raises(ValueError, match=message):
+        pk.load_adapter(target, tmp_path)
+    assert_untouched(target, before)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(os.environ["PEFT_KERNELS_TEST_MARKER"]),))
+
+
+def test_pickles_are_never_loaded(tmp_path, monkeypatch):
+    """Only safetensors is read: an adapter_model.bin (PEFT's old pickle format) whose unpickling would create
+    a file is ignored; the missing safetensors file is the error."""
+    pk.save_adapter(pk.apply(tiny_llama(), pk.LoRAConfig(r=2)), tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    monkeypatch.setenv("PEFT_KERNELS_TEST_MARKER", str(marker))
+    (tmp_path / "adapter_model.bin").write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(ValueError, match="cannot read .*adapter_model.safetensors"):
+        pk.load_adapter(tiny_llama(), tmp_path)
+    assert not marker.exists()
+
+
+def edit_config(directory, **changes):
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_unknown_config_keys_are_ignored_with_a_warning(tmp_path):
+    """Keys neither HF PEFT 0.21 nor we know (a newer PEFT's) load with a warning naming them, as PEFT does;
+    PEFT's own metadata and init-only keys (peft_version, loftq_config, ...) load silently."""
+    source = pk.apply(tiny_llama(), pk.LoRAConfig(r=4))
+    randomize_adapters(source)
+    pk.save_adapter(source, tmp_path)
+    edit_config(tmp_path, future_option={"x": 1}, peft_version="0.99.0", loftq_config={}, eva_config=None,
+                init_lora_weights="gaussian", layers_pattern="layers")
+    with pytest.warns(UserWarning, match=r"keys this loader does not know, ignored: \['future_option'\]"):
+        loaded = pk.load_adapter(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(TOKENS).logits, source(TOKENS).logits)
+
+
+UNSUPPORTED = [
+    dict(use_dora=True), dict(fan_in_fan_out=True), dict(bias="lora_only"), dict(rank_pattern={"q_proj": 8}),
+    dict(alpha_pattern={"v_proj": 32}), dict(layers_to_transform=[0]), dict(exclude_modules=["layers.1.q_proj"]),
+    dict(lora_bias=True), dict(trainable_token_indices=[1, 2]), dict(layer_replication=[[0, 2]]),
+    dict(use_qalora=True), dict(target_parameters=["mlp.experts.weight"]),
+]
+BAD_VALUES = [
+    (dict(peft_type="IA3"), "peft_type 'IA3', expected 'LORA' \\(or 'LOKR'\\)"),
+    (dict(peft_type="LOKR"), "a LoKr config needs an int 'r' >= 1 and a number 'alpha'"),
+    (dict(r=None), "key 'r' must be an int >= 1, got None"),
+    (dict(r=0), "key 'r' must be an int >= 1, got 0"),
+    (dict(lora_alpha="16"), "key 'lora_alpha' must be a number, got '16'"),
+    (dict(lora_dropout=1.0), r"key 'lora_dropout' must be a number in \[0, 1\), got 1.0"),
+    (dict(target_modules="q_proj|v_proj"), "key 'target_modules' must be a non-empty list of module names"),
+    (dict(use_rslora="yes"), "key 'use_rslora' must be a bool"),
+]
+
+
+@pytest.mark.parametrize("change,message", [(c, f"sets {next(iter(c))}=") for c in UNSUPPORTED] + BAD_VALUES,
+                         ids=[next(iter(c)) for c in UNSUPPORTED] + [f"bad-{next(iter(c))}" for c, _ in BAD_VALUES])
+def test_unsupported_config_is_refused_and_nothing_is_loaded(tmp_path, change, message):
+    """A PEFT feature this loader does not implement, or a malformed value: ValueError naming the key, the model
+    untouched (these used to surface as a KeyError, or mid-apply after LoRA modules were added)."""
+    pk.save_adapter(pk.apply(tiny_llama(), pk.LoRAConfig(r=4)), tmp_path)
+    edit_config(tmp_path, **change)
+    target = tiny_llama()
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=message):
+        pk.load_adapter(target, tmp_path)
+    assert_untouched(target, before)
+
+
+def test_rank_mismatch_into_a_model_without_lora_adds_nothing(tmp_path):
+    """The config says r=8 but the file holds rank-4 tensors: the shapes are checked against what apply would
+    create, before it runs (load_adapter used to apply LoRA first and leave it behind on this error)."""
+    pk.save_adapter(pk.apply(tiny_llama(), pk.LoRAConfig(r=4)), tmp_path)
+    edit_config(tmp_path, r=8)
+    target = tiny_llama()
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"self_attn.q_proj.lora_A has shape \[4, 64\] in the file but \[8, 64\]"):
+        pk.load_adapter(target, tmp_path)
+    assert_untouched(target, before)
+
+
+def test_same_names_other_sizes_adds_nothing(tmp_path):
+    """An adapter for a LLaMA of another width (same module names, other shapes): ValueError, nothing added."""
+    pk.save_adapter(pk.apply(tiny_llama(), pk.LoRAConfig(r=4)), tmp_path)
+    torch.manual_seed(0)
+    wider = LlamaForCausalLM(LlamaConfig(hidden_size=96, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=101))
+    before = snapshot(wider)
+    with pytest.raises(ValueError, match=r"lora_A has shape \[4, 64\] in the file but \[4, 96\]"):
+        pk.load_adapter(wider, tmp_path)
+    assert_untouched(wider, before)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -20,6 +20,12 @@ class LoRALinear(nn.Module):
     Dropout (training mode only) draws one Philox seed per forward from torch's default generator; backward
     regenerates the mask from it, so no mask is stored. Saved for backward: x and x A^T [..., r] (x only while
     ``lora_A`` is trainable: with it frozen, LoRA-FA, only x A^T is kept).
+
+    Dtypes. The product runs in one dtype (the op's rule): outside autocast, ``weight``'s; x must have it (else
+    TypeError) and adapters of another dtype (e.g. fp32 ``lora_A``/``lora_B`` over a bf16 base) are cast to it
+    inside the step. Under ``torch.autocast`` (x's device type), as nn.Linear does: x, W, b, A and B are cast to
+    the autocast dtype, y comes out in it, and the gradients of A and B reach them in their own dtype (fp32
+    adapters get fp32 gradients). A merged layer is a plain ``F.linear`` and follows autocast the same way.
     """
 
     def __init__(
@@ -77,7 +83,15 @@ class LoRALinear(nn.Module):
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
         p = self.dropout if self.training else 0.0
-        return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p)
+        weight, bias = self.weight, self.bias
+        # is_autocast_enabled raises for device types autocast does not know (meta): ask availability first.
+        if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        elif x.dtype != weight.dtype:
+            raise TypeError(f"LoRALinear: input 'x' must have the layer's dtype {weight.dtype} (or run under "
+                            f"torch.autocast), got {x.dtype}")
+        return ops.lora_linear(x, weight, bias, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype), self.scaling, p)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

@@ -18,8 +18,10 @@ _PARTS = ("codes", "absmax", "nested_absmax", "nested_code", "offset")
 class NF4Linear(nn.Module):
     """``y = x W^T + b`` with W stored as NF4 (4.127 bits per weight at blocksize 64 with double quantization).
 
-    Shapes: x [..., in_features] -> y [..., out_features]. x is cast to ``compute_dtype`` for the product and
-    y is returned in x's dtype (as bitsandbytes' Linear4bit). The packed weight lives in buffers (``codes``
+    Shapes: x [..., in_features] -> y [..., out_features]. x (any floating dtype; an integer one is a
+    TypeError) is cast to ``compute_dtype`` for the product and y is returned in x's dtype (as bitsandbytes'
+    Linear4bit). ``torch.autocast`` does not change this: ``compute_dtype`` is the layer's own precision, so
+    under bf16 autocast an fp32 x still gives an fp32 y. The packed weight lives in buffers (``codes``
     uint8 [out*in/2], ``absmax``, ``nested_absmax``, ``nested_code``, ``offset``), so ``state_dict()`` and
     ``.to(device)`` carry it; ``bias`` is a frozen parameter in ``compute_dtype``. No full-precision copy of W
     is kept: up to 16 rows per call stream the packed weight (GEMV), more decode it tile by tile into a
@@ -75,6 +77,10 @@ class NF4Linear(nn.Module):
         return self.quantized.nbytes
 
     def _base_input(self, x: torch.Tensor) -> torch.Tensor:
+        # Any float input is cast to compute_dtype (as Linear4bit does); an integer one (token ids passed by
+        # mistake) would be cast too and give a meaningless result, so it is refused as nn.Linear refuses it.
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__}: input 'x' must be a floating-point tensor, got {x.dtype}")
         return x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +97,7 @@ class QLoRALinear(NF4Linear):
     """QLoRA: ``y = x W^T + b + scaling * (dropout(x) A^T) B^T`` with W frozen in NF4 (see :class:`NF4Linear`)
     and the adapter ``lora_A`` [r, in] (Kaiming-uniform, a = sqrt(5)), ``lora_B`` [out, r] (zeros) trainable,
     kept in ``adapter_dtype`` (fp32 by default, as HF PEFT keeps QLoRA adapters) and cast to ``compute_dtype``
-    inside the step. One ``qlora_linear`` op call per forward; dropout as :class:`LoRALinear` (Philox mask
+    inside the step, with or without autocast (their gradients arrive in ``adapter_dtype``). One ``qlora_linear`` op call per forward; dropout as :class:`LoRALinear` (Philox mask
     regenerated in backward). Saved for backward: x and x A^T [..., r] (x only while lora_A trains).
     """
 
@@ -122,7 +128,8 @@ class QLoRALinear(NF4Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         cast = lambda t: t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)  # noqa: E731
-        y = ops.qlora_linear(cast(x), self.quantized, self.bias, cast(self.lora_A), cast(self.lora_B), self.scaling, p)
+        y = ops.qlora_linear(self._base_input(x), self.quantized, self.bias, cast(self.lora_A), cast(self.lora_B),
+                             self.scaling, p)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @torch.no_grad()

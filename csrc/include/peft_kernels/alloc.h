@@ -1,6 +1,7 @@
-// Output allocation shared by every op body.
+// Output allocation, and the dispatch setting, shared by every op body.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -30,5 +31,13 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   }
   return t;
 }
+
+// Autocast is off inside an op body: the op computes in its inputs' dtype (the modules choose it), but the
+// ATen products it calls (x W^T through the BLAS, ...) would otherwise be cast to autocast's dtype and mixed
+// with our kernels' outputs: fp32 inputs under bf16 autocast failed with "mat1 and mat2 must have the same
+// dtype, but got BFloat16 and Float".
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 }  // namespace peft_kernels

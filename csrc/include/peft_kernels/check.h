@@ -31,6 +31,12 @@ inline void numel(const char* op, const char* arg, const at::Tensor& t, int64_t 
                     describe(t));
 }
 
+// A 1-D tensor of `expected` elements (a bias: [1, out] would pass a numel check and then fail to broadcast).
+inline void vector(const char* op, const char* arg, const at::Tensor& t, int64_t expected) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == expected, op, ": argument '", arg, "' must have ", expected,
+                    " elements in one dimension, got a ", describe(t));
+}
+
 inline void contiguous(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": argument '", arg,
                     "' must be contiguous (call .contiguous() first), got strides ", t.strides(), " for a ",

@@ -67,6 +67,7 @@ at::Tensor forward_op(const at::Tensor& x, const std::optional<at::Tensor>& weig
   const Dropout drop = lora::make_dropout(op, dropout_p, seed, scaling);
   const int64_t m = x.numel() / d.in();
   typename Backend::Guard guard(x.device());
+  const NoAutocast no_autocast;
   // Rows of x must be contiguous for the kernels; a strided x costs one copy here, as for lora_linear.
   const at::Tensor x2 = x.reshape({m, d.in()}).contiguous();
   at::Tensor y;
@@ -109,6 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     check::same_device(op, "x", *x, dy.device());
   }
   typename Backend::Guard guard(dy.device());
+  const NoAutocast no_autocast;
   const auto empty = [&] { return at::empty({0}, dy.options()); };
   const at::Tensor dy2 = dy.reshape({m, d.out()}).contiguous();
   at::Tensor dx = empty(), da = empty(), db = empty(), dbias = empty();

@@ -45,7 +45,9 @@ inline int64_t check_adapter(const char* op, const at::Tensor& activation, int64
 inline Shapes check_weights(const char* op, const char* act, const at::Tensor& activation, const at::Tensor& weight,
                             const at::Tensor& a, const at::Tensor& b, double dropout_p, bool allow_f64) {
   check::float_dtype(op, act, activation.scalar_type(), allow_f64);
-  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": argument 'weight' must be 2-D [out, in], got a ", check::describe(weight));
+  // in >= 1 also keeps the row count m = numel / in defined (in = 0 divided by zero: SIGFPE).
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) >= 1 && weight.size(1) >= 1, op,
+                    ": argument 'weight' must be 2-D [out, in] with out >= 1 and in >= 1, got a ", check::describe(weight));
   check::dtype(op, "weight", weight, activation.scalar_type());
   check::same_device(op, "weight", weight, activation.device());
   const int64_t out = weight.size(0), in = weight.size(1);
@@ -55,7 +57,7 @@ inline Shapes check_weights(const char* op, const char* act, const at::Tensor& a
 inline void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t out) {
   if (!bias) return;
   check::dtype(op, "bias", *bias, x.scalar_type());
-  check::numel(op, "bias", *bias, out);
+  check::vector(op, "bias", *bias, out);
   check::same_device(op, "bias", *bias, x.device());
 }
 
@@ -83,6 +85,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor
   const int64_t m = x.numel() / s.in;
   const Dropout drop = make_dropout(op, dropout_p, seed, 1.0);
   typename Backend::Guard guard(x.device());
+  const NoAutocast no_autocast;
   // Non-contiguous inputs (e.g. a transposed activation) are accepted like nn.Linear accepts them, at the
   // cost of one copy here; the kernels need rows of x to be contiguous.
   const at::Tensor x2 = x.reshape({m, s.in}).contiguous();
@@ -132,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   TORCH_CHECK_VALUE(!need_da || (x.has_value() && x->numel() == m * in), op,
                     ": argument 'x' (saved input) must have ", m, " rows of in=", in, " when lora_A needs a gradient");
   typename Backend::Guard guard(dy.device());
+  const NoAutocast no_autocast;
   const auto empty = [&] { return at::empty({0}, dy.options()); };
   const at::Tensor dy2 = dy.reshape({m, out}).contiguous();
   const at::Tensor xa2 = xa.reshape({m, s.r});

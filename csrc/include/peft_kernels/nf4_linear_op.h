@@ -115,10 +115,11 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   check::same_device(op, "x", x, codes.device());
   if (bias) {
     check::dtype(op, "bias", *bias, x.scalar_type());
-    check::numel(op, "bias", *bias, w.out);
+    check::vector(op, "bias", *bias, w.out);
     check::same_device(op, "bias", *bias, x.device());
   }
   typename Backend::Guard guard(x.device());
+  const NoAutocast no_autocast;
   const at::Tensor y = linear_forward<Backend>(op, w, x.reshape({-1, w.in}).contiguous(), bias);
   auto shape = x.sizes().vec();
   shape.back() = w.out;
@@ -135,6 +136,7 @@ at::Tensor linear_dx_op(const at::Tensor& dy, const at::Tensor& codes, const at:
                     "], got a ", check::describe(dy));
   check::same_device(op, "dy", dy, codes.device());
   typename Backend::Guard guard(dy.device());
+  const NoAutocast no_autocast;
   const at::Tensor dx = linear_dx<Backend>(op, w, dy.reshape({-1, w.out}).contiguous());
   auto shape = dy.sizes().vec();
   shape.back() = w.in;
