@@ -16,8 +16,9 @@ using cpu::dispatch;
 constexpr int64_t kGrain = 16384;
 // How far ahead the loop prefetches param and grad: the selected entries of a large weight sit on distinct
 // cache lines (1% density: one per 400 bytes), so each is a cache miss that the hardware prefetcher cannot
-// predict from the scattered addresses.
-constexpr int64_t kPrefetch = 16;
+// predict from the scattered addresses. This loop alone on one thread, 4096x4096 fp32 at 1%: 6.2 ms without
+// prefetching, 4.5 / 4.3 / 4.2 / 4.2 ms prefetching 8 / 16 / 32 / 64 entries ahead.
+constexpr int64_t kPrefetch = 32;
 
 // Calls update(j, p, g) for every selected entry, where p is the entry's value (the fp32 master copy for 16-bit
 // params) and g its gradient after the Child-Tuning_F mask; update modifies p, which is stored back.
