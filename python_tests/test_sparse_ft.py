@@ -278,3 +278,19 @@ def test_config_errors():
         pk.apply(tiny_llama(), pk.SparseFTConfig(method="fisher"))
     with pytest.raises(ValueError, match="no sparse selection"):
         pk.save_sparse_diff(tiny_llama(), "unused")
+
+
+def test_hf_trainer_runs_sparse_adamw(tmp_path):
+    """SparseAdamW as HF Trainer's optimizer (its LR scheduler, gradient clipping and zero_grad around it)."""
+    from transformers import Trainer, TrainingArguments
+
+    base = tiny_llama()
+    model = pk.apply(copy.deepcopy(base), pk.SparseFTConfig(density=0.05))
+    opt = sparse.make_optimizer(model, lr=1e-2)
+    data = [{"input_ids": b["input_ids"][0], "labels": b["labels"][0]} for b in lm_batches(6)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, save_strategy="no", logging_strategy="no")
+    Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None)).train()
+    assert all(s["step"] == 3 for s in opt.state.values())
+    changed = {n for (n, p), q in zip(model.named_parameters(), base.parameters()) if not torch.equal(p, q)}
+    assert changed == set(model.peft_kernels_sparse.indices)
