@@ -79,7 +79,7 @@ class _SparseOptimizer(torch.optim.Optimizer):
         if defaults["lr"] < 0:
             raise ValueError(f"lr must be >= 0, got {defaults['lr']}")
         triples = _triples(named_params_with_indices)
-        super().__init__([p for _, p, _ in triples], {**defaults, "names": [n for n, _, _ in triples]})
+        super().__init__([{"params": [p for _, p, _ in triples], "names": [n for n, _, _ in triples]}], defaults)
         for position, (_, param, idx) in enumerate(triples):
             state = self.state[param]
             state["step"] = 0
@@ -123,15 +123,20 @@ class _SparseOptimizer(torch.optim.Optimizer):
                 if key in saved[pid]:
                     state[key] = saved[pid][key].to(device=param.device, dtype=torch.float32).clone()
 
+    def add_param_group(self, param_group: dict) -> None:
+        if "names" not in param_group:
+            raise TypeError(f"{type(self).__name__}: every parameter needs its indices; pass all of them to the "
+                            "constructor as (name, parameter, indices)")
+        super().add_param_group(param_group)
+
     def _each(self):
-        """(group, parameter, state) for every parameter with a gradient, its step count advanced."""
+        """(group, parameter, state, this step's 1-based count) for every parameter with a gradient; the caller
+        stores the count once the step has succeeded, so a rejected step leaves the state as it was."""
         for group in self.param_groups:
             for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                state["step"] += 1
-                yield group, param, state
+                if param.grad is not None:
+                    state = self.state[param]
+                    yield group, param, state, state["step"] + 1
 
 
 class SparseAdamW(_SparseOptimizer):
@@ -160,12 +165,12 @@ class SparseAdamW(_SparseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, param, state in self._each():
+        for group, param, state, step in self._each():
             beta1, beta2 = group["betas"]
             torch.ops.peft_kernels.masked_adamw_step_(
-                param, param.grad, state["indices"], state["exp_avg"], state["exp_avg_sq"], state.get("master"),
-                state["step"], group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["child_p"],
-                state["seed"])
+                param, param.grad, state["indices"], state["exp_avg"], state["exp_avg_sq"], state.get("master"), step,
+                group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["child_p"], state["seed"])
+            state["step"] = step
         return loss
 
 
@@ -187,10 +192,11 @@ class SparseSGD(_SparseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, param, state in self._each():
+        for group, param, state, step in self._each():
             torch.ops.peft_kernels.masked_sgd_step_(
-                param, param.grad, state["indices"], state.get("momentum_buffer"), state.get("master"), state["step"],
+                param, param.grad, state["indices"], state.get("momentum_buffer"), state.get("master"), step,
                 group["lr"], group["momentum"], group["weight_decay"], group["child_p"], state["seed"])
+            state["step"] = step
         return loss
 
 

@@ -294,3 +294,15 @@ def test_hf_trainer_runs_sparse_adamw(tmp_path):
     assert all(s["step"] == 3 for s in opt.state.values())
     changed = {n for (n, p), q in zip(model.named_parameters(), base.parameters()) if not torch.equal(p, q)}
     assert changed == set(model.peft_kernels_sparse.indices)
+
+
+def test_rejected_step_leaves_the_state_and_groups_need_indices():
+    w = nn.Parameter(torch.zeros(4, 5))
+    opt = pk.optim.SparseAdamW([("w", w, torch.tensor([1, 7]))], lr=0.1)
+    w.grad = torch.ones(4, 5)
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"masked_adamw_step_: argument 'lr' must be in \[0, inf\), got -1"):
+        opt.step()
+    assert opt.state[w]["step"] == 0
+    with pytest.raises(TypeError, match="every parameter needs its indices"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
