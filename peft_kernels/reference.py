@@ -204,8 +204,10 @@ def masked_adamw_step_(param, grad, indices, exp_avg, exp_avg_sq, master, step, 
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     # The root in fp64, rounded once: torch's fp32 CPU sqrt is not correctly rounded (it differs by an ulp for
-    # ~20% of values on AVX-512), the kernels' sqrtf is, on every backend.
-    denom = (v.double().sqrt().float() / math.sqrt(1 - beta2**step)).add_(eps)
+    # ~20% of values on AVX-512), the kernels' sqrtf is, on every backend. The divisor is a tensor: torch's CUDA
+    # division by a Python scalar multiplies by its reciprocal instead.
+    bc2_sqrt = torch.tensor(math.sqrt(1 - beta2**step), dtype=torch.float32, device=v.device)
+    denom = (v.double().sqrt().float() / bc2_sqrt).add_(eps)
     p.addcdiv_(m, denom, value=-(lr / (1 - beta1**step)))
     _write_back(param, mask, p, indices, master)
     exp_avg.copy_(m[indices.long()])

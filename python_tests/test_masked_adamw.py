@@ -2,7 +2,8 @@
 kernels, the CUDA kernels through the CPU executor, CUDA when present).
 
 * Against peft_kernels.reference (torch's AdamW over the dense parameter with the gradient masked, the state
-  scattered to dense tensors): bit for bit over 50 steps, weight decay and bias correction included.
+  scattered to dense tensors): bit for bit over 50 steps, weight decay and bias correction included (on a GPU,
+  where torch's CUDA ops may fuse differently, within a few ulps: see assert_same).
 * Against torch.optim.AdamW itself on the dense parameter with ``grad *= mask``: the selected entries within
   a few ulps (torch's fp32 CPU sqrt is not correctly rounded, ours is), and against torch.optim.SGD bit for bit.
 * Entries outside the selection never change, bit for bit; the fp32 master copy of bf16 params; Child-Tuning_F's
@@ -27,6 +28,22 @@ def selection(k: int, seed: int, numel: int = NUMEL, dtype=torch.int64) -> torch
 def grads(steps: int, seed: int, shape=SHAPE, dtype=torch.float32) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=g).to(dtype) for _ in range(steps)]
+
+
+def assert_same(got, want, backend, steps=50, lr=1e-2):
+    """Bit for bit on the CPU and through the CPU executor. On a GPU, torch's own CUDA ops (the reference, torch's
+    optimizers) may fuse multiply-adds differently from their CPU versions, so there: within the bound of
+    :func:`bound`."""
+    if backend.name == "cuda":
+        assert ((got.float() - want.float()).abs() <= bound(want.float(), steps, lr)).all()
+    else:
+        assert torch.equal(got, want)
+
+
+def bound(want, steps, lr):
+    """Two ulps of the value plus four ulps of each step's update (at most lr) accumulated over the steps."""
+    eps = torch.finfo(torch.float32).eps
+    return 2 * eps * want.abs() + steps * lr * 4 * eps
 
 
 class AdamWState:
@@ -57,8 +74,9 @@ def test_adamw_matches_reference_50_steps(backend, k, grad_layout, index_dtype):
             g = g.reshape(-1)[idx.long()].contiguous()
         ours.step(backend.ops.masked_adamw_step_, g, step)
         ref.step(R.masked_adamw_step_, g, step)
-    assert torch.equal(ours.param, ref.param)
-    assert torch.equal(ours.exp_avg, ref.exp_avg) and torch.equal(ours.exp_avg_sq, ref.exp_avg_sq)
+    assert_same(ours.param, ref.param, backend)
+    assert_same(ours.exp_avg, ref.exp_avg, backend)
+    assert_same(ours.exp_avg_sq, ref.exp_avg_sq, backend)
     outside = torch.ones(NUMEL, dtype=torch.bool, device=backend.device)
     outside[idx.long()] = False
     assert torch.equal(ours.param.reshape(-1)[outside], start.reshape(-1)[outside])  # bit for bit
@@ -66,9 +84,8 @@ def test_adamw_matches_reference_50_steps(backend, k, grad_layout, index_dtype):
 
 
 def assert_near_torch_adamw(got, want, steps, lr):
-    eps = torch.finfo(torch.float32).eps
-    bound = 2 * eps * want.abs() + steps * lr * 4 * eps
-    assert ((got - want).abs() <= bound).all(), ((got - want).abs() / bound).max()
+    limit = bound(want, steps, lr)
+    assert ((got - want).abs() <= limit).all(), ((got - want).abs() / limit).max()
     assert (got != want).any()  # the bound is not vacuous: the two do differ in the last bits
 
 
@@ -126,8 +143,8 @@ def test_sgd_matches_torch_sgd(backend, momentum, wd):
         R.masked_sgd_step_(ref, g, idx, ref_buf, None, step, 0.05, momentum, wd)
         sub.grad = g.reshape(-1)[idx]
         opt.step()
-    assert torch.equal(param.reshape(-1)[idx], sub.detach())
-    assert torch.equal(param, ref)
+    assert_same(param.reshape(-1)[idx], sub.detach(), backend, steps=20, lr=0.05)
+    assert_same(param, ref, backend, steps=20, lr=0.05)
     outside = torch.ones(NUMEL, dtype=torch.bool, device=backend.device)
     outside[idx] = False
     assert torch.equal(param.reshape(-1)[outside], start.reshape(-1)[outside])
@@ -146,8 +163,9 @@ def test_low_precision_param_with_fp32_master(backend, dtype):
         ours.step(backend.ops.masked_adamw_step_, g, step)
         ref.step(R.masked_adamw_step_, g, step)
         fp32.step(R.masked_adamw_step_, g.float(), step)
-    assert torch.equal(ours.master, ref.master) and torch.equal(ours.param, ref.param)
-    assert torch.equal(ours.master, fp32.param.reshape(-1)[idx])
+    assert_same(ours.master, ref.master, backend, steps=30)
+    assert_same(ours.param, ref.param, backend, steps=30)
+    assert_same(ours.master, fp32.param.reshape(-1)[idx], backend, steps=30)
     assert torch.equal(ours.param.reshape(-1)[idx], ours.master.to(dtype))
 
 
@@ -207,7 +225,8 @@ def test_child_adamw_matches_reference(backend):
         g = g.to(backend.device)
         ours.step(backend.ops.masked_adamw_step_, g, step, child_p=0.4, seed=99)
         ref.step(R.masked_adamw_step_, g, step, child_p=0.4, seed=99)
-    assert torch.equal(ours.param, ref.param) and torch.equal(ours.exp_avg, ref.exp_avg)
+    assert_same(ours.param, ref.param, backend, steps=10)
+    assert_same(ours.exp_avg, ref.exp_avg, backend, steps=10)
 
 
 def test_empty_selection_is_a_no_op(backend):
