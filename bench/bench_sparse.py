@@ -5,12 +5,14 @@
   tensor, the k new values scattered back;
 * ``ours``: ``peft_kernels.ops.masked_adamw_step_`` (reads the k selected entries of the dense grad, state [k]).
 
-    python bench/bench_sparse.py [--quick] [--repeats N] [--out DIR]
+    python bench/bench_sparse.py [--quick] [--dtype fp32,bf16] [--repeats N] [--out DIR]
 
 The issue's targets, as ratios to ``dense`` measured side by side: at 1% ours <= 0.03x in time and in
 optimizer-state bytes; at 100% ours <= 1.3x in time. The memory column is each provider's optimizer state
 (what it keeps between steps; ours counts its int32 indices too); the dense provider's mask (16.8 MB as bool)
 is not counted. Every provider's result is checked against ``peft_kernels.reference`` once before timing.
+With ``--dtype bf16`` the weight and gradient are bf16: torch's AdamW then keeps bf16 state, ours an fp32
+master copy of the selected entries besides its fp32 state.
 """
 
 from __future__ import annotations
@@ -34,18 +36,20 @@ LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.01
 
 def cases(args) -> list[harness.Case]:
     shape = (1024, 1024) if args.quick else SHAPE
-    return [harness.Case(f"{shape[0]}x{shape[1]} fp32 density {d:g}", dict(shape=shape, density=d, device=args.device))
-            for d in DENSITIES]
+    names = {dtype: name for name, dtype in harness.DTYPES.items()}
+    return [harness.Case(f"{shape[0]}x{shape[1]} {names[dtype]} density {d:g}",
+                         dict(shape=shape, density=d, dtype=dtype, device=args.device))
+            for dtype in args.dtypes for d in DENSITIES]
 
 
 def inputs(case: harness.Case):
-    shape, density, device = case.params["shape"], case.params["density"], case.params["device"]
+    shape, density, device, dtype = (case.params[k] for k in ("shape", "density", "device", "dtype"))
     numel = shape[0] * shape[1]
     g = torch.Generator().manual_seed(0)
     k = round(density * numel)
     idx = torch.randperm(numel, generator=g)[:k].sort().values if k < numel else torch.arange(numel)
-    weight = torch.randn(shape, generator=g).to(device)
-    grad = torch.randn(shape, generator=g).to(device)
+    weight = torch.randn(shape, generator=g).to(device, dtype)
+    grad = torch.randn(shape, generator=g).to(device, dtype)
     return weight, grad, idx.to(device)
 
 
@@ -86,13 +90,14 @@ def ours_provider(weight, grad, idx):
     indices = idx.to(torch.int32)  # 4096 * 4096 < 2^31: int32 halves the index bytes
     exp_avg = torch.zeros(idx.numel(), device=weight.device)
     exp_avg_sq = torch.zeros_like(exp_avg)
+    master = param.view(-1)[idx].float() if param.dtype != torch.float32 else None
     count = [0]
 
     def step():
         count[0] += 1
         ops.masked_adamw_step_(param, grad, indices, exp_avg, exp_avg_sq, step=count[0], lr=LR, beta1=BETAS[0],
-                               beta2=BETAS[1], eps=EPS, weight_decay=WD)
-        return exp_avg, exp_avg_sq, indices
+                               beta2=BETAS[1], eps=EPS, weight_decay=WD, master=master)
+        return exp_avg, exp_avg_sq, indices, master
 
     return step
 
@@ -104,11 +109,12 @@ def check(weight, grad, idx) -> None:
     ours = rows.clone()
     ref = rows.clone()
     state = [torch.zeros(sel.numel(), device=weight.device) for _ in range(4)]
+    masters = [rows.view(-1)[sel].float() if rows.dtype != torch.float32 else None for _ in range(2)]
     for step in (1, 2, 3):
         ops.masked_adamw_step_(ours, grad[:64].contiguous(), sel, state[0], state[1], step=step, lr=LR,
-                               beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WD)
-        reference.masked_adamw_step_(ref, grad[:64].contiguous(), sel, state[2], state[3], None, step, LR, BETAS[0],
-                                     BETAS[1], EPS, WD)
+                               beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WD, master=masters[0])
+        reference.masked_adamw_step_(ref, grad[:64].contiguous(), sel, state[2], state[3], masters[1], step, LR,
+                                     BETAS[0], BETAS[1], EPS, WD)
     assert torch.equal(ours, ref), "masked_adamw_step_ differs from peft_kernels.reference"
 
 
