@@ -97,6 +97,7 @@ def main():
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--test-size", type=int, default=500)
     ap.add_argument("--quick", action="store_true", help="30 steps, 200 test examples")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}; lora first")
     ap.add_argument("--method", choices=METHODS, help="run one method in this process and print its JSON")
     ap.add_argument("--lora-count", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -105,13 +106,17 @@ def main():
     if args.method:
         print(json.dumps(run(args.method, args)))
         return
+    methods = args.methods.split(",")
+    if methods[0] != "lora" or not set(methods) <= set(METHODS):
+        ap.error(f"--methods must start with lora (the sparse runs match its count) and come from {METHODS}")
     results = []
-    for method in METHODS:
+    for method in methods:
         cmd = [sys.executable, "-P", __file__, "--method", method, *sys.argv[1:]]
         if results:
             cmd += ["--lora-count", str(results[0]["trained"])]
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)  # each run's result as soon as it is known
     print(f"\nsteps {args.steps}, batch {args.batch}, LoRA lr {args.lr}, sparse lr {args.sparse_lr}, "
           f"test {args.test_size}\n")
     print("| run | trained values | optimizer state MiB | peak RSS MiB | s/step | first loss | mean loss last 20 "
