@@ -2,13 +2,15 @@
 
 import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's libraries must be loaded first)
 
-from . import nn
+from . import nn, optim, sparse
 from ._ops import build_info
 from .krona import KronAConfig
 from .lora import LoRAConfig, load_adapter, save_adapter
 from .nf4 import NF4Weight, dynamic_map
 from .qlora import QLoRAConfig, bnb_nf4_state_dict, load_bnb_nf4, weight_bytes
-from .ops import kron_linear, lora_linear, nf4_dequantize, nf4_linear, nf4_quantize, qlora_linear
+from .ops import (kron_linear, lora_linear, masked_adamw_step_, masked_sgd_step_, nf4_dequantize, nf4_linear,
+                  nf4_quantize, qlora_linear)
+from .sparse import SparseFTConfig, load_sparse_diff, save_sparse_diff
 from .targeting import apply, trainable_parameters
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "LoRAConfig",
     "NF4Weight",
     "QLoRAConfig",
+    "SparseFTConfig",
     "apply",
     "bnb_nf4_state_dict",
     "build_info",
@@ -23,13 +26,19 @@ __all__ = [
     "kron_linear",
     "load_adapter",
     "load_bnb_nf4",
+    "load_sparse_diff",
     "lora_linear",
+    "masked_adamw_step_",
+    "masked_sgd_step_",
     "nf4_dequantize",
     "nf4_linear",
     "nf4_quantize",
     "nn",
     "qlora_linear",
+    "optim",
     "save_adapter",
+    "save_sparse_diff",
+    "sparse",
     "trainable_parameters",
     "weight_bytes",
 ]

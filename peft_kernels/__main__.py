@@ -1,5 +1,5 @@
-"""`python -m peft_kernels`: what was built, and an NF4 round trip on a LLaMA-7B-sized weight checked against
-bitsandbytes when it is installed. (The placeholder main job until the `peft-kernels` command exists.)"""
+"""`python -m peft_kernels` (and `peft-kernels info`): what was built, and an NF4 round trip on a LLaMA-7B-sized
+weight checked against bitsandbytes when it is installed."""
 
 import time
 

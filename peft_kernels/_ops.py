@@ -258,9 +258,21 @@ def _register_kron(namespace: str) -> None:
     torch.library.register_autograd(f"{namespace}::kron_linear_fwd", backward, setup_context=setup_context)
 
 
+def _register_sparse(namespace: str) -> None:
+    """Fakes of the in-place sparse optimizer steps: they return nothing and write only their (a!) arguments."""
+    @torch.library.register_fake(f"{namespace}::masked_adamw_step_")
+    def _(param, grad, indices, exp_avg, exp_avg_sq, master, step, lr, beta1, beta2, eps, weight_decay, child_p, seed):
+        return None
+
+    @torch.library.register_fake(f"{namespace}::masked_sgd_step_")
+    def _(param, grad, indices, momentum_buffer, master, step, lr, momentum, weight_decay, child_p, seed):
+        return None
+
+
 for _namespace in ["peft_kernels"] + (["peft_kernels_sim"] if _sim_path is not None else []):
     _register_fakes(_namespace)
     _register_nf4_linear(_namespace)
     _register_lora(_namespace)
     _register_qlora(_namespace)
     _register_kron(_namespace)
+    _register_sparse(_namespace)

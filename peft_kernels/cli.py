@@ -87,11 +87,27 @@ def _bnb_qlora(model):
                                autocast_adapter_dtype=False)
 
 
+def _ours_krona(model):
+    from . import KronAConfig, apply
+
+    return apply(model, KronAConfig(scaling=1.0, target_modules=ex.TARGETS))
+
+
+def _peft_lokr(model):
+    import peft
+
+    # r >= half of each factor's width keeps LoKr's second factor whole (as our KronA's B); alpha = r gives
+    # scaling 1 like ours.
+    return peft.get_peft_model(model, peft.LoKrConfig(r=16, alpha=16, target_modules=ex.TARGETS))
+
+
 RUNS = [
     Run("lora", "peft_kernels", _ours_lora),
     Run("lora", "peft", _peft_lora),
     Run("qlora", "peft_kernels", _ours_qlora),
     Run("qlora", "bitsandbytes+peft", _bnb_qlora),
+    Run("krona", "peft_kernels", _ours_krona),
+    Run("krona", "peft (LoKr)", _peft_lokr),
 ]
 METHODS = sorted({r.method for r in RUNS})
 

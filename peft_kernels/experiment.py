@@ -189,7 +189,7 @@ def train(name, model, train_data, test_data, head, pad_id, args, batches, optim
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if step <= 2:  # kept to localise a divergence; step 1 has grad A = 0 (B starts at 0), step 2 does not
-            grads.append({k: p.grad.detach().clone() for k, p in lora_params(model).items()})
+            grads.append({k: p.grad.detach().clone() for k, p in lora_params(model).items() if p.grad is not None})
         opt.step()
         losses.append(loss.item())
         tokens += batch[1].sum().item()

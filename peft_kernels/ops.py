@@ -171,3 +171,57 @@ def kron_linear(
         y [..., out]. Saved for backward: x (only when A or B requires grad).
     """
     return torch.ops.peft_kernels.kron_linear_fwd(x, weight, bias, A, B, scaling, dropout_p, _seed("kron_linear", seed, dropout_p))
+
+
+def masked_adamw_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    indices: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    master: torch.Tensor | None = None,
+    child_p: float = 1.0,
+    seed: int = 0,
+) -> None:
+    """One ``torch.optim.AdamW`` step on the k entries of ``param`` at ``indices``, in place; every other entry
+    is left untouched (no weight decay, no momentum).
+
+    Args:
+        param: fp32, bf16 or fp16, any shape, contiguous; indexed flat.
+        grad: param's dtype; dense (param's shape: only the k selected entries are read) or compact [k].
+        indices: int64 or int32 [k], strictly increasing, in [0, param.numel()).
+        exp_avg, exp_avg_sq: fp32 [k] optimizer state, updated in place.
+        step: this update's 1-based count (bias correction; the Child-Tuning_F mask's Philox stream).
+        master: fp32 [k] copy of the selected entries, required for bf16/fp16 params (updated there, then
+            rounded to nearest into ``param``), None for fp32.
+        child_p: Child-Tuning_F: each element's gradient is kept with probability ``child_p`` (Philox keyed by
+            ``seed``, ``step`` and the flat element index; never stored) and scaled by 1/child_p. 1 = no mask.
+    """
+    torch.ops.peft_kernels.masked_adamw_step_(param, grad, indices, exp_avg, exp_avg_sq, master, step, lr, beta1, beta2,
+                                              eps, weight_decay, child_p, seed)
+
+
+def masked_sgd_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    indices: torch.Tensor,
+    step: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    momentum_buffer: torch.Tensor | None = None,
+    master: torch.Tensor | None = None,
+    child_p: float = 1.0,
+    seed: int = 0,
+) -> None:
+    """One ``torch.optim.SGD`` step (no dampening, no Nesterov) on the entries of ``param`` at ``indices``, in
+    place. ``momentum_buffer``: fp32 [k] when ``momentum != 0`` (overwritten at step 1), else None. Other
+    arguments as :func:`masked_adamw_step_`."""
+    torch.ops.peft_kernels.masked_sgd_step_(param, grad, indices, momentum_buffer, master, step, lr, momentum,
+                                            weight_decay, child_p, seed)

@@ -124,11 +124,12 @@ def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (hh + (lh >> 16) + (hl >> 16) + (mid >> 16)) & _U32, ((mid & 0xFFFF) << 16) | (ll & 0xFFFF)
 
 
-def philox_draws(seed: int, index: torch.Tensor) -> torch.Tensor:
+def philox_draws(seed: int, index: torch.Tensor, stream: int = 0) -> torch.Tensor:
     """The 32-bit draw (as int64) of each flat element index: word ``index & 3`` of Philox4x32-10 with counter
-    ``(index >> 2, 0)`` and key ``seed`` (both split into 32-bit halves, low first)."""
+    ``(index >> 2, stream)`` and key ``seed`` (each split into 32-bit halves, low first)."""
     group = index >> 2
-    c0, c1, c2, c3 = group & _U32, group >> 32, torch.zeros_like(group), torch.zeros_like(group)
+    c0, c1 = group & _U32, group >> 32
+    c2, c3 = torch.full_like(group, stream & _U32), torch.full_like(group, (stream >> 32) & _U32)
     k0, k1 = seed & _U32, (seed >> 32) & _U32
     for _ in range(10):
         hi0, lo0 = _mulhilo(c0, _PHILOX_MUL[0])
@@ -187,7 +188,82 @@ def kron_linear(
     xd = x
     if dropout_p > 0:
         xd = x * dropout_keep(x.shape, dropout_p, seed, x.device) / (1 - dropout_p)
-    y = scaling * torch.nn.functional.linear(xd, torch.kron(A, B))
+    # Fresh row-major copies: torch.kron (2.14) raises a view error on a transposed [n, 1] factor, which
+    # .contiguous() returns as is (a size-1 dimension's stride does not count).
+    a, b = (t.clone(memory_format=torch.contiguous_format) for t in (A, B))
+    y = scaling * torch.nn.functional.linear(xd, torch.kron(a, b))
     if weight is not None:
         y = y + torch.nn.functional.linear(x, weight)
     return y if bias is None else y + bias
+
+
+# ---- sparse optimizer steps (csrc/include/peft_kernels/masked_adamw.h) ---------------------------------------
+def child_keep(seed: int, step: int, index: torch.Tensor, p: float) -> torch.Tensor:
+    """Child-Tuning_F's Bernoulli(p) gradient mask at flat element ``index`` of step ``step``: the Philox draw
+    of stream ``step`` is at least the drop threshold of 1 - p. All True for p = 1."""
+    if p == 1.0:
+        return torch.ones_like(index, dtype=torch.bool)
+    return philox_draws(seed, index, step) >= min(int((1.0 - p) * 2**32), _U32)
+
+
+def _masked_dense(param, grad, indices, master, child_p, seed, step):
+    """Dense views of a masked step: (bool mask over param, fp32 working copy of param, fp32 masked grad)."""
+    flat = param.reshape(-1)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=param.device)
+    mask[indices.long()] = True
+    dense_grad = torch.zeros(flat.numel(), dtype=torch.float32, device=param.device)
+    g = grad.reshape(-1)
+    dense_grad[indices.long()] = (g[indices.long()] if g.numel() == flat.numel() else g).float()
+    keep = child_keep(seed, step, torch.arange(flat.numel(), device=param.device), child_p)
+    dense_grad *= torch.where(keep, torch.tensor(1.0 / child_p, dtype=torch.float32), torch.tensor(0.0))
+    work = flat.float().clone()
+    if master is not None:
+        work[indices.long()] = master
+    return mask, work, dense_grad
+
+
+def _write_back(param, mask, work, indices, master):
+    flat = param.view(-1)
+    flat.copy_(torch.where(mask, work.to(param.dtype), flat))
+    if master is not None:
+        master.copy_(work[indices.long()])
+
+
+def masked_adamw_step_(param, grad, indices, exp_avg, exp_avg_sq, master, step, lr, beta1, beta2, eps, weight_decay,
+                       child_p=1.0, seed=0) -> None:
+    """Reference of ``torch.ops.peft_kernels.masked_adamw_step_``: torch's single-tensor AdamW over the whole
+    parameter with the gradient multiplied by the mask (and Child-Tuning_F's Bernoulli mask), state scattered
+    to dense tensors; then only the masked entries of param (and the state) are written back."""
+    mask, p, g = _masked_dense(param, grad, indices, master, child_p, seed, step)
+    m = torch.zeros_like(p)
+    v = torch.zeros_like(p)
+    m[indices.long()], v[indices.long()] = exp_avg, exp_avg_sq
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    # The root in fp64, rounded once: torch's fp32 CPU sqrt is not correctly rounded (it differs by an ulp for
+    # ~20% of values on AVX-512), the kernels' sqrtf is, on every backend. The divisor is a tensor: torch's CUDA
+    # division by a Python scalar multiplies by its reciprocal instead.
+    bc2_sqrt = torch.tensor(math.sqrt(1 - beta2**step), dtype=torch.float32, device=v.device)
+    denom = (v.double().sqrt().float() / bc2_sqrt).add_(eps)
+    p.addcdiv_(m, denom, value=-(lr / (1 - beta1**step)))
+    _write_back(param, mask, p, indices, master)
+    exp_avg.copy_(m[indices.long()])
+    exp_avg_sq.copy_(v[indices.long()])
+
+
+def masked_sgd_step_(param, grad, indices, momentum_buffer, master, step, lr, momentum, weight_decay, child_p=1.0,
+                     seed=0) -> None:
+    """Reference of ``torch.ops.peft_kernels.masked_sgd_step_``: torch's single-tensor SGD (no dampening, no
+    Nesterov) over the whole parameter with the masked gradient; only the masked entries are written back."""
+    mask, p, g = _masked_dense(param, grad, indices, master, child_p, seed, step)
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    if momentum != 0:
+        buf = torch.zeros_like(p)
+        buf[indices.long()] = momentum_buffer
+        buf = g.clone() if step == 1 else buf.mul_(momentum).add_(g)
+        momentum_buffer.copy_(buf[indices.long()])
+        g = buf
+    p.add_(g, alpha=-lr)
+    _write_back(param, mask, p, indices, master)

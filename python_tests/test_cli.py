@@ -78,10 +78,10 @@ def test_unknown_compare_method(tiny_model, tiny_data):
 def test_compare_and_finetune_end_to_end(tiny_model, tiny_data, tmp_path, capsys):
     args = ["--model", str(tiny_model), "--data", str(tiny_data), "--steps", "3", "--batch", "4",
             "--train-size", "40", "--test-size", "16", "--out", str(tmp_path)]
-    assert cli.main(["compare", "--methods", "lora,qlora", *args]) == 0
+    assert cli.main(["compare", *args]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| lora |") or line.startswith("| qlora |")]
-    assert len(rows) == 4, out  # ours and the peer for each method
-    assert (tmp_path / "compare.csv").read_text().count("\n") == 5
+    rows = [line for line in out.splitlines() if line.startswith(("| lora |", "| qlora |", "| krona |"))]
+    assert len(rows) == 6, out  # ours and the peer for each method
+    assert (tmp_path / "compare.csv").read_text().count("\n") == 7
     assert cli.main(["finetune", "--method", "qlora", *args]) == 0
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,8 +1,9 @@
 """The CUDA kernels under ThreadSanitizer and AddressSanitizer, and mutants of them that the suite must catch.
 
-csrc/sim/kernel_driver.cpp runs the launchers of csrc/cuda/*.cu (NF4, LoRA dropout and kron_linear kernels) through the CPU executor on files written
-here; built with -fsanitize=thread or =address and run with CUDASIM_MODE=threads (every CUDA thread an OS
-thread) on tiny grids. Outputs are compared with peft_kernels.reference.
+csrc/sim/kernel_driver.cpp runs the launchers of csrc/cuda/*.cu (NF4, LoRA dropout, kron_linear and sparse AdamW
+kernels) through the CPU executor on files written here; built with -fsanitize=thread or =address and run
+with CUDASIM_MODE=threads (every CUDA thread an OS thread) on tiny grids. Outputs are compared with
+peft_kernels.reference.
 
 The mutants are the real kernel sources with one deliberate bug each, written to a temporary directory and
 never part of the build: each must be caught — by a sanitizer report, a crash, or a wrong output. A
@@ -33,6 +34,7 @@ LORA_M, LORA_IN, LORA_R, LORA_SEED, LORA_P, LORA_SCALING = 37, 67, 5, 2024, 0.3,
 GEMV_M, GEMV_OUTS = 3, (32, 11)  # NF4 weights [32, 22] (rows straddle the 64-element blocks) and [11, 64]
 # kron_linear: M rows, A [AO, AI], B [BO, BI] (in 10, out 12; 6 and 20 dA/dB blocks of 256 threads)
 KRON_M, KRON_AO, KRON_AI, KRON_BO, KRON_BI, KRON_SEED, KRON_P, KRON_SCALING = 7, 3, 2, 4, 5, 77, 0.3, 0.8
+ADAMW_NUMEL, ADAMW_K, ADAMW_SEED, ADAMW_P = 997, 300, 77, 0.6  # 300 entries: two 256-thread blocks
 
 if not (CUDA_INCLUDE / "cuda_runtime.h").is_file() or shutil.which("g++") is None:
     pytest.skip(f"needs g++ and the CUDA headers under {CUDA_INCLUDE} (set CUDA_HOME)", allow_module_level=True)
@@ -89,6 +91,9 @@ class Case:
             "dy": torch.randn(KRON_M, KRON_AO * KRON_BO, generator=g),
             "dx": torch.randn(KRON_M, KRON_AI * KRON_BI, generator=g),
         }
+        self.adamw_param = torch.randn(ADAMW_NUMEL, generator=g)
+        self.adamw_grad = torch.randn(ADAMW_NUMEL, generator=g)
+        self.adamw_idx = torch.randperm(ADAMW_NUMEL, generator=g)[:ADAMW_K].sort().values
         write(work / "weight.f32", self.weight)
         write(work / "code.f32", self.code)
 
@@ -175,6 +180,18 @@ class Case:
             compare("kron_bwd dx", read(self.work / "dx.f32", torch.float32), self.kron["dx"].double() + grads[0], 1e-5)
             compare("kron_bwd da", read(self.work / "da.f32", torch.float32), grads[1], 1e-5)
             compare("kron_bwd db", read(self.work / "db.f32", torch.float32), grads[2], 1e-5)
+        # Sparse AdamW with the Child-Tuning_F mask, two steps, against the reference bit for bit
+        write(self.work / "param.f32", self.adamw_param)
+        write(self.work / "grad.f32", self.adamw_grad)
+        write(self.work / "idx.i64", self.adamw_idx)
+        if step("masked_adamw", ADAMW_NUMEL, ADAMW_K, ADAMW_SEED, ADAMW_P):
+            param, m, v = self.adamw_param.clone(), torch.zeros(ADAMW_K), torch.zeros(ADAMW_K)
+            for s in (1, 2):
+                R.masked_adamw_step_(param, self.adamw_grad, self.adamw_idx, m, v, None, s, 1e-2, 0.9, 0.999, 1e-8, 0.1,
+                                     ADAMW_P, ADAMW_SEED)
+            compare("masked_adamw param", read(self.work / "param.f32", torch.float32), param)
+            compare("masked_adamw m", read(self.work / "m.f32", torch.float32), m)
+            compare("masked_adamw v", read(self.work / "v.f32", torch.float32), v)
         return problems
 
 
@@ -189,7 +206,8 @@ def test_kernels_clean_under_sanitizer(work, sanitizer):
     assert Case(work / f"run-{sanitizer}").failures(exe) == []
 
 
-SOURCES = {name: (CSRC / "cuda" / name).read_text() for name in ("nf4.cu", "lora_linear.cu", "kron_linear.cu")}
+SOURCES = {name: (CSRC / "cuda" / name).read_text()
+           for name in ("nf4.cu", "lora_linear.cu", "kron_linear.cu", "masked_adamw.cu")}
 
 # (id, file, text to replace, replacement, sanitizer the mutant is built with, a regex for how it must be caught)
 MUTANTS = [
@@ -219,6 +237,15 @@ MUTANTS = [
     # kron_linear's u kernel reads x[r, j, i] instead of x[r, i, j]: the Kronecker index map transposed
     ("kron-transposed-index", "kron_linear.cu", "kron::x_at(d, i, pj.inner)", "i + pj.inner * d.a_in", None,
      r"^kron_fwd y: \d+ of 84"),
+    # the sparse step runs one entry past the end of the indices (and of the state)
+    ("adamw-off-by-one", "masked_adamw.cu", "j < s.k;", "j <= s.k;", "address",
+     r"^masked_adamw: exit 67: ==\d+==ERROR: AddressSanitizer: heap-buffer-overflow"),
+    # the dense gradient is read at the entry's position in the selection instead of its flat index
+    ("adamw-grad-position", "masked_adamw.cu", "s.grad_dense ? e : j", "s.grad_dense ? j : e", None,
+     r"^masked_adamw param: \d+ of 997"),
+    # Child-Tuning_F's mask keyed by the position in the selection instead of the element
+    ("adamw-child-key", "masked_adamw.cu", "sparse::child_scale(child, e)", "sparse::child_scale(child, j)", None,
+     r"^masked_adamw param: \d+ of 997"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Long runs and repeatability on the CPU: 2,000 training steps with LoRA and with QLoRA keep the resident set
+"""Long runs and repeatability on the CPU: 2,000 training steps with LoRA, QLoRA, KronA and SparseAdamW keep the resident set
 flat (nothing retained per step), and the same seed gives bit-identical training runs, dropout included.
 
 On CUDA (not measured here, no GPU): our kernels use no atomics and key every dropout mask by (seed, element
@@ -34,6 +34,10 @@ def mlp(kind):
     first, second = nn.Linear(64, 128), nn.Linear(128, 64)
     if kind == "lora":
         layers = [pk.nn.LoRALinear.from_linear(first, r=8, dropout=0.1), pk.nn.LoRALinear.from_linear(second, r=8, dropout=0.1)]
+    elif kind == "krona":
+        layers = [pk.nn.KronALinear.from_linear(first, dropout=0.1), pk.nn.KronALinear.from_linear(second, dropout=0.1)]
+    elif kind == "sparse":  # plain Linear layers, trained through SparseAdamW on 10% of their entries
+        layers = [first, second]
     else:
         layers = [pk.nn.QLoRALinear.from_linear(first, r=8, dropout=0.1, compute_dtype=torch.float32),
                   pk.nn.QLoRALinear.from_linear(second, r=8, dropout=0.1, compute_dtype=torch.float32)]
@@ -65,10 +69,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("kind", ["lora", "qlora"])
+@pytest.mark.parametrize("kind", ["lora", "qlora", "krona", "sparse"])
 def test_resident_memory_is_flat_over_2000_steps(kind, one_thread):
     model = mlp(kind).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    if kind == "sparse":
+        masks = pk.sparse.random_mask(model, 0.1, seed=3)
+        optimizer = pk.optim.SparseAdamW([(n, p, masks[n]) for n, p in model.named_parameters()], lr=1e-3, child_p=0.5)
+    else:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     g = torch.Generator().manual_seed(1)
     # 24 rows: above the 16-row GEMV limit, so QLoRA runs its tiled path, workspace allocation included.
     x, target = torch.randn(24, 64, generator=g), torch.randn(24, 64, generator=g)
@@ -104,6 +112,8 @@ def tiny_llama_run(kind, seed, steps=4):
     model = LlamaForCausalLM(config)
     if kind == "lora":
         pk.apply(model, pk.LoRAConfig(r=4, dropout=0.1))
+    elif kind == "krona":
+        pk.apply(model, pk.KronAConfig(dropout=0.1))
     else:
         pk.apply(model, pk.QLoRAConfig(r=4, dropout=0.1, quantize="all_linear", compute_dtype=torch.float32))
     model.train()
@@ -120,7 +130,7 @@ def tiny_llama_run(kind, seed, steps=4):
     return torch.stack(losses), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("kind", ["lora", "qlora"])
+@pytest.mark.parametrize("kind", ["lora", "qlora", "krona"])
 def test_same_seed_bit_identical_training(kind, one_thread):
     """Two runs from the same seed, dropout 0.1: identical losses and adapters, bit for bit. A third run with
     another seed differs (the seed really drives the dropout masks, so the equality is not vacuous)."""

@@ -233,3 +233,70 @@ def test_nan_and_inf_propagate_like_the_reference(op):
     finite = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(y), finite) and not finite[[3, 11, 17]].any()
     assert torch.allclose(y[finite], ref[finite], atol=1e-5)
+
+
+@st.composite
+def kron_cases(draw):
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    dtype = draw(st.sampled_from(DTYPES))
+    a_out, a_in, b_out, b_in = (draw(st.integers(1, 7)) for _ in range(4))
+    n_in, n_out = a_in * b_in, a_out * b_out
+    lead = tuple(draw(st.lists(st.integers(0, 5), max_size=2)))
+    with_base = draw(st.booleans())
+    return dict(dtype=dtype, x=operand(draw, (*lead, n_in), dtype, g),
+                weight=operand(draw, (n_out, n_in), dtype, g, n_in**-0.5) if with_base else None,
+                bias=operand(draw, (n_out,), dtype, g) if with_base and draw(st.booleans()) else None,
+                A=operand(draw, (a_out, a_in), dtype, g, a_in**-0.5), B=operand(draw, (b_out, b_in), dtype, g, b_in**-0.5),
+                dy=torch.randn(*lead, n_out, generator=g), p=draw(st.sampled_from([0.0, 0.1, 0.5])),
+                seed=draw(st.integers(-(2**63), 2**63 - 1)), scaling=draw(st.floats(0.1, 4.0)),
+                backend=draw(st.sampled_from(sorted(NAMESPACES))))
+
+
+@settings(max_examples=EXAMPLES)
+@given(kron_cases())
+def test_kron_linear(case):
+    ops, w, p, seed, scaling = NAMESPACES[case["backend"]], case["weight"], case["p"], case["seed"], case["scaling"]
+    leaves = [case["x"], case["bias"], case["A"], case["B"]]
+
+    def ours(x, bias, a, b):
+        return ops.kron_linear_fwd(x, w, bias, a, b, scaling, p, torch.tensor(seed))
+
+    def ref(x, bias, a, b):
+        return R.kron_linear(x, a, b, scaling, None if w is None else w.to(x.dtype), bias, p, seed)
+
+    names = ["y", "dx"] + (["dbias"] if case["bias"] is not None else []) + ["dA", "dB"]
+    for name, o, lo, ex in zip(names, results(ours, leaves, case["dy"]), results(ref, leaves, case["dy"]),
+                               results(ref, as_f64(leaves), case["dy"].double())):
+        check(o, lo, ex, case["dtype"], name)
+
+
+@st.composite
+def sparse_step_cases(draw):
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    numel = draw(st.integers(1, 600))
+    k = draw(st.integers(1, numel))
+    index_dtype = draw(st.sampled_from([torch.int32, torch.int64]))
+    return dict(param=torch.randn(numel, generator=g), grads=torch.randn(3, numel, generator=g),
+                indices=torch.randperm(numel, generator=g)[:k].sort().values.to(index_dtype),
+                child_p=draw(st.sampled_from([1.0, 0.5])), seed=draw(st.integers(0, 2**63 - 1)),
+                weight_decay=draw(st.sampled_from([0.0, 0.1])), backend=draw(st.sampled_from(sorted(NAMESPACES))))
+
+
+@settings(max_examples=EXAMPLES)
+@given(sparse_step_cases())
+def test_masked_adamw_step(case):
+    """Three fp32 steps: parameters and state equal the reference bit for bit, and entries outside the
+    selection never change."""
+    ops, idx = NAMESPACES[case["backend"]], case["indices"]
+    ours, want = case["param"].clone(), case["param"].clone()
+    k = idx.numel()
+    m, v, m_ref, v_ref = torch.zeros(k), torch.zeros(k), torch.zeros(k), torch.zeros(k)
+    for step, grad in enumerate(case["grads"], 1):
+        ops.masked_adamw_step_(ours, grad, idx, m, v, None, step, 1e-2, 0.9, 0.999, 1e-8, case["weight_decay"],
+                               case["child_p"], case["seed"])
+        R.masked_adamw_step_(want, grad, idx.long(), m_ref, v_ref, None, step, 1e-2, 0.9, 0.999, 1e-8,
+                             case["weight_decay"], case["child_p"], case["seed"])
+    assert torch.equal(ours, want) and torch.equal(m, m_ref) and torch.equal(v, v_ref)
+    outside = torch.ones_like(ours, dtype=torch.bool)
+    outside[idx.long()] = False
+    assert torch.equal(ours[outside], case["param"][outside])

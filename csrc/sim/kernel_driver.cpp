@@ -12,10 +12,14 @@
 //   kernel_driver lora_bwd  DIR M IN R SEED P S   x.f32 a.f32 dxa.f32 dx.f32        -> dx.f32 da.f32
 //   kernel_driver kron_fwd  DIR M AO AI BO BI SEED P S   x.f32 a.f32 b.f32 y.f32    -> y.f32 (y += ...)
 //   kernel_driver kron_bwd  DIR M AO AI BO BI SEED P S   dy.f32 x.f32 a.f32 b.f32 dx.f32 -> dx.f32 da.f32 db.f32
+//   kernel_driver masked_adamw DIR NUMEL K SEED P  param.f32 grad.f32 idx.i64 (2 steps) -> param.f32 m.f32 v.f32
 #include "launch.h"
 #include "kron_linear.cu"
 #include "lora_linear.cu"
+#include "masked_adamw.cu"
 #include "nf4.cu"
+
+#include <cmath>
 
 #include <cstdio>
 #include <cstdlib>
@@ -163,6 +167,31 @@ int main(int argc, char** argv) {
       save(dir, "da.f32", da, d.a_out * d.a_in);
       save(dir, "db.f32", db, d.b_out * d.b_in);
     }
+  } else if (kernel == "masked_adamw") {
+    if (argc < 7) die("usage: kernel_driver masked_adamw DIR NUMEL K SEED CHILD_P");
+    const int64_t k = std::atoll(argv[4]);
+    const double child_p = std::atof(argv[6]);
+    float* param = load<float>(dir, "param.f32", n);
+    const float* grad = load<float>(dir, "grad.f32", n);
+    const int64_t* idx = load<int64_t>(dir, "idx.i64", k);
+    float* m = alloc<float>(k);
+    float* v = alloc<float>(k);
+    cudaMemset(m, 0, k * sizeof(float));
+    cudaMemset(v, 0, k * sizeof(float));
+    // lr 1e-2, betas (0.9, 0.999), eps 1e-8, weight decay 0.1: the scalars as the op body computes them
+    const double lr = 1e-2, beta1 = 0.9, beta2 = 0.999, wd = 0.1;
+    const sparse::Selection sel{param, grad, idx, nullptr, DType::kFloat32, true, true, k};
+    for (int64_t step = 1; step <= 2; ++step) {
+      const sparse::AdamWScalars h{float(1.0 - lr * wd), float(1.0 - beta1), float(beta2), float(1.0 - beta2),
+                                   float(std::sqrt(1.0 - std::pow(beta2, double(step)))), 1e-8f,
+                                   float(-(lr / (1.0 - std::pow(beta1, double(step)))))};
+      const sparse::ChildMask child{std::strtoull(argv[5], nullptr, 10), uint64_t(step),
+                                    child_p == 1.0 ? 0u : philox::drop_threshold(1.0 - child_p), float(1.0 / child_p)};
+      check(cuda::masked_adamw({sel, m, v, h, child}, nullptr), "masked_adamw");
+    }
+    save(dir, "param.f32", param, n);
+    save(dir, "m.f32", m, k);
+    save(dir, "v.f32", v, k);
   } else {
     die("unknown kernel " + kernel);
   }

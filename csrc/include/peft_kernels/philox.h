@@ -3,8 +3,10 @@
 // redraw in backward exactly the mask of forward without storing it. peft_kernels/reference.py implements
 // the same function with torch integer ops; python_tests/test_lora_linear.py checks they agree bit for bit.
 //
-// Element e's 32-bit draw is word (e & 3) of philox(counter = {low32(e >> 2), high32(e >> 2), 0, 0},
-// key = {low32(seed), high32(seed)}); an element is kept when its draw is >= drop_threshold(p).
+// Element e's 32-bit draw is word (e & 3) of philox(counter = {low32(e >> 2), high32(e >> 2), low32(stream),
+// high32(stream)}, key = {low32(seed), high32(seed)}); an element is kept when its draw is >= drop_threshold(p).
+// Dropout uses stream 0; Child-Tuning_F's gradient mask (masked_adamw.h) uses the optimizer step, so each step
+// draws a fresh, independent mask from one seed.
 #pragma once
 #include <cstdint>
 
@@ -42,9 +44,10 @@ PK_HD void round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_
   c3 = lo0;
 }
 
-// The four draws of 4-element group `group` (elements 4*group .. 4*group+3).
-PK_HD Draw draw4(uint64_t seed, uint64_t group) {
-  uint32_t c0 = static_cast<uint32_t>(group), c1 = static_cast<uint32_t>(group >> 32), c2 = 0, c3 = 0;
+// The four draws of 4-element group `group` (elements 4*group .. 4*group+3) of `stream`.
+PK_HD Draw draw4(uint64_t seed, uint64_t group, uint64_t stream = 0) {
+  uint32_t c0 = static_cast<uint32_t>(group), c1 = static_cast<uint32_t>(group >> 32);
+  uint32_t c2 = static_cast<uint32_t>(stream), c3 = static_cast<uint32_t>(stream >> 32);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   PK_UNROLL
   for (int r = 0; r < 10; ++r) {
@@ -55,7 +58,7 @@ PK_HD Draw draw4(uint64_t seed, uint64_t group) {
   return Draw{{c0, c1, c2, c3}};
 }
 
-// Host-side batch: the draws of groups first .. first + count - 1 (count <= kBatch), out[4 * g + w] = word w
+// Host-side batch (stream 0): the draws of groups first .. first + count - 1 (count <= kBatch), out[4 * g + w] = word w
 // of group first + g. The same rounds as draw4, laid out structure-of-arrays so the compiler vectorizes the
 // 32x32->64-bit products across groups: one draw4 at a time is a chain of 10 dependent rounds. Measured:
 // the dropout overhead of a bf16 LoRA step (1024x1024, M = 2048, r = 16) fell from ~24 ms to ~13 ms.
@@ -99,7 +102,9 @@ PK_HD uint32_t word(const Draw& d, unsigned i) {
 }
 
 // Element e's draw.
-PK_HD uint32_t element(uint64_t seed, uint64_t e) { return word(draw4(seed, e >> 2), static_cast<unsigned>(e & 3)); }
+PK_HD uint32_t element(uint64_t seed, uint64_t e, uint64_t stream = 0) {
+  return word(draw4(seed, e >> 2, stream), static_cast<unsigned>(e & 3));
+}
 
 // Draws below the threshold are dropped: P(drop) = threshold / 2^32 = p to within 2^-32.
 inline uint32_t drop_threshold(double p) {

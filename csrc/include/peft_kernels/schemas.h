@@ -58,6 +58,20 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "kron_linear_bwd(Tensor dy, Tensor? x, Tensor? weight, Tensor A, Tensor B, float scaling, float dropout_p, "
       "Tensor seed, bool need_dx, bool need_dA, bool need_dB, bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
+  // One AdamW step (torch.optim.AdamW's math) on the k entries of param at `indices` (strictly increasing flat
+  // int32/int64 indices [k]), in place: param [any shape], grad dense (param's numel) or compact [k] of param's
+  // dtype, exp_avg and exp_avg_sq fp32 [k], master fp32 [k] for a bf16/fp16 param (None for fp32). step >= 1
+  // counts this update (bias correction). child_p < 1 applies Child-Tuning_F's gradient mask: Bernoulli(child_p)
+  // per element from Philox (seed, step, element), kept gradients scaled by 1/child_p.
+  m.def(
+      "masked_adamw_step_(Tensor(a!) param, Tensor grad, Tensor indices, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!)? master, int step, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "float child_p, int seed) -> ()");
+  // One SGD step (torch.optim.SGD without dampening / Nesterov) on the same selection; momentum_buffer fp32 [k]
+  // when momentum != 0, else None.
+  m.def(
+      "masked_sgd_step_(Tensor(a!) param, Tensor grad, Tensor indices, Tensor(b!)? momentum_buffer, "
+      "Tensor(c!)? master, int step, float lr, float momentum, float weight_decay, float child_p, int seed) -> ()");
 }
 
 }  // namespace peft_kernels
