@@ -30,9 +30,11 @@ def tiny_llama(seed=0):
 
 
 def adapted(kind, dropout=0.0, alpha=8):
-    """A tiny LLaMA with LoRA (fp32) or QLoRA (every Linear but the head in NF4, fp32 compute) on q/v."""
+    """A tiny LLaMA with LoRA (fp32), QLoRA (every Linear but the head in NF4, fp32 compute) or KronA on q/v."""
     if kind == "lora":
         config = pk.LoRAConfig(r=4, alpha=alpha, dropout=dropout)
+    elif kind == "krona":
+        config = pk.KronAConfig(scaling=alpha / 4, dropout=dropout)
     else:
         config = pk.QLoRAConfig(r=4, alpha=alpha, dropout=dropout, quantize="all_linear", compute_dtype=torch.float32)
     return pk.apply(tiny_llama(), config)
@@ -42,7 +44,7 @@ def randomize_adapters(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if "lora_" in name or name.endswith((".A", ".B")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
@@ -51,7 +53,7 @@ def adapter_grads(model):
 
 
 # ---- torch.compile -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["lora", "qlora"])
+@pytest.mark.parametrize("kind", ["lora", "qlora", "krona"])
 def test_loading_another_adapter_does_not_recompile(kind, tmp_path):
     """Adapters are graph inputs, not constants: loading one of the same shapes (copied in place into the same
     parameters) runs the compiled decoder layer again without recompiling, with the new adapter's outputs. A
@@ -64,7 +66,8 @@ def test_loading_another_adapter_does_not_recompile(kind, tmp_path):
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "adapter_model.safetensors").write_bytes((tmp_path / "a" / "adapter_model.safetensors").read_bytes())
-    (tmp_path / "c" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 16}))
+    alpha_key = "alpha" if kind == "krona" else "lora_alpha"  # LoKr's config names it alpha
+    (tmp_path / "c" / "adapter_config.json").write_text(json.dumps({**config, alpha_key: 2 * config[alpha_key]}))
 
     layer = model.model.layers[0]
     h = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0))
@@ -157,7 +160,7 @@ def test_autocast_qlora_linear(compute_dtype):
         tolerance_check(o, lo, ex, atol, name)
 
 
-@pytest.mark.parametrize("kind", ["lora", "qlora"])
+@pytest.mark.parametrize("kind", ["lora", "qlora", "krona"])
 def test_autocast_model_trains(kind):
     """A whole LLaMA with fp32 adapters under bf16 autocast: forward and backward run (LoRALinear inputs arrive
     in fp32 from RMSNorm and in bf16 from autocast's matmuls), every adapter gets a finite fp32 gradient, and
