@@ -253,7 +253,7 @@ def save_sparse_diff(model: nn.Module, directory: str | os.PathLike) -> None:
             "shapes": json.dumps(shapes)}
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / DIFF_NAME, lambda path: save_file(tensors, path, metadata=meta))
+    _atomic_write({directory / DIFF_NAME: lambda path: save_file(tensors, path, metadata=meta)})
 
 
 def load_sparse_diff(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
