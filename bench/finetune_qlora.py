@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_lora as ft  # noqa: E402
 
 import peft_kernels  # noqa: E402
+from peft_kernels import experiment as ex  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "finetune_qlora.csv"
 
@@ -44,34 +45,6 @@ def rss_kib(field: str) -> int:
 def reset_peak() -> None:
     """Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM) to the current one."""
     Path("/proc/self/clear_refs").write_text("5")
-
-
-def model_bytes(model) -> int:
-    """Parameters + buffers, plus bitsandbytes' quant_state tensors (held outside both)."""
-    total = peft_kernels.weight_bytes(model)
-    for m in model.modules():
-        state = getattr(getattr(m, "weight", None), "quant_state", None)
-        if state is not None:
-            total += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values())
-    return total
-
-
-def bnb_quantize(model, skip: set[str]):
-    """Every nn.Linear of the decoder (not the LM head) as a bitsandbytes NF4 Linear4bit, fp32 compute."""
-    import bitsandbytes as bnb
-
-    for name, linear in list(model.named_modules()):
-        if type(linear) is not torch.nn.Linear or name in skip:
-            continue
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-        layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True, blocksize=64)._quantize("cpu")
-        if linear.bias is not None:
-            layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    return model
 
 
 def main():
@@ -110,12 +83,11 @@ def main():
                 p.copy_(init[k])
         return model
 
-    head_name = next(n for n, m in base.named_modules() if m is base.get_output_embeddings())
     builders = {
         "lora": lambda: peft_kernels.apply(copy.deepcopy(base), peft_kernels.LoRAConfig(r=8, alpha=16, target_modules=ft.TARGETS)),
         "qlora": lambda: peft_kernels.apply(copy.deepcopy(base), peft_kernels.QLoRAConfig(
             r=8, alpha=16, target_modules=ft.TARGETS, quantize="all_linear", compute_dtype=torch.float32)),
-        "bnb+peft": lambda: peft.get_peft_model(bnb_quantize(copy.deepcopy(base), {head_name}), peft.LoraConfig(
+        "bnb+peft": lambda: peft.get_peft_model(ex.bnb_quantize(copy.deepcopy(base)), peft.LoraConfig(
             r=8, lora_alpha=16, target_modules=ft.TARGETS), autocast_adapter_dtype=False),
     }
     runs = []
@@ -126,7 +98,7 @@ def main():
         reset_peak()
         before = rss_kib("VmRSS")
         res = ft.train(name, model, train_data, test_data, head, pad_id, args, batches)
-        res.update(weights=model_bytes(model), peak_growth=(rss_kib("VmHWM") - before) * 1024)
+        res.update(weights=ex.model_bytes(model), peak_growth=(rss_kib("VmHWM") - before) * 1024)
         res.pop("grads")
         runs.append(res)
         del model

@@ -68,22 +68,9 @@ def _ours_qlora(model):
 
 
 def _bnb_qlora(model):
-    import bitsandbytes as bnb
     import peft
 
-    head = model.get_output_embeddings()
-    for name, linear in list(model.named_modules()):
-        if type(linear) is not torch.nn.Linear or linear is head:
-            continue
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-        layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True, blocksize=64)._quantize("cpu")
-        if linear.bias is not None:
-            layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=ex.TARGETS),
+    return peft.get_peft_model(ex.bnb_quantize(model), peft.LoraConfig(r=8, lora_alpha=16, target_modules=ex.TARGETS),
                                autocast_adapter_dtype=False)
 
 
@@ -166,21 +153,9 @@ def run_one(run: Run, ctx: Context, eval_before: bool = False) -> tuple[dict, to
     res.pop("grads")
     # % of the original model's parameters: a packed 4-bit weight is a buffer in ours and a uint8 "parameter"
     # in bitsandbytes, so the quantized model's own count is no common denominator.
-    res.update(method=run.method, impl=run.impl, weights=_model_bytes(model), activations=activations,
+    res.update(method=run.method, impl=run.impl, weights=ex.model_bytes(model), activations=activations,
                pct=100 * res["trainable"] / sum(p.numel() for p in ctx.base.parameters()))
     return res, model
-
-
-def _model_bytes(model) -> int:
-    """Parameters and buffers, plus bitsandbytes' quantization state (held outside both)."""
-    from .qlora import weight_bytes
-
-    total = weight_bytes(model)
-    for m in model.modules():
-        state = getattr(getattr(m, "weight", None), "quant_state", None)
-        if state is not None:
-            total += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values())
-    return total
 
 
 # ---- commands ------------------------------------------------------------------------------------------------

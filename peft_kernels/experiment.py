@@ -223,3 +223,35 @@ def saved_bytes(model, batch, head: torch.Tensor) -> int:
         loss = F.cross_entropy(label_logits(model, batch, head), batch[3])
     del loss
     return sum(kept.values())
+
+
+def bnb_quantize(model):
+    """The bitsandbytes peer of QLoRAConfig(quantize="all_linear"): every nn.Linear but the output head becomes
+    a bitsandbytes NF4 Linear4bit (blocksize 64, double quantization, fp32 compute), in place."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for name, linear in list(model.named_modules()):
+        if type(linear) is not torch.nn.Linear or linear is head:
+            continue
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+        layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, blocksize=64)._quantize("cpu")
+        if linear.bias is not None:
+            layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
+def model_bytes(model) -> int:
+    """Parameters and buffers, plus bitsandbytes' quantization state (held outside both)."""
+    from .qlora import weight_bytes
+
+    total = weight_bytes(model)
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if state is not None:
+            total += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values())
+    return total
