@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import targeting
-from .lora import _PREFIX, CONFIG_NAME, WEIGHTS_NAME, _atomic_write
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from .adapter_io import PREFIX as _PREFIX
 from .nn.krona import KronALinear, factor_shapes
 
 _PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -122,7 +123,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config.to_peft_dict(r), indent=2)
-    _atomic_write({directory / WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+    atomic_write({directory / WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
                    directory / CONFIG_NAME: lambda path: pathlib.Path(path).write_text(text)})
 
 

@@ -7,19 +7,16 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 import warnings
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import targeting
+from . import adapter_io, targeting
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from .adapter_io import PREFIX as _PREFIX
 from .nn import LoRALinear, QLoRALinear
-
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
-_PREFIX = "base_model.model."
 
 
 @dataclasses.dataclass
@@ -71,7 +68,11 @@ def _lora_modules(model: nn.Module) -> dict[str, LoRALinear | QLoRALinear]:
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write the adapter in HF PEFT's format (loadable by ``peft.PeftModel.from_pretrained``): LoRA, or LoKr for a
     model with a KronA adapter (peft_kernels.krona). Each file is written to a temporary name and renamed, so a
-    failure leaves any previous adapter there intact."""
+    failure leaves any previous adapter there intact. Methods registered with :mod:`peft_kernels.adapter_io` are
+    written in its format."""
+    config = adapter_io.attached(model)
+    if config is not None:
+        return adapter_io.save(model, directory, config)
     if getattr(model, "peft_kernels_krona", None) is not None:
         from . import krona  # krona imports this module
 
@@ -108,27 +109,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(peft_dict, indent=2)
-    _atomic_write({directory / WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+    adapter_io.atomic_write({directory / WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
                    directory / CONFIG_NAME: lambda path: pathlib.Path(path).write_text(text)})
-
-
-def _atomic_write(writers: dict) -> None:
-    """Write each target through a temporary file in its directory, and rename them into place only once all
-    are written: a failure while writing any of them (disk full, an exception, a kill) leaves every previous
-    file, so new weights are never paired with an old config. Only a crash between the renames, which follow
-    each other and allocate nothing, could split the pair."""
-    temporaries = {}
-    try:
-        for target, write in writers.items():
-            fd, temporaries[target] = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            os.close(fd)
-            write(temporaries[target])
-        for target, tmp in temporaries.items():
-            os.replace(tmp, target)
-    finally:
-        for tmp in temporaries.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 # adapter_config.json keys (HF PEFT's LoraConfig fields) by what loading does with them.
@@ -169,20 +151,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         peft_type = json.loads((directory / CONFIG_NAME).read_text()).get("peft_type")
     except (OSError, json.JSONDecodeError, AttributeError):
         peft_type = None  # _read_config reports what is wrong with the file
+    if peft_type in adapter_io.METHODS:
+        raw = json.loads((directory / CONFIG_NAME).read_text())
+        cls = adapter_io.METHODS[peft_type]
+        if raw.get("format") != adapter_io.FORMAT and hasattr(cls, "load_foreign"):
+            return cls.load_foreign(model, directory, raw)
+        return adapter_io.load(model, directory, raw)
     if peft_type == "LOKR":
         from . import krona  # krona imports this module
 
         return krona.load_adapter(model, directory, json.loads((directory / CONFIG_NAME).read_text()))
     config, modules_to_save = _read_config(directory / CONFIG_NAME)
-    try:
-        with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
-        raise ValueError(f"load_adapter: cannot read {directory / WEIGHTS_NAME}: {exc}") from exc
-    for key, value in tensors.items():
-        if not value.is_floating_point() or not torch.isfinite(value).all():
-            raise ValueError(f"load_adapter: {key} in {directory / WEIGHTS_NAME} must hold finite floating-point "
-                             f"values, got a {value.dtype} tensor" + (" with NaN or Inf" if value.is_floating_point() else ""))
+    tensors = adapter_io.read_tensors(directory)
     extra = _modules_to_save(model, tensors, modules_to_save)
     tensors = {k: v for k, v in tensors.items() if k not in extra}
     modules = _lora_modules(model)

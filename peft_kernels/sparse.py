@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import targeting
-from .lora import _atomic_write
+from .adapter_io import atomic_write
 from .optim import SparseAdamW, check_indices, sparse_parameters
 
 DIFF_NAME = "sparse_diff.safetensors"
@@ -253,7 +253,7 @@ def save_sparse_diff(model: nn.Module, directory: str | os.PathLike) -> None:
             "shapes": json.dumps(shapes)}
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write({directory / DIFF_NAME: lambda path: save_file(tensors, path, metadata=meta)})
+    atomic_write({directory / DIFF_NAME: lambda path: save_file(tensors, path, metadata=meta)})
 
 
 def load_sparse_diff(model: nn.Module, directory: str | os.PathLike) -> nn.Module:

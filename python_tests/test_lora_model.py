@@ -14,13 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import peft_kernels as pk
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=101)
-    return LlamaForCausalLM(config).eval()
+from tiny_models import tiny_bert_classifier, tiny_llama
 
 
 def randomize_adapters(model, seed=1):
@@ -312,13 +306,6 @@ def test_compiled_decoder_layer(dropout):
             assert torch.allclose(a, b, atol=1e-4)
     else:
         assert all(torch.isfinite(g).all() for g in grads)
-
-
-def tiny_bert_classifier(seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-                        vocab_size=50, num_labels=3)
-    return BertForSequenceClassification(config).eval()
 
 
 def test_trained_head_round_trips_with_peft(tmp_path):
