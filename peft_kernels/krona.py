@@ -16,12 +16,11 @@ import os
 import pathlib
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from . import targeting
-from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_tensors
 from .adapter_io import PREFIX as _PREFIX
 from .nn.krona import KronALinear, factor_shapes
 
@@ -144,11 +143,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, raw: dict) -> n
                          f"alpha={alpha!r}")
     scaling = alpha / r
     config = KronAConfig(scaling=scaling, target_modules=list(targets), decompose_factor=raw.get("decompose_factor", -1))
-    try:
-        with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
-        raise ValueError(f"load_adapter: cannot read {directory / WEIGHTS_NAME}: {exc}") from exc
+    tensors = read_tensors(directory)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, part = _split_key(key)
