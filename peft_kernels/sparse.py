@@ -23,6 +23,7 @@ from torch import nn
 
 from . import targeting
 from .adapter_io import atomic_write
+from .nn.diff_pruning import DiffPruningLinear
 from .optim import SparseAdamW, check_indices, sparse_parameters
 
 DIFF_NAME = "sparse_diff.safetensors"
@@ -142,7 +143,7 @@ def threshold_mask(scores: Mapping[str, torch.Tensor], threshold: float) -> dict
     return {name: (s.detach().reshape(-1) > threshold).nonzero().reshape(-1) for name, s in scores.items()}
 
 
-METHODS = ("random", "child_f", "fisher", "child_d", "sam", "lt_sft", "threshold")
+METHODS = ("random", "child_f", "fisher", "child_d", "sam", "lt_sft", "threshold", "diff_pruning")
 
 
 @dataclasses.dataclass
@@ -154,8 +155,12 @@ class SparseFTConfig:
     gradient mask per step drawn in the kernel), "fisher" / "child_d" (:func:`fisher_mask` over ``batches``),
     "sam" (:func:`grad_sq_mask` over ``batches``), "lt_sft" (:func:`magnitude_change_mask` against
     ``finetuned``, a state dict of the same model after a dense phase), "threshold" (:func:`threshold_mask` of
-    ``scores`` at ``threshold``; density unused). target_modules: names (or dotted suffixes) of nn.Linear
-    modules; None picks the architecture's default (see peft_kernels.targeting).
+    ``scores`` at ``threshold``; density unused), "diff_pruning" (Guo et al. 2021: each targeted Linear becomes
+    a :class:`peft_kernels.nn.DiffPruningLinear`, a dense diff behind a hard-concrete L0 gate trained with any
+    dense optimizer and :func:`l0_penalty` added to the loss; :func:`finalize_diff_pruning` then keeps the top
+    ``density`` fraction of the gated diff, merges it and records the selection for :func:`save_sparse_diff`).
+    target_modules: names (or dotted suffixes) of nn.Linear modules; None picks the architecture's default (see
+    peft_kernels.targeting).
     """
 
     method: str = "random"
@@ -175,6 +180,12 @@ class SparseFTConfig:
 
     def apply_to(self, model: nn.Module) -> nn.Module:
         targets = targeting.resolve_targets(model, self.target_modules, config_name="SparseFTConfig")
+        if self.method == "diff_pruning":
+            linears = targeting.linear_names(model, targets)
+            targeting.freeze(model)
+            targeting.replace(model, linears, DiffPruningLinear.from_linear)
+            model.peft_kernels_sparse = SparseSelection(dataclasses.replace(self, target_modules=targets), {})
+            return model
         names = [f"{n}.weight" for n in targeting.linear_names(model, targets)]
         params = dict(model.named_parameters())
         targeting.freeze(model)
@@ -231,8 +242,53 @@ def make_optimizer(model: nn.Module, lr: float = 1e-3, **kwargs) -> SparseAdamW:
     """A :class:`SparseAdamW` over the selection :func:`peft_kernels.apply` made (Child-Tuning_F's density
     and seed included); ``kwargs`` go to SparseAdamW (betas, eps, weight_decay)."""
     sel = _selection(model, "make_optimizer")
+    if sel.config.method == "diff_pruning":
+        raise ValueError("make_optimizer: diff pruning trains dense diffs and gate logits; use a dense optimizer "
+                         "(torch.optim.AdamW over the trainable parameters) and finalize_diff_pruning afterwards")
     return SparseAdamW(sparse_parameters(model, sel.indices), lr=lr, child_p=sel.child_p, seed=sel.config.seed,
                        **kwargs)
+
+
+def l0_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of :meth:`DiffPruningLinear.expected_l0` over the model's diff-pruning layers (the expected number of
+    non-zero diff entries): add ``lambda * l0_penalty(model)`` to the loss."""
+    modules = [m for m in model.modules() if isinstance(m, DiffPruningLinear)]
+    if not modules:
+        raise ValueError("l0_penalty: the model has no DiffPruningLinear (apply SparseFTConfig(method='diff_pruning'))")
+    return sum(m.expected_l0() for m in modules)
+
+
+@torch.no_grad()
+def finalize_diff_pruning(model: nn.Module, density: float | None = None) -> dict[str, torch.Tensor]:
+    """End diff pruning: keep the top ``density`` fraction (default: the config's) of all entries of the eval-mode
+    gated diffs z * delta by magnitude, globally (the authors' magnitude projection to a target sparsity), add
+    them to the frozen weights, and turn each DiffPruningLinear back into an nn.Linear holding W + the kept
+    diff. The kept entries become the model's sparse selection, so :func:`save_sparse_diff` writes them and
+    :func:`load_sparse_diff` reproduces the model from the base. Returns the indices per weight name."""
+    sel = _selection(model, "finalize_diff_pruning")
+    if sel.config.method != "diff_pruning":
+        raise ValueError(f"finalize_diff_pruning: the model was set up for method {sel.config.method!r}, "
+                         "not 'diff_pruning'")
+    density = sel.config.density if density is None else density
+    _check_density(density)
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, DiffPruningLinear)}
+    if not modules:
+        raise ValueError("finalize_diff_pruning: no DiffPruningLinear left (already finalized?)")
+    diffs = {f"{n}.weight": m.final_diff() for n, m in modules.items()}
+    indices = top_k({n: d.abs() for n, d in diffs.items()}, density)
+    for name, module in modules.items():
+        idx = indices[f"{name}.weight"]
+        linear = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                           device="meta")
+        weight = module.weight.detach().clone()
+        flat = weight.view(-1)
+        flat[idx] = (flat[idx].float() + diffs[f"{name}.weight"].view(-1)[idx]).to(weight.dtype)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        linear.bias = None if module.bias is None else nn.Parameter(module.bias.detach(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+    sel.indices.update(indices)
+    return indices
 
 
 def save_sparse_diff(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -241,6 +297,9 @@ def save_sparse_diff(model: nn.Module, directory: str | os.PathLike) -> None:
     ``<name>.values`` (the entries' values in the parameter's dtype), so the file's size is proportional to k.
     The file is written to a temporary name and renamed: a failed save leaves any previous one intact."""
     sel = _selection(model, "save_sparse_diff")
+    if sel.config.method == "diff_pruning" and not sel.indices:
+        raise ValueError("save_sparse_diff: call finalize_diff_pruning(model) first: a diff-pruning model has no "
+                         "sparse diff until its gated diffs are pruned and merged")
     params = dict(model.named_parameters())
     tensors, shapes = {}, {}
     for name, idx in sel.indices.items():
@@ -290,8 +349,10 @@ __all__ = [
     "SparseFTConfig",
     "SparseSelection",
     "fisher_mask",
+    "finalize_diff_pruning",
     "fisher_scores",
     "grad_sq_mask",
+    "l0_penalty",
     "load_sparse_diff",
     "magnitude_change_mask",
     "make_optimizer",

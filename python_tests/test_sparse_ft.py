@@ -306,3 +306,119 @@ def test_rejected_step_leaves_the_state_and_groups_need_indices():
     assert opt.state[w]["step"] == 0
     with pytest.raises(TypeError, match="every parameter needs its indices"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+
+
+# ---- Diff Pruning ---------------------------------------------------------------------------------------------
+def diff_pruning_reference(x, weight, bias, delta, log_alpha, lower=-1.5, upper=1.5):
+    """Eval-mode Diff Pruning written from the paper's formulas: z = min(1, max(0, sigmoid(a) (r - l) + l))."""
+    z = torch.sigmoid(log_alpha) * (upper - lower) + lower
+    z = torch.where(z < 0, torch.zeros_like(z), torch.where(z > 1, torch.ones_like(z), z))
+    return x @ (weight + z * delta).T + bias
+
+
+def random_diff_layer(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    layer = pk.nn.DiffPruningLinear.from_linear(nn.Linear(13, 7).to(dtype))
+    with torch.no_grad():
+        layer.delta.normal_()
+        layer.log_alpha.normal_(0, 3)  # gates spread over closed, fractional and open
+    return layer
+
+
+def test_diff_pruning_layer_matches_reference_and_gradcheck():
+    layer = random_diff_layer(dtype=torch.float64).eval()
+    z = layer.gate()
+    assert (z == 0).any() and (z == 1).any() and ((z > 0) & (z < 1)).any()
+    x = torch.randn(5, 13, dtype=torch.float64, requires_grad=True)
+    ref = diff_pruning_reference(x, layer.weight, layer.bias, layer.delta, layer.log_alpha)
+    torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-12)
+    torch.autograd.gradcheck(lambda x, d, a: diff_pruning_reference(x, layer.weight, layer.bias, d, a),
+                             (x, layer.delta, layer.log_alpha))
+    grads = torch.autograd.grad(layer(x).sum(), [layer.delta, layer.log_alpha])
+    refs = torch.autograd.grad(ref.sum(), [layer.delta, layer.log_alpha])
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r)
+    # Expected L0: P(z > 0) = sigmoid(log_alpha - log(-lower / upper)); with the default symmetric stretch the
+    # shift is 0.
+    torch.testing.assert_close(layer.expected_l0(), torch.sigmoid(layer.log_alpha).sum())
+
+
+def test_diff_pruning_training_gates_are_hard_concrete_samples():
+    layer = random_diff_layer().train()
+    torch.manual_seed(5)
+    samples = torch.stack([layer.gate() for _ in range(400)])
+    # P(z > 0) of the stretched, clipped concrete is sigmoid(log_alpha - log(-l/r)) = sigmoid(log_alpha) here.
+    empirical = (samples > 0).float().mean(0)
+    assert (empirical - torch.sigmoid(layer.log_alpha.detach())).abs().max() < 0.12
+    assert not torch.equal(samples[0], samples[1])
+
+
+def test_diff_pruning_fresh_layer_is_the_base_linear():
+    linear = nn.Linear(13, 7)
+    layer = pk.nn.DiffPruningLinear.from_linear(linear)
+    x = torch.randn(3, 13)
+    assert torch.equal(layer.train()(x), linear(x))
+    assert layer.weight is not None and layer.weight.data_ptr() == linear.weight.data_ptr()
+
+
+def test_diff_pruning_train_finalize_save_load(tmp_path):
+    base = tiny_llama()
+    model = pk.apply(copy.deepcopy(base), pk.SparseFTConfig(method="diff_pruning", density=0.02))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, pk.nn.DiffPruningLinear)}
+    assert sorted(layers) == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{p}" for n in layers for p in ("delta", "log_alpha")}
+    with pytest.raises(ValueError, match="dense optimizer"):
+        sparse.make_optimizer(model)
+    with pytest.raises(ValueError, match="finalize_diff_pruning"):
+        sparse.save_sparse_diff(model, tmp_path)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = lm_batches(1)[0]
+    model.train()
+    losses, l0 = [], []
+    for _ in range(8):
+        torch.manual_seed(len(losses))
+        loss = model(**batch).loss
+        penalty = sparse.l0_penalty(model)
+        losses.append(loss.item())
+        l0.append(penalty.item())
+        (loss + 1e-3 * penalty).backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0] and l0[-1] < l0[0]
+    model.eval()
+    tokens = batch["input_ids"]
+    # The kept entries: the global top 2% of |z * delta| over all layers, merged into W.
+    diffs = {f"{n}.weight": m.final_diff() for n, m in layers.items()}
+    flat = torch.cat([d.reshape(-1).abs() for d in diffs.values()])
+    k = round(0.02 * flat.numel())
+    cut = flat.topk(k).values.min()
+    expected = copy.deepcopy(base).eval()
+    params = dict(expected.named_parameters())
+    with torch.no_grad():
+        for name, d in diffs.items():
+            params[name].add_(torch.where(d.abs() >= cut, d, torch.zeros_like(d)))
+    indices = sparse.finalize_diff_pruning(model)
+    assert sum(i.numel() for i in indices.values()) == k
+    assert not any(isinstance(m, pk.nn.DiffPruningLinear) for m in model.modules())
+    torch.testing.assert_close(model(tokens).logits, expected(tokens).logits, rtol=0, atol=1e-5)
+    sparse.save_sparse_diff(model, tmp_path)
+    assert os.path.getsize(tmp_path / sparse.DIFF_NAME) < 8 * k + 2048
+    restored = sparse.load_sparse_diff(copy.deepcopy(base).eval(), tmp_path)
+    assert torch.equal(restored(tokens).logits, model(tokens).logits)
+    with pytest.raises(ValueError, match="already finalized"):
+        sparse.finalize_diff_pruning(model)
+
+
+def test_diff_pruning_bad_input():
+    with pytest.raises(ValueError, match="'lower' and 'upper'"):
+        pk.nn.DiffPruningLinear(4, 4, lower=0.0)
+    with pytest.raises(ValueError, match="'temperature'"):
+        pk.nn.DiffPruningLinear(4, 4, temperature=0.0)
+    with pytest.raises(TypeError, match="'linear' must be an nn.Linear"):
+        pk.nn.DiffPruningLinear.from_linear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match="no DiffPruningLinear"):
+        sparse.l0_penalty(tiny_llama())
+    model = pk.apply(tiny_llama(), pk.SparseFTConfig(method="random", density=0.1))
+    with pytest.raises(ValueError, match="not 'diff_pruning'"):
+        sparse.finalize_diff_pruning(model)
