@@ -40,52 +40,85 @@ class UserError(Exception):
 # ---- methods -----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One way of training: ``method`` (the survey's name), ``impl`` (who implements it), and ``build``, which
-    turns a fresh copy of the base model into the model to train (and optionally its optimizer)."""
+    """One way of training: ``method`` (the survey's name), ``impl`` (who implements it), ``build(model, ctx)``,
+    which turns a fresh copy of the base model into the model to train, and ``optimizer(model, ctx)`` when the
+    method needs its own (default: AdamW at --lr over the trainable parameters). ``quick``: part of
+    ``compare --quick``."""
 
     method: str
     impl: str
     build: Callable
+    optimizer: Callable | None = None
+    quick: bool = True
 
 
-def _ours_lora(model):
+def _ours_lora(model, ctx):
     from . import LoRAConfig, apply
 
     return apply(model, LoRAConfig(r=8, alpha=16, target_modules=ex.TARGETS))
 
 
-def _peft_lora(model):
+def _peft_lora(model, ctx):
     import peft
 
     return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=ex.TARGETS))
 
 
-def _ours_qlora(model):
+def _ours_qlora(model, ctx):
     from . import QLoRAConfig, apply
 
     return apply(model, QLoRAConfig(r=8, alpha=16, target_modules=ex.TARGETS, quantize="all_linear",
                                     compute_dtype=torch.float32))
 
 
-def _bnb_qlora(model):
+def _bnb_qlora(model, ctx):
     import peft
 
     return peft.get_peft_model(ex.bnb_quantize(model), peft.LoraConfig(r=8, lora_alpha=16, target_modules=ex.TARGETS),
                                autocast_adapter_dtype=False)
 
 
-def _ours_krona(model):
+def _ours_krona(model, ctx):
     from . import KronAConfig, apply
 
     return apply(model, KronAConfig(scaling=1.0, target_modules=ex.TARGETS))
 
 
-def _peft_lokr(model):
+def _peft_lokr(model, ctx):
     import peft
 
     # r >= half of each factor's width keeps LoKr's second factor whole (as our KronA's B); alpha = r gives
     # scaling 1 like ours.
     return peft.get_peft_model(model, peft.LoKrConfig(r=16, alpha=16, target_modules=ex.TARGETS))
+
+
+# Sparse runs select entries of every attention and MLP projection, as many as LoRA r=8 on ex.TARGETS trains
+# (like with like: the survey compares partial methods at equal trainable counts).
+SPARSE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FISHER_EXAMPLES = 32  # single-example batches: the empirical Fisher of FISH / Child-Tuning_D
+SPARSE_LR = 2e-4  # SparseAdamW's learning rate on raw weight entries (LoRA's 5e-4 diverges there)
+
+
+def _sparse(method):
+    def build(model, ctx):
+        from . import SparseFTConfig, apply
+
+        lora_count = sum(8 * (m.in_features + m.out_features) for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ex.TARGETS)
+        total = sum(m.weight.numel() for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in SPARSE_TARGETS)
+        examples = [ex.collate([ctx.train_data[i]], ctx.pad_id) for i in range(FISHER_EXAMPLES)]
+        loss_fn = lambda m, b: torch.nn.functional.cross_entropy(ex.label_logits(m, b, ctx.head), b[3])  # noqa: E731
+        return apply(model, SparseFTConfig(method=method, density=lora_count / total, target_modules=SPARSE_TARGETS,
+                                           seed=ex.SEED, batches=examples, loss_fn=loss_fn))
+
+    return build
+
+
+def _sparse_optimizer(model, ctx):
+    from . import sparse
+
+    return sparse.make_optimizer(model, lr=SPARSE_LR, weight_decay=0.0)
 
 
 RUNS = [
@@ -95,6 +128,8 @@ RUNS = [
     Run("qlora", "bitsandbytes+peft", _bnb_qlora),
     Run("krona", "peft_kernels", _ours_krona),
     Run("krona", "peft (LoKr)", _peft_lokr),
+    Run("child_d", "peft_kernels", _sparse("child_d"), _sparse_optimizer),
+    Run("random_sparse", "peft_kernels", _sparse("random"), _sparse_optimizer, quick=False),
 ]
 METHODS = sorted({r.method for r in RUNS})
 
@@ -146,11 +181,15 @@ def run_one(run: Run, ctx: Context, eval_before: bool = False) -> tuple[dict, to
     size, which memory freed by the previous run blurs."""
     gc.collect()
     torch.manual_seed(ex.SEED)  # identical adapter initialisation for every run of a method family
-    model = run.build(copy.deepcopy(ctx.base))
+    model = run.build(copy.deepcopy(ctx.base), ctx)
+    optimizer = run.optimizer(model, ctx) if run.optimizer else None
     activations = ex.saved_bytes(model, ex.collate([ctx.train_data[i] for i in ctx.batches[0]], ctx.pad_id), ctx.head)
     res = ex.train(f"{run.method} ({run.impl})", model, ctx.train_data, ctx.test_data, ctx.head, ctx.pad_id, ctx.args,
-                   ctx.batches, eval_before=eval_before)
+                   ctx.batches, optimizer=optimizer, eval_before=eval_before)
     res.pop("grads")
+    selection = getattr(model, "peft_kernels_sparse", None)
+    if selection is not None:  # the whole weights require grad; the selected entries are what trains
+        res["trainable"] = sum(i.numel() for i in selection.indices.values())
     # % of the original model's parameters: a packed 4-bit weight is a buffer in ours and a uint8 "parameter"
     # in bitsandbytes, so the quantized model's own count is no common denominator.
     res.update(method=run.method, impl=run.impl, weights=ex.model_bytes(model), activations=activations,
@@ -173,14 +212,17 @@ def cmd_finetune(args) -> None:
     ctx = load_context(args)
     res, model = run_one(runs[0], ctx, eval_before=True)
     out = Path(args.out)
-    if runs[0].impl == "peft_kernels":
+    saved = out / "adapter"
+    if getattr(model, "peft_kernels_sparse", None) is not None:
+        from . import save_sparse_diff
+
+        save_sparse_diff(model, saved)
+    elif runs[0].impl == "peft_kernels":
         from . import save_adapter
 
-        save_adapter(model, out / "adapter")
-        saved = out / "adapter"
+        save_adapter(model, saved)
     else:
-        model.save_pretrained(out / "adapter")
-        saved = out / "adapter"
+        model.save_pretrained(saved)
     print(f"\n{res['name']}: trainable {res['trainable']:,} ({res['pct']:.3f}% of all), weights "
           f"{res['weights'] / 2**20:.1f} MiB, activations saved per step {res['activations'] / 2**20:.1f} MiB, "
           f"optimizer state {res['optimizer_bytes'] / 2**20:.1f} MiB, "
@@ -194,7 +236,8 @@ COLUMNS = ["method", "impl", "trainable", "pct", "weights_MiB", "activations_MiB
 
 
 def cmd_compare(args) -> None:
-    wanted = args.methods.split(",") if args.methods else METHODS
+    # --quick without --methods runs the quick subset; methods named explicitly always run.
+    wanted = args.methods.split(",") if args.methods else sorted({r.method for r in RUNS if r.quick or not args.quick})
     unknown = sorted(set(wanted) - set(METHODS))
     if unknown:
         raise UserError(f"--methods: unknown {unknown}; available: {METHODS}")

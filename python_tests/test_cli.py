@@ -80,8 +80,10 @@ def test_compare_and_finetune_end_to_end(tiny_model, tiny_data, tmp_path, capsys
             "--train-size", "40", "--test-size", "16", "--out", str(tmp_path)]
     assert cli.main(["compare", *args]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith(("| lora |", "| qlora |", "| krona |"))]
-    assert len(rows) == 6, out  # ours and the peer for each method
-    assert (tmp_path / "compare.csv").read_text().count("\n") == 7
+    rows = [line for line in out.splitlines() if line.startswith(tuple(f"| {m} |" for m in cli.METHODS))]
+    assert len(rows) == len(cli.RUNS), out  # every run: ours and the peers
+    assert (tmp_path / "compare.csv").read_text().count("\n") == len(cli.RUNS) + 1
     assert cli.main(["finetune", "--method", "qlora", *args]) == 0
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert cli.main(["finetune", "--method", "child_d", *args]) == 0
+    assert (tmp_path / "adapter" / "sparse_diff.safetensors").is_file()
