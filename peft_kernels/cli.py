@@ -4,6 +4,7 @@
     peft-kernels finetune --method M ...   fine-tune one method on a model and data, save the adapter
     peft-kernels compare [--quick] ...     every method, ours beside the peers that have it, one table
     peft-kernels bench [--op OP] ...       the microbenchmarks of a source checkout (bench/bench_<op>.py)
+    peft-kernels methods [--model DIR]     every method's trainable parameters on a causal LM and BERT-base
 
 Model and data default to the embedded offline pair of peft_kernels/experiment.py (SmolLM2-135M-Instruct, the
 Rotten Tomatoes review snippets); ``--model`` takes a local Hugging Face folder (or a hub id, the only case
@@ -322,6 +323,69 @@ def cmd_bench(args) -> None:
             raise UserError(f"bench_{op}.py exited with status {done.returncode}")
 
 
+# ---- every method's trainable parameters (the survey's parameter table) ------------------------------------
+def _method_configs() -> dict[str, Callable]:
+    """Method name -> a config at the survey's usual settings, with each architecture's default targets."""
+    import peft_kernels as pk
+
+    return {
+        "lora (r=8)": lambda: pk.LoRAConfig(r=8, alpha=16),
+        "qlora (r=8, NF4 targets)": lambda: pk.QLoRAConfig(r=8, alpha=16, compute_dtype=torch.float32),
+        "krona (balanced factors)": lambda: pk.KronAConfig(),
+        "sparse (random, density 0.5%)": lambda: pk.SparseFTConfig(method="random", density=0.005),
+        "diff_pruning (trained dense, 0.5% kept)": lambda: pk.SparseFTConfig(method="diff_pruning", density=0.005),
+    }
+
+
+def _trainable(model) -> int:
+    selection = getattr(model, "peft_kernels_sparse", None)
+    if selection is not None and selection.indices:
+        return sum(i.numel() for i in selection.indices.values())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def cmd_methods(args) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if args.model is None:
+        causal_dir = ex.cached_model_dir()
+    elif Path(args.model).is_dir():
+        causal_dir = Path(args.model)
+    else:
+        raise UserError(f"--model {args.model}: not a local Hugging Face model folder")
+    models = {"causal LM": ex.AutoModelForCausalLM.from_pretrained(causal_dir, dtype=torch.float32)}
+    torch.manual_seed(ex.SEED)
+    # BERT-base's shape (12 layers, hidden 768) with random weights: parameter counts need no download.
+    models["BERT-base classifier"] = BertForSequenceClassification(
+        BertConfig(num_labels=2, num_hidden_layers=args.encoder_layers))
+    configs = _method_configs()
+    rows = []
+    bar = ex.tqdm(list(configs.items()), desc="methods", ncols=100) if ex.tqdm else configs.items()
+    for name, make in bar:
+        row = {"method": name}
+        for kind, base in models.items():
+            total = sum(p.numel() for p in base.parameters())
+            model = copy.deepcopy(base)
+            trainable = _trainable(make().apply_to(model))
+            row[kind] = (trainable, 100 * trainable / total)
+            del model
+            gc.collect()
+        rows.append(row)
+    kinds = list(models)
+    print(f"\n| method | {' | '.join(f'{k} trainable | %' for k in kinds)} |")
+    print("|---|" + "--:|--:|" * len(kinds))
+    for r in rows:
+        print(f"| {r['method']} | " + " | ".join(f"{r[k][0]:,} | {r[k][1]:.3f}" for k in kinds) + " |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "methods.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method"] + [f"{k} {c}" for k in kinds for c in ("trainable", "pct")])
+        writer.writerows([[r["method"]] + [v for k in kinds for v in r[k]] for r in rows])
+    print(f"\ncausal LM: {causal_dir}; totals {', '.join(f'{k} {sum(p.numel() for p in m.parameters()):,}' for k, m in models.items())}"
+          f"\nwrote {out / 'methods.csv'}")
+
+
 def _add_experiment_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--model", help="local HF model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="JSON-lines file of {\"text\": ..., \"label\": 0|1} (default: review snippets)")
@@ -346,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help=f"comma list from {METHODS} (default: all)")
     p.add_argument("--out", default="peft_kernels_out")
     _add_experiment_args(p, FULL)
+    p = sub.add_parser("methods", help="every method's trainable parameters on a causal LM and a BERT-base encoder")
+    p.add_argument("--model", help="local HF causal LM folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--encoder-layers", type=int, default=12, help="layers of the BERT-base-shaped encoder")
+    p.add_argument("--out", default="peft_kernels_out")
     p = sub.add_parser("bench", help="microbenchmarks (bench/bench_<op>.py of a source checkout)")
     p.add_argument("--op", default="all")
     p.add_argument("--dtype")
@@ -362,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, key) == FULL[key]:
                 setattr(args, key, value)
     try:
-        {"info": cmd_info, "finetune": cmd_finetune, "compare": cmd_compare, "bench": cmd_bench}[args.command](args)
+        {"info": cmd_info, "finetune": cmd_finetune, "compare": cmd_compare, "bench": cmd_bench,
+         "methods": cmd_methods}[args.command](args)
     except UserError as exc:
         print(f"peft-kernels: error: {exc}", file=sys.stderr)
         return 2

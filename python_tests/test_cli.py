@@ -87,3 +87,15 @@ def test_compare_and_finetune_end_to_end(tiny_model, tiny_data, tmp_path, capsys
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert cli.main(["finetune", "--method", "child_d", *args]) == 0
     assert (tmp_path / "adapter" / "sparse_diff.safetensors").is_file()
+
+
+def test_methods_table(tiny_model, tmp_path, capsys):
+    assert cli.main(["methods", "--model", str(tiny_model), "--encoder-layers", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = (tmp_path / "methods.csv").read_text().splitlines()
+    assert len(lines) == len(cli._method_configs()) + 1
+    lora = next(line for line in out.splitlines() if line.startswith("| lora"))
+    # r=8 on q_proj and v_proj of 2 layers of width 64 with 2 of 4 heads for K/V: 8 * ((64+64) + (64+32)) * 2.
+    assert lora.split("|")[2].strip() == f"{8 * (128 + 96) * 2:,}"
+    # BERT: query and value (768 -> 768) of 1 layer, plus the trainable classifier head (768 * 2 + 2).
+    assert lora.split("|")[4].strip() == f"{8 * 1536 * 2 + 768 * 2 + 2:,}"
