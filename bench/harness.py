@@ -188,4 +188,38 @@ def main(
         writer.writeheader()
         writer.writerows({**dataclasses.asdict(r), **meta} for r in rows)
     print(f"\nwrote {path}")
+    plot(rows, baseline, args.out / f"{name}.png", f"{name}: {device_name}, load {load:.2f}")
     return args, rows
+
+
+def plot(rows: list[Row], baseline: str, path: Path, title: str) -> None:
+    """A bar chart of the ratio column: one panel per mode, cases along x, one bar per provider."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+        return
+    modes = list(dict.fromkeys(r.mode for r in rows))
+    providers = list(dict.fromkeys(r.provider for r in rows))
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(6, 1.2 * len({r.case for r in rows})), 3 * len(modes)),
+                             squeeze=False)
+    width = 0.8 / len(providers)
+    for ax, mode in zip(axes[:, 0], modes):
+        cases = list(dict.fromkeys(r.case for r in rows if r.mode == mode))
+        for i, provider in enumerate(providers):
+            ratio = {r.case: r.ratio for r in rows if r.mode == mode and r.provider == provider and r.ratio is not None}
+            xs = [j + i * width for j, c in enumerate(cases) if c in ratio]
+            ax.bar(xs, [ratio[c] for c in cases if c in ratio], width, label=provider)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, fontsize=7, rotation=15)
+        ax.set_ylabel(f"time / {baseline}")
+        ax.set_title(f"{mode}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
