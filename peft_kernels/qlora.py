@@ -28,6 +28,8 @@ class QLoRAConfig:
     ``quantize="targets"`` quantizes only those, ``"all_linear"`` also every other nn.Linear except the output
     head (``get_output_embeddings()``) and fresh task heads, as QLoRA's paper does. The base is NF4 with
     ``blocksize`` and ``double_quant`` (bitsandbytes-identical bytes); products run in ``compute_dtype``.
+    ``quant_storage``: a float dtype stores the packed codes as frozen parameters of that dtype so FSDP2 shards
+    them (see :class:`peft_kernels.nn.NF4Linear`).
     After ``apply`` the model carries ``peft_kernels_qlora_report`` = {"weight_bytes_before",
     "weight_bytes_after", "quantized_modules", "adapted_modules"}.
     """
@@ -42,6 +44,7 @@ class QLoRAConfig:
     compute_dtype: torch.dtype = torch.bfloat16
     use_rslora: bool = False
     train_task_head: bool = True
+    quant_storage: torch.dtype = torch.uint8
 
     def apply_to(self, model: nn.Module) -> nn.Module:
         if self.quantize not in ("targets", "all_linear"):
@@ -58,9 +61,9 @@ class QLoRAConfig:
         targeting.freeze(model)
         targeting.replace(model, adapted, lambda linear: QLoRALinear.from_linear(
             linear, self.r, self.alpha, self.dropout, self.blocksize, self.double_quant, self.compute_dtype,
-            self.use_rslora))
+            self.use_rslora, quant_storage=self.quant_storage))
         targeting.replace(model, others, lambda linear: NF4Linear.from_linear(
-            linear, self.blocksize, self.double_quant, self.compute_dtype))
+            linear, self.blocksize, self.double_quant, self.compute_dtype, quant_storage=self.quant_storage))
         if self.train_task_head:
             targeting.unfreeze_task_head(model)
         # save_adapter / load_adapter read this: on disk a QLoRA adapter is a plain LoRA adapter.

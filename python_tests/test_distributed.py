@@ -6,7 +6,9 @@ FSDP2 on CPU/gloo with torch 2.14 works for both: parameters (the frozen base we
 embeddings) become sharded DTensors; NF4Linear's packed weight lives in buffers, which fully_shard does not
 shard: each rank keeps a full copy (plain uint8/fp32 tensors), so the integer dtype never meets FSDP's
 flattening (the "Cannot flatten integer dtype tensors" failure of packed weights stored as parameters) but
-the 4-bit base is replicated, not sharded. The test asserts exactly that layout.
+the 4-bit base is replicated, not sharded. With ``quant_storage=torch.float32`` the codes are frozen fp32
+parameters instead, and fully_shard shards them: each rank holds half of the 4-bit base. The test asserts both
+layouts.
 
 One spawn of 2 processes runs every case (startup, not training, dominates: ~10 s on this machine).
 """
@@ -22,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import peft_kernels as pk
 
 WORLD, STEPS = 2, 4
+KINDS = ["lora", "qlora", "qlora-sharded"]
 # The global batch, every step (so that the loss falls): 4 sequences of 12 tokens; rank k of 2 takes rows 2k,
 # 2k+1. Every sequence has the same number of tokens, so the mean of the ranks' mean losses is the global one.
 TOKENS = torch.randint(0, 101, (4, 12), generator=torch.Generator().manual_seed(5))
@@ -34,7 +37,9 @@ def make_model(kind):
     model = LlamaForCausalLM(config)
     if kind == "lora":
         return pk.apply(model, pk.LoRAConfig(r=4, alpha=8))
-    return pk.apply(model, pk.QLoRAConfig(r=4, alpha=8, quantize="all_linear", compute_dtype=torch.float32))
+    storage = torch.float32 if kind == "qlora-sharded" else torch.uint8
+    return pk.apply(model, pk.QLoRAConfig(r=4, alpha=8, quantize="all_linear", compute_dtype=torch.float32,
+                                          quant_storage=storage))
 
 
 def train(model, rank=0, world=1):
@@ -60,7 +65,9 @@ def fsdp_layout(model):
 
     params = {n: isinstance(p, DTensor) for n, p in model.named_parameters()}
     buffers = {n: (type(b).__name__, b.dtype, tuple(b.shape)) for n, b in model.named_buffers() if ".codes" in n}
-    return params, buffers
+    codes = {n: (p.dtype, tuple(p.shape), tuple(p.to_local().shape)) for n, p in model.named_parameters()
+             if ".codes" in n}
+    return params, buffers, codes
 
 
 def worker(rank, rendezvous, out_dir):
@@ -71,7 +78,7 @@ def worker(rank, rendezvous, out_dir):
     from torch.nn.parallel import DistributedDataParallel
 
     results = {}
-    for kind in ["lora", "qlora"]:
+    for kind in KINDS:
         results[f"ddp-{kind}"] = train(DistributedDataParallel(make_model(kind)), rank, WORLD)
         model = make_model(kind)
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -95,13 +102,13 @@ def distributed_results(tmp_path_factory):
 def single_process():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    losses = {kind: train(make_model(kind)) for kind in ["lora", "qlora"]}
+    losses = {kind: train(make_model(kind)) for kind in KINDS}
     torch.set_num_threads(threads)
     return losses
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
-@pytest.mark.parametrize("kind", ["lora", "qlora"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_same_loss_trajectory_as_one_process(distributed_results, single_process, kind, wrapper):
     """Both ranks see the same global loss, equal to one process's on the whole batch at every step (AdamW at
     lr 1e-2 lowers it by 0.12 over the 4 steps; only the summation order differs: 5e-7 measured at most)."""
@@ -112,12 +119,17 @@ def test_same_loss_trajectory_as_one_process(distributed_results, single_process
     assert want[-1] < want[0] - 0.1  # it trains
 
 
-@pytest.mark.parametrize("kind", ["lora", "qlora"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_fsdp2_layout(distributed_results, kind):
-    """Every parameter is a sharded DTensor; QLoRA's packed NF4 codes stay full uint8 buffers on each rank."""
-    params, buffers = distributed_results[0][f"fsdp-{kind}-layout"]
+    """Every parameter is a sharded DTensor; QLoRA's packed NF4 codes stay full uint8 buffers on each rank, or,
+    with quant_storage=fp32, become parameters of which each rank holds half."""
+    params, buffers, codes = distributed_results[0][f"fsdp-{kind}-layout"]
     assert params and all(params.values())
-    if kind == "qlora":
+    if kind == "qlora-sharded":
+        assert not buffers and len(codes) == 14
+        # q_proj [64, 64]: 2048 bytes of codes = 512 fp32 elements, 256 on each of the 2 ranks.
+        assert codes["model.layers.0.self_attn.q_proj.codes"] == (torch.float32, (512,), (256,))
+    elif kind == "qlora":
         # 2 layers x 7 quantized Linear (q, k, v, o, gate, up, down); q_proj [64, 64]: 2048 bytes of codes.
         assert len(buffers) == 14
         assert buffers["model.layers.0.self_attn.q_proj.codes"] == ("Tensor", torch.uint8, (2048,))

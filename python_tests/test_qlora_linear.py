@@ -243,3 +243,33 @@ def test_bitsandbytes_checkpoint_loads_without_requantizing():
     with pytest.raises((ValueError, KeyError)):
         pk.load_bnb_nf4(untouched, broken)
     assert not any(isinstance(m, pk.nn.NF4Linear) for m in untouched.modules())
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32])
+def test_quant_storage_views_the_same_bytes(storage):
+    """quant_storage keeps the packed codes as a frozen float parameter (what FSDP shards), viewing the same
+    bytes: identical outputs and gradients, identical bitsandbytes export, and a state dict round trip."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 48)
+    torch.manual_seed(1)  # the same lora_A for both
+    plain = pk.nn.QLoRALinear.from_linear(linear, r=4, compute_dtype=torch.float32)
+    torch.manual_seed(1)
+    stored = pk.nn.QLoRALinear.from_linear(linear, r=4, compute_dtype=torch.float32, quant_storage=storage)
+    with torch.no_grad():
+        plain.lora_B.normal_()
+        stored.lora_B.copy_(plain.lora_B)
+    assert isinstance(stored.codes, nn.Parameter) and not stored.codes.requires_grad
+    assert stored.codes.dtype == storage and "codes" not in dict(stored.named_buffers())
+    assert stored.codes.numel() * stored.codes.element_size() == plain.codes.numel()
+    assert torch.equal(stored.codes.view(torch.uint8), plain.codes)
+    x = torch.randn(5, 128, requires_grad=True)
+    assert torch.equal(stored(x), plain(x))
+    assert torch.equal(torch.autograd.grad(stored(x).sum(), x)[0], torch.autograd.grad(plain(x).sum(), x)[0])
+    for a, b in zip(stored.to_bnb()[1].values(), plain.to_bnb()[1].values()):
+        assert torch.equal(a, b)
+    assert torch.equal(stored.to_bnb()[0], plain.to_bnb()[0])
+    fresh = pk.nn.QLoRALinear.from_linear(nn.Linear(128, 48), r=4, compute_dtype=torch.float32, quant_storage=storage)
+    fresh.load_state_dict(stored.state_dict())
+    assert torch.equal(fresh(x), stored(x))
+    with pytest.raises(TypeError, match="argument 'quant_storage' must be torch.uint8"):
+        pk.nn.NF4Linear.from_linear(linear, quant_storage=torch.int32)

@@ -26,9 +26,19 @@ class NF4Linear(nn.Module):
     ``.to(device)`` carry it; ``bias`` is a frozen parameter in ``compute_dtype``. No full-precision copy of W
     is kept: up to 16 rows per call stream the packed weight (GEMV), more decode it tile by tile into a
     workspace of at most 32 MiB.
+
+    ``quant_storage`` (as bitsandbytes' option of that name), for FSDP: with a float dtype (bf16, fp16, fp32)
+    the packed ``codes`` (97 % of the bytes at blocksize 64) become a frozen *parameter* of that dtype, a view of
+    the same bytes (always whole elements: out*in is a multiple of the blocksize, >= 32), so ``fully_shard`` shards them like every other weight
+    (each of N ranks holds 1/N of the 4-bit base) and all-gathers them for the forward, where they are viewed
+    back as uint8. The scales stay (small, replicated) buffers. Under an FSDP ``MixedPrecisionPolicy`` whose
+    ``param_dtype`` differs from ``quant_storage``, FSDP would *cast* the codes and destroy them: use the
+    policy's dtype (as bitsandbytes requires). The default, uint8, keeps ``codes`` a buffer (replicated by
+    FSDP, skipped by DDP's gradient sync).
     """
 
-    def __init__(self, q: NF4Weight, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, q: NF4Weight, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16,
+                 quant_storage: torch.dtype = torch.uint8):
         super().__init__()
         if len(q.shape) != 2:
             raise ValueError(f"{type(self).__name__}: the NF4 weight must be 2-D [out, in], got shape {list(q.shape)}")
@@ -36,9 +46,16 @@ class NF4Linear(nn.Module):
             raise TypeError(f"{type(self).__name__}: argument 'compute_dtype' must be torch.float32, torch.float16 or "
                             f"torch.bfloat16, got {compute_dtype}")
         self.out_features, self.in_features = q.shape
+        if quant_storage not in (torch.uint8, torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"{type(self).__name__}: argument 'quant_storage' must be torch.uint8, torch.bfloat16, "
+                            f"torch.float16 or torch.float32, got {quant_storage}")
         self.blocksize, self.weight_dtype, self.compute_dtype = q.blocksize, q.dtype, compute_dtype
-        for name in _PARTS:
+        for name in _PARTS[1:]:
             self.register_buffer(name, getattr(q, name))
+        if quant_storage == torch.uint8:
+            self.register_buffer("codes", q.codes)
+        else:
+            self.codes = nn.Parameter(q.codes.view(quant_storage), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
 
     @classmethod
@@ -60,7 +77,9 @@ class NF4Linear(nn.Module):
     @property
     def quantized(self) -> NF4Weight:
         """The packed weight as an :class:`NF4Weight` (views of this module's buffers)."""
-        return NF4Weight(**{name: getattr(self, name) for name in _PARTS}, shape=torch.Size([self.out_features, self.in_features]),
+        parts = {name: getattr(self, name) for name in _PARTS}
+        parts["codes"] = parts["codes"].view(torch.uint8)  # a no-op unless quant_storage is a float dtype
+        return NF4Weight(**parts, shape=torch.Size([self.out_features, self.in_features]),
                          dtype=self.weight_dtype, blocksize=self.blocksize)
 
     def to_bnb(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -103,8 +122,8 @@ class QLoRALinear(NF4Linear):
 
     def __init__(self, q: NF4Weight, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16,
                  r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
-                 adapter_dtype: torch.dtype = torch.float32):
-        super().__init__(q, bias, compute_dtype)
+                 adapter_dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8):
+        super().__init__(q, bias, compute_dtype, quant_storage)
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"QLoRALinear: argument 'r' must be an int >= 1, got {r!r}")
         if not 0.0 <= dropout < 1.0:
@@ -120,10 +139,10 @@ class QLoRALinear(NF4Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, blocksize: int = 64,
                     double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16, use_rslora: bool = False,
-                    adapter_dtype: torch.dtype = torch.float32) -> QLoRALinear:
+                    adapter_dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8) -> QLoRALinear:
         """Quantize ``linear``'s weight to NF4 and add a fresh adapter (a new layer computes the quantized base)."""
         return super().from_linear(linear, blocksize, double_quant, compute_dtype, r=r, alpha=alpha, dropout=dropout,
-                                   use_rslora=use_rslora, adapter_dtype=adapter_dtype)
+                                   use_rslora=use_rslora, adapter_dtype=adapter_dtype, quant_storage=quant_storage)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
