@@ -4,6 +4,7 @@ import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's librar
 
 from . import nn, optim, sparse
 from ._ops import build_info
+from .adapters import AdapterConfig, BitFitConfig, CompacterConfig, HadamardAdapterConfig, IA3Config
 from .krona import KronAConfig
 from .lora import LoRAConfig, load_adapter, save_adapter
 from .nf4 import NF4Weight, dynamic_map
@@ -14,6 +15,11 @@ from .sparse import SparseFTConfig, load_sparse_diff, save_sparse_diff
 from .targeting import apply, trainable_parameters
 
 __all__ = [
+    "AdapterConfig",
+    "BitFitConfig",
+    "CompacterConfig",
+    "HadamardAdapterConfig",
+    "IA3Config",
     "KronAConfig",
     "LoRAConfig",
     "NF4Weight",

@@ -12,7 +12,9 @@ On disk (the same two files as HF PEFT, so tools that list adapters see one):
 A config class plugs in by being a dataclass decorated with ``@adapter_io.method("TYPE")`` whose ``apply_to``
 calls :func:`attach`. It may override ``state(model) -> dict[str, Tensor]`` (what to save, keyed by names as
 ``model.named_parameters()`` / ``named_buffers()`` spell them) and ``load_state(model, tensors)`` (how to put
-them back; default: copy into the parameters and buffers of those names).
+them back; default: copy into the parameters and buffers of those names). A method whose adapters HF PEFT's own
+format can express (IA3) defines ``save_foreign(model, directory)`` writing that format, and ``load_foreign`` (see
+``peft_kernels.load_adapter``) reading it: :func:`save` then hands over to it.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def config_dict(config) -> dict:
 
 def save(model: nn.Module, directory: str | os.PathLike, config) -> None:
     """Write ``config``'s adapter of ``model`` to ``directory`` (both files atomically, see :func:`atomic_write`)."""
+    if hasattr(config, "save_foreign"):
+        return config.save_foreign(model, directory)
     tensors = {PREFIX + n: t.detach().contiguous() for n, t in _state(model, config).items()}
     text = json.dumps({"peft_type": config.peft_type, "format": FORMAT, "config": config_dict(config)}, indent=2)
     directory = pathlib.Path(directory)

@@ -97,8 +97,8 @@ def test_failed_load_leaves_model_intact(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cannot read"):
         pk.load_adapter(tiny_llama(), tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(ValueError, match="peft_type 'IA3', expected 'LORA'"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "POLY"}))
+    with pytest.raises(ValueError, match="peft_type 'POLY', expected 'LORA'"):
         pk.load_adapter(tiny_llama(), tmp_path)
 
 
@@ -237,7 +237,7 @@ UNSUPPORTED = [
     dict(use_qalora=True), dict(target_parameters=["mlp.experts.weight"]),
 ]
 BAD_VALUES = [
-    (dict(peft_type="IA3"), "peft_type 'IA3', expected 'LORA' \\(or 'LOKR'\\)"),
+    (dict(peft_type="POLY"), "peft_type 'POLY', expected 'LORA' \\(or 'LOKR'\\)"),
     (dict(peft_type="LOKR"), "a LoKr config needs an int 'r' >= 1 and a number 'alpha'"),
     (dict(r=None), "key 'r' must be an int >= 1, got None"),
     (dict(r=0), "key 'r' must be an int >= 1, got 0"),

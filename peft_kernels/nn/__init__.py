@@ -1,9 +1,12 @@
 """Drop-in modules: each wraps one op call in forward."""
 
+from .adapter import BottleneckAdapter, HadamardLinear, IA3Linear, ParallelAdapter, SequentialAdapter
 from .compacter import PHMLinear
 from .diff_pruning import DiffPruningLinear
 from .krona import KronALinear
 from .lora import LoRALinear, enable_delta_lora
 from .nf4 import NF4Linear, QLoRALinear, requantize
 
-__all__ = ["DiffPruningLinear", "KronALinear", "LoRALinear", "NF4Linear", "PHMLinear", "QLoRALinear", "enable_delta_lora", "requantize"]
+__all__ = ["BottleneckAdapter", "DiffPruningLinear", "HadamardLinear", "IA3Linear", "KronALinear", "LoRALinear",
+           "NF4Linear", "PHMLinear", "ParallelAdapter", "QLoRALinear", "SequentialAdapter", "enable_delta_lora",
+           "requantize"]
