@@ -43,7 +43,8 @@ class UserError(Exception):
 class Run:
     """One way of training: ``method`` (the survey's name), ``impl`` (who implements it), ``build(model, ctx)``,
     which turns a fresh copy of the base model into the model to train, and ``optimizer(model, ctx)`` when the
-    method needs its own (default: AdamW at --lr over the trainable parameters). ``quick``: part of
+    method needs its own (default: AdamW over the trainable parameters at ``lr``, or --lr when None: methods
+    that train few scalars per layer, (IA)³ and BitFit, use their papers' higher rates). ``quick``: part of
     ``compare --quick``."""
 
     method: str
@@ -51,6 +52,7 @@ class Run:
     build: Callable
     optimizer: Callable | None = None
     quick: bool = True
+    lr: float | None = None
 
 
 def _ours_lora(model, ctx):
@@ -116,6 +118,26 @@ def _sparse(method):
     return build
 
 
+def _ours(config_name, **kwargs):
+    def build(model, ctx):
+        import peft_kernels as pk
+
+        return pk.apply(model, getattr(pk, config_name)(**kwargs))
+
+    return build
+
+
+def _peft_ia3(model, ctx):
+    import peft
+
+    return peft.get_peft_model(model, peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                     feedforward_modules=["down_proj"]))
+
+
+IA3_LR = 3e-3  # (IA)^3's paper rate: its vectors start at 1 and move little at LoRA's 5e-4
+BITFIT_LR = 1e-3  # BitFit's paper range is 1e-4 to 1e-3 for BERT; its zero-initialised biases need the top
+
+
 def _sparse_optimizer(model, ctx):
     from . import sparse
 
@@ -131,6 +153,14 @@ RUNS = [
     Run("krona", "peft (LoKr)", _peft_lokr),
     Run("child_d", "peft_kernels", _sparse("child_d"), _sparse_optimizer),
     Run("random_sparse", "peft_kernels", _sparse("random"), _sparse_optimizer, quick=False),
+    Run("ia3", "peft_kernels", _ours("IA3Config"), lr=IA3_LR),
+    Run("ia3", "peft", _peft_ia3, lr=IA3_LR),
+    Run("adapter", "peft_kernels", _ours("AdapterConfig", bottleneck=16, placement="houlsby")),
+    Run("parallel_adapter", "peft_kernels", _ours("AdapterConfig", bottleneck=16, placement="parallel", scaling=4.0),
+        quick=False),
+    Run("compacter", "peft_kernels", _ours("CompacterConfig", n=4, rank=1, bottleneck=16), quick=False),
+    Run("hadamard", "peft_kernels", _ours("HadamardAdapterConfig"), lr=IA3_LR, quick=False),
+    Run("bitfit", "peft_kernels", _ours("BitFitConfig"), lr=BITFIT_LR),
 ]
 METHODS = sorted({r.method for r in RUNS})
 
@@ -185,6 +215,8 @@ def run_one(run: Run, ctx: Context, eval_before: bool = False) -> tuple[dict, to
     model = run.build(copy.deepcopy(ctx.base), ctx)
     optimizer = run.optimizer(model, ctx) if run.optimizer else None
     activations = ex.saved_bytes(model, ex.collate([ctx.train_data[i] for i in ctx.batches[0]], ctx.pad_id), ctx.head)
+    if optimizer is None and run.lr is not None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr, weight_decay=0.0)
     res = ex.train(f"{run.method} ({run.impl})", model, ctx.train_data, ctx.test_data, ctx.head, ctx.pad_id, ctx.args,
                    ctx.batches, optimizer=optimizer, eval_before=eval_before)
     res.pop("grads")
@@ -334,6 +366,14 @@ def _method_configs() -> dict[str, Callable]:
         "krona (balanced factors)": lambda: pk.KronAConfig(),
         "sparse (random, density 0.5%)": lambda: pk.SparseFTConfig(method="random", density=0.005),
         "diff_pruning (trained dense, 0.5% kept)": lambda: pk.SparseFTConfig(method="diff_pruning", density=0.005),
+        "ia3": lambda: pk.IA3Config(),
+        "adapter (houlsby, m=64)": lambda: pk.AdapterConfig(bottleneck=64, placement="houlsby"),
+        "adapter (pfeiffer, m=64)": lambda: pk.AdapterConfig(bottleneck=64, placement="pfeiffer"),
+        "scaled parallel adapter (m=64, s=4)": lambda: pk.AdapterConfig(bottleneck=64, placement="parallel", scaling=4.0),
+        "compacter (n=4, rank 1, m=64)": lambda: pk.CompacterConfig(n=4, rank=1, bottleneck=64),
+        "compacter++ (n=4, rank 1, m=64)": lambda: pk.CompacterConfig(n=4, rank=1, bottleneck=64, placement="pfeiffer"),
+        "hadamard adapter": lambda: pk.HadamardAdapterConfig(),
+        "bitfit": lambda: pk.BitFitConfig(),
     }
 
 
