@@ -9,7 +9,8 @@ labels=...)``, ``model.generate(...)``); forward pre-hooks on the top-level mode
   ``token_type_ids`` l leading zeros, ``position_ids`` positions 0..l-1 first and l added to the given ones, and
   labels shaped like the tokens (every model but ``...ForSequenceClassification``) l leading -100. Outputs keep the
   virtual positions, as HF PEFT's ``PeftModelForCausalLM``: a causal LM returns logits (b, l + n, vocab), the real
-  tokens' at ``logits[:, l:]``; a sequence classifier returns (b, num_labels).
+  tokens' at ``logits[:, l:]``; a sequence classifier returns (b, num_labels). The prompts are built in the input
+  embeddings' dtype and cast to that of the embeddings they join (as PEFT).
 * prefixes (prefix tuning; module ``model.peft_kernels_prefix``): every attention layer's KV cache starts with its
   l key and value prefixes (a ``DynamicCache`` filled before the model runs), ``attention_mask`` gets l leading
   ones and ``position_ids`` are shifted by l (without them the model counts positions from the cache length, l).
