@@ -193,7 +193,7 @@ def _prompt_hook(model: nn.Module, args: tuple, kwargs: dict):
 
 def _prefix_hook(model: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: start every layer's KV cache with ``model.peft_kernels_prefix``'s prefixes."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # an optional dependency: only its models reach this hook
 
     kwargs = _bind(model, args, kwargs)
     tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
