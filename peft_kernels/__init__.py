@@ -2,7 +2,7 @@
 
 import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's libraries must be loaded first)
 
-from . import nn, optim, sparse
+from . import nn, optim, prompts, sparse
 from ._ops import build_info
 from .adapters import AdapterConfig, BitFitConfig, CompacterConfig, HadamardAdapterConfig, IA3Config
 from .krona import KronAConfig
@@ -11,6 +11,7 @@ from .nf4 import NF4Weight, dynamic_map
 from .qlora import QLoRAConfig, bnb_nf4_state_dict, load_bnb_nf4, weight_bytes
 from .ops import (kron_linear, lora_linear, masked_adamw_step_, masked_sgd_step_, nf4_dequantize, nf4_linear,
                   nf4_quantize, qlora_linear)
+from .prompts import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from .sparse import SparseFTConfig, load_sparse_diff, save_sparse_diff
 from .targeting import apply, trainable_parameters
 
@@ -23,6 +24,9 @@ __all__ = [
     "KronAConfig",
     "LoRAConfig",
     "NF4Weight",
+    "PTuningConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "QLoRAConfig",
     "SparseFTConfig",
     "apply",
@@ -42,6 +46,7 @@ __all__ = [
     "nn",
     "qlora_linear",
     "optim",
+    "prompts",
     "save_adapter",
     "save_sparse_diff",
     "sparse",
