@@ -2,7 +2,7 @@
 
 import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's libraries must be loaded first)
 
-from . import nn, optim, sparse
+from . import compose, nn, optim, sparse, unified
 from ._ops import build_info
 from .krona import KronAConfig
 from .lora import LoRAConfig, load_adapter, save_adapter
@@ -12,16 +12,21 @@ from .ops import (kron_linear, lora_linear, masked_adamw_step_, masked_sgd_step_
                   nf4_quantize, qlora_linear)
 from .sparse import SparseFTConfig, load_sparse_diff, save_sparse_diff
 from .targeting import apply, trainable_parameters
+from .unified import AdaMixConfig, ProPETLConfig, consistency_loss, merge_experts
 
 __all__ = [
+    "AdaMixConfig",
     "KronAConfig",
     "LoRAConfig",
     "NF4Weight",
+    "ProPETLConfig",
     "QLoRAConfig",
     "SparseFTConfig",
     "apply",
     "bnb_nf4_state_dict",
     "build_info",
+    "compose",
+    "consistency_loss",
     "dynamic_map",
     "kron_linear",
     "load_adapter",
@@ -30,6 +35,7 @@ __all__ = [
     "lora_linear",
     "masked_adamw_step_",
     "masked_sgd_step_",
+    "merge_experts",
     "nf4_dequantize",
     "nf4_linear",
     "nf4_quantize",
@@ -40,6 +46,7 @@ __all__ = [
     "save_sparse_diff",
     "sparse",
     "trainable_parameters",
+    "unified",
     "weight_bytes",
 ]
 __version__ = "0.1.0"
