@@ -226,7 +226,8 @@ class ProPETLConfig:
             if shape not in prototypes:
                 prototypes[shape] = ProPETLPrototype(*shape, self.r, device=linear.weight.device,
                                                      dtype=linear.weight.dtype)
-            made[id(linear)] = ProPETLLinear(linear, prototypes[shape], self.alpha, self.sparsity, self.dropout)
+            made[id(linear)] = ProPETLLinear(linear, prototypes[shape], self.alpha, self.sparsity,
+                                             self.dropout).train(linear.training)
         targeting.freeze(model)
         for module in made.values():
             module.prototype.requires_grad_(True)
@@ -358,9 +359,10 @@ class AdaMixConfig:
         targets = targeting.resolve_targets(model, self.target_modules, table=DEFAULT_TARGETS,
                                             config_name="AdaMixConfig")
         names = targeting.linear_names(model, targets)
+        # A new module takes the replaced one's train/eval mode: an eval-mode model must not start routing.
         made = {id(model.get_submodule(name)): AdaMixLinear(model.get_submodule(name), self.num_experts, self.r,
                                                             self.alpha, self.dropout, self.seed + k)
-                for k, name in enumerate(names)}
+                .train(model.get_submodule(name).training) for k, name in enumerate(names)}
         targeting.freeze(model)
         for module in made.values():
             module.lora_A.requires_grad_(True)
@@ -392,7 +394,7 @@ def merge_experts(model: nn.Module) -> nn.Module:
             lora_A, lora_B = module.averaged_factors()
             lora.lora_A.copy_(lora_A)
             lora.lora_B.copy_(lora_B)
-        made[id(module)] = lora
+        made[id(module)] = lora.train(module.training)
     targeting.replace(model, list(modules), lambda module: made[id(module)])
     model.peft_kernels_lora = LoRAConfig(r=config.r, alpha=config.alpha, dropout=config.dropout,
                                          target_modules=list(config.target_modules),
