@@ -39,20 +39,19 @@ def _read(directory: str | os.PathLike, what: str) -> _Adapter:
     directory = pathlib.Path(directory)
     try:
         config, modules_to_save = lora._read_config(directory / adapter_io.CONFIG_NAME)
-        tensors = adapter_io.read_tensors(directory, what)
+        if modules_to_save:
+            raise ValueError(f"it also carries whole modules {modules_to_save} (a task head, PEFT's modules_to_save); "
+                             "only the LoRA factors compose: save the adapters with train_task_head=False")
         parts: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
+        for key, value in adapter_io.read_tensors(directory).items():
             name, part = lora._split_key(key)
             parts.setdefault(name, {})[part] = value
+        for name, pair in parts.items():
+            if set(pair) != {"lora_A", "lora_B"}:
+                raise ValueError(f"it has {sorted(pair)} but not both lora_A and lora_B for {name}")
     except ValueError as exc:
-        raise ValueError(f"{what}: adapter {directory}: {exc}") from exc
-    if modules_to_save:
-        raise ValueError(f"{what}: adapter {directory} also carries whole modules {modules_to_save} (a task head, "
-                         "PEFT's modules_to_save); only the LoRA factors compose: save the adapters with "
-                         "train_task_head=False")
-    for name, pair in parts.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{what}: adapter {directory} has {sorted(pair)} but not both lora_A and lora_B for {name}")
+        # lora's and adapter_io's readers name load_adapter in their messages: the caller's name replaces it
+        raise ValueError(f"{what}: adapter {directory}: {str(exc).removeprefix('load_adapter: ')}") from exc
     scaling = config.alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
     return _Adapter(directory, config.r, scaling, config.target_modules,
                     {name: (pair["lora_A"], pair["lora_B"]) for name, pair in parts.items()})
