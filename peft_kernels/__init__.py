@@ -2,7 +2,7 @@
 
 import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's libraries must be loaded first)
 
-from . import nn, optim, prompts, sparse
+from . import compose, nn, optim, prompts, sparse, unified
 from ._ops import build_info
 from .adapters import AdapterConfig, BitFitConfig, CompacterConfig, HadamardAdapterConfig, IA3Config
 from .krona import KronAConfig
@@ -14,8 +14,10 @@ from .ops import (kron_linear, lora_linear, masked_adamw_step_, masked_sgd_step_
 from .prompts import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from .sparse import SparseFTConfig, load_sparse_diff, save_sparse_diff
 from .targeting import apply, trainable_parameters
+from .unified import AdaMixConfig, ProPETLConfig, consistency_loss, merge_experts
 
 __all__ = [
+    "AdaMixConfig",
     "AdapterConfig",
     "BitFitConfig",
     "CompacterConfig",
@@ -26,12 +28,15 @@ __all__ = [
     "NF4Weight",
     "PTuningConfig",
     "PrefixTuningConfig",
+    "ProPETLConfig",
     "PromptTuningConfig",
     "QLoRAConfig",
     "SparseFTConfig",
     "apply",
     "bnb_nf4_state_dict",
     "build_info",
+    "compose",
+    "consistency_loss",
     "dynamic_map",
     "kron_linear",
     "load_adapter",
@@ -40,6 +45,7 @@ __all__ = [
     "lora_linear",
     "masked_adamw_step_",
     "masked_sgd_step_",
+    "merge_experts",
     "nf4_dequantize",
     "nf4_linear",
     "nf4_quantize",
@@ -51,6 +57,7 @@ __all__ = [
     "save_sparse_diff",
     "sparse",
     "trainable_parameters",
+    "unified",
     "weight_bytes",
 ]
 __version__ = "0.1.0"

@@ -11,10 +11,11 @@ On disk (the same two files as HF PEFT, so tools that list adapters see one):
 
 A config class plugs in by being a dataclass decorated with ``@adapter_io.method("TYPE")`` whose ``apply_to``
 calls :func:`attach`. It may override ``state(model) -> dict[str, Tensor]`` (what to save, keyed by names as
-``model.named_parameters()`` / ``named_buffers()`` spell them) and ``load_state(model, tensors)`` (how to put
-them back; default: copy into the parameters and buffers of those names). A method whose adapters HF PEFT's own
-format can express (IA3) defines ``save_foreign(model, directory)`` writing that format, and ``load_foreign`` (see
-``peft_kernels.load_adapter``) reading it: :func:`save` then hands over to it.
+``model.named_parameters()`` / ``named_buffers()`` spell them), ``load_state(model, tensors)`` (how to put
+them back; default: copy into the parameters and buffers of those names) and ``check_state(tensors)`` (checks
+of the file's values beyond keys and shapes, run before the model is touched; raises ValueError). A method whose
+adapters HF PEFT's own format can express (IA3) defines ``save_foreign(model, directory)`` writing that format,
+and ``load_foreign`` (see ``peft_kernels.load_adapter``) reading it: :func:`save` then hands over to it.
 """
 
 from __future__ import annotations
@@ -163,6 +164,8 @@ def load(model: nn.Module, directory: pathlib.Path, raw: dict) -> nn.Module:
         if tuple(value.shape) != expected[name]:
             raise ValueError(f"load_adapter: {name} has shape {list(value.shape)} in the file but "
                              f"{list(expected[name])} in the model")
+    if hasattr(config, "check_state"):
+        config.check_state(tensors)
     if present is None:
         config.apply_to(model)
     with torch.no_grad():

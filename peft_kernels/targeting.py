@@ -63,11 +63,13 @@ def linear_names(model: nn.Module, targets: list[str], kind: type = nn.Linear) -
 
 
 def replace(model: nn.Module, names: list[str], make: Callable[[nn.Module], nn.Module]) -> None:
-    """Swap each named submodule for ``make(old)``."""
+    """Swap each named submodule for ``make(old)``, which takes ``old``'s train/eval mode (a new module starts in
+    training mode: in a model in eval mode its dropout would otherwise be live)."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, make(getattr(parent, child)))
+        old = getattr(parent, child)
+        setattr(parent, child, make(old).train(old.training))
 
 
 def freeze(model: nn.Module) -> None:

@@ -348,3 +348,15 @@ def test_save_refuses_a_partly_trainable_module(tmp_path):
     with pytest.raises(NotImplementedError, match=r"classifier.weight is trainable but other parameters of classifier"):
         pk.save_adapter(model, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_new_modules_take_the_model_mode():
+    """A LoRA layer put into a model in eval mode is in eval mode (its dropout off), and one put into a model in
+    training mode trains."""
+    model = pk.apply(tiny_llama().eval(), pk.LoRAConfig(r=2, dropout=0.5))
+    layers = [m for m in model.modules() if isinstance(m, pk.nn.LoRALinear)]
+    assert layers and not any(m.training for m in layers)
+    randomize_adapters(model)
+    assert torch.equal(model(TOKENS).logits, model(TOKENS).logits)
+    trained = pk.apply(tiny_llama().train(), pk.LoRAConfig(r=2, dropout=0.5))
+    assert all(m.training for m in trained.modules() if isinstance(m, pk.nn.LoRALinear))
