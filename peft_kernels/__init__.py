@@ -2,10 +2,11 @@
 
 import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's libraries must be loaded first)
 
-from . import nn, optim, sparse
+from . import lora_variants, nn, optim, sparse
 from ._ops import build_info
 from .krona import KronAConfig
 from .lora import LoRAConfig, load_adapter, save_adapter
+from .lora_variants import AdaLoRAConfig, DeltaLoRAConfig, DyLoRAConfig, LoRAFAConfig, loftq_init
 from .nf4 import NF4Weight, dynamic_map
 from .qlora import QLoRAConfig, bnb_nf4_state_dict, load_bnb_nf4, weight_bytes
 from .ops import (kron_linear, lora_linear, masked_adamw_step_, masked_sgd_step_, nf4_dequantize, nf4_linear,
@@ -14,8 +15,12 @@ from .sparse import SparseFTConfig, load_sparse_diff, save_sparse_diff
 from .targeting import apply, trainable_parameters
 
 __all__ = [
+    "AdaLoRAConfig",
+    "DeltaLoRAConfig",
+    "DyLoRAConfig",
     "KronAConfig",
     "LoRAConfig",
+    "LoRAFAConfig",
     "NF4Weight",
     "QLoRAConfig",
     "SparseFTConfig",
@@ -27,7 +32,9 @@ __all__ = [
     "load_adapter",
     "load_bnb_nf4",
     "load_sparse_diff",
+    "loftq_init",
     "lora_linear",
+    "lora_variants",
     "masked_adamw_step_",
     "masked_sgd_step_",
     "nf4_dequantize",
