@@ -66,7 +66,8 @@ def _swap(model: nn.Module, config, make) -> list[str]:
     made = {}
     for name in names:
         linear = model.get_submodule(name)
-        made[id(linear)] = make(linear)
+        # A new module starts in training mode; it takes the replaced one's (DyLoRA samples ranks in training).
+        made[id(linear)] = make(linear).train(linear.training)
     targeting.freeze(model)
     targeting.replace(model, names, lambda linear: made[id(linear)])
     if config.train_task_head:
