@@ -165,7 +165,8 @@ class DeltaLoRAConfig:
     Dropout on the adapter input is allowed but the paper trains without it (dropout 0 by default).
 
     Saved in peft_kernels' format: the trainable tensors plus the updated ``weight`` [out, in] of every targeted
-    Linear (the base model alone no longer reproduces the trained model)."""
+    Linear (the base model alone no longer reproduces the trained model); loading copies each back into the
+    parameter of its name (adapter_io's default), base weights included."""
 
     r: int = 8
     alpha: float = 16
@@ -193,11 +194,6 @@ class DeltaLoRAConfig:
             raise ValueError("save_adapter: some LoRALinear modules are merged; unmerge() them before saving")
         return adapter_io.default_state(model) | {f"{n}.weight": m.weight for n, m in modules.items()}
 
-    def load_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy every tensor (adapters, head and the updated base weights) into the parameter of its name."""
-        params = dict(model.named_parameters())
-        for name, value in tensors.items():
-            params[name].copy_(value)
 
 
 def attach_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer):

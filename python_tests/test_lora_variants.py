@@ -71,8 +71,7 @@ def check_applied(model, kind, kind_of_module, per_module):
     assert swapped == TARGETS[kind]
     trainable, total = pk.trainable_parameters(model)
     assert trainable == sum(per_module(i, o) for i, o in SHAPES[kind]) + HEAD[kind]
-    for name, p in model.named_parameters():
-        assert p.requires_grad == (".lora_" in name or name.startswith("classifier")) or not p.requires_grad
+    assert all(".lora_" in n or n.startswith("classifier.") for n, p in model.named_parameters() if p.requires_grad)
 
 
 def check_merge(model, kind, modules):
@@ -411,6 +410,24 @@ def test_loftq_reduces_the_quantization_error():
         assert torch.allclose(module(x), x @ approx.T + linear.bias, atol=1e-4)
     assert errors[0] < 0.9 * nf4_error
     assert errors[1] <= errors[0] * (1 + 1e-4) and errors[2] <= errors[1] * (1 + 1e-4)
+
+
+def test_qlora_config_loftq_init():
+    """QLoRAConfig(init="loftq") on the tiny LLaMA: each adapted layer approximates its original weight better
+    than NF4 alone, and the model's logits move closer to the full-precision model's."""
+    fp = tiny_llama()
+    plain = pk.apply(tiny_llama(), pk.QLoRAConfig(r=4, compute_dtype=torch.float32))
+    loftq = pk.apply(tiny_llama(), pk.QLoRAConfig(r=4, compute_dtype=torch.float32, init="loftq", loftq_iter=2))
+    for name in TARGETS["llama"]:
+        w = fp.get_submodule(name).weight
+        a, b = plain.get_submodule(name), loftq.get_submodule(name)
+        assert torch.equal(a.lora_B, torch.zeros_like(a.lora_B))
+        approx = b.dequantize(torch.float32) + b.scaling * b.lora_B @ b.lora_A
+        assert (w - approx).norm() < 0.95 * (w - a.dequantize(torch.float32)).norm()
+    reference = logits(fp, "llama")
+    assert (logits(loftq, "llama") - reference).norm() < (logits(plain, "llama") - reference).norm()
+    with pytest.raises(ValueError, match="QLoRAConfig: argument 'init' must be 'default' or 'loftq', got 'svd'"):
+        pk.apply(tiny_llama(), pk.QLoRAConfig(init="svd"))
 
 
 def test_loftq_bad_input():
