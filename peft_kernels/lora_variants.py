@@ -263,6 +263,14 @@ class AdaLoRAConfig:
         model.peft_kernels_adalora = _Allocator()
         return model
 
+    def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trainable tensors (lora_A, lora_B, lora_E of every layer, a fresh head), all layers at init_r."""
+        pruned = [n for n, m in _modules(model, AdaLoRALinear).items() if m.r != self.init_r]
+        if pruned:
+            raise NotImplementedError(f"save_adapter: {pruned[:2]} hold fewer than init_r={self.init_r} ranks (loaded "
+                                      "from HF PEFT's rank_pattern); peft_kernels' format stores every layer at init_r")
+        return adapter_io.default_state(model)
+
     @classmethod
     def load_foreign(cls, model: nn.Module, directory: pathlib.Path, raw: dict) -> nn.Module:
         """Load an AdaLoRA adapter written by HF PEFT (or :func:`save_peft_adalora`): its ``rank_pattern`` (layers
@@ -421,7 +429,7 @@ def _load_peft_adalora(model: nn.Module, directory: pathlib.Path, raw: dict) -> 
     path = directory / adapter_io.CONFIG_NAME
     for key, neutral in (("fan_in_fan_out", False), ("bias", "none"), ("layers_to_transform", None),
                          ("use_dora", False), ("alpha_pattern", {})):
-        if raw.get(key) not in (neutral, None, {}, [], False) and raw.get(key) != neutral:
+        if raw.get(key) not in (neutral, None, {}, [], False):
             raise ValueError(f"load_adapter: {path} sets {key}={raw[key]!r}; only {key}={neutral!r} is supported")
     if adapter_io.attached(model) is not None:
         raise ValueError(f"load_adapter: the model already carries a {type(adapter_io.attached(model)).__name__}; "

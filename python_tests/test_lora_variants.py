@@ -374,6 +374,8 @@ def test_adalora_round_trips_with_peft(tmp_path, kind):
     ours = pk.load_adapter(MODELS[kind][0](), tmp_path / "theirs")
     assert [m.r for m in ours.modules() if isinstance(m, pk.nn.AdaLoRALinear)] == [3] * len(TARGETS[kind])
     assert torch.allclose(logits(ours, kind), logits(reloaded, kind), atol=1e-5)
+    with pytest.raises(NotImplementedError, match="hold fewer than init_r=4 ranks"):
+        pk.save_adapter(ours, tmp_path / "again")
 
 
 def test_adalora_bad_input():
