@@ -2,11 +2,12 @@
 
 import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's libraries must be loaded first)
 
-from . import compose, nn, optim, prompts, sparse, unified
+from . import compose, lora_variants, nn, optim, prompts, sparse, unified
 from ._ops import build_info
 from .adapters import AdapterConfig, BitFitConfig, CompacterConfig, HadamardAdapterConfig, IA3Config
 from .krona import KronAConfig
 from .lora import LoRAConfig, load_adapter, save_adapter
+from .lora_variants import AdaLoRAConfig, DeltaLoRAConfig, DyLoRAConfig, LoRAFAConfig, loftq_init
 from .nf4 import NF4Weight, dynamic_map
 from .qlora import QLoRAConfig, bnb_nf4_state_dict, load_bnb_nf4, weight_bytes
 from .ops import (kron_linear, lora_linear, masked_adamw_step_, masked_sgd_step_, nf4_dequantize, nf4_linear,
@@ -17,14 +18,18 @@ from .targeting import apply, trainable_parameters
 from .unified import AdaMixConfig, ProPETLConfig, consistency_loss, merge_experts
 
 __all__ = [
+    "AdaLoRAConfig",
     "AdaMixConfig",
     "AdapterConfig",
     "BitFitConfig",
     "CompacterConfig",
+    "DeltaLoRAConfig",
+    "DyLoRAConfig",
     "HadamardAdapterConfig",
     "IA3Config",
     "KronAConfig",
     "LoRAConfig",
+    "LoRAFAConfig",
     "NF4Weight",
     "PTuningConfig",
     "PrefixTuningConfig",
@@ -42,7 +47,9 @@ __all__ = [
     "load_adapter",
     "load_bnb_nf4",
     "load_sparse_diff",
+    "loftq_init",
     "lora_linear",
+    "lora_variants",
     "masked_adamw_step_",
     "masked_sgd_step_",
     "merge_experts",

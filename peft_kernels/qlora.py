@@ -11,6 +11,7 @@ from torch import nn
 
 from . import targeting
 from .lora import LoRAConfig
+from .lora_variants import loftq_init
 from .nn import NF4Linear, QLoRALinear
 from .nn.nf4 import _PARTS
 
@@ -29,7 +30,10 @@ class QLoRAConfig:
     head (``get_output_embeddings()``) and fresh task heads, as QLoRA's paper does. The base is NF4 with
     ``blocksize`` and ``double_quant`` (bitsandbytes-identical bytes); products run in ``compute_dtype``.
     ``quant_storage``: a float dtype stores the packed codes as frozen parameters of that dtype so FSDP2 shards
-    them (see :class:`peft_kernels.nn.NF4Linear`).
+    them (see :class:`peft_kernels.nn.NF4Linear`). ``init="loftq"`` initialises
+    each adapted layer's NF4 base and adapter with LoftQ (:func:`peft_kernels.loftq_init`, ``loftq_iter``
+    alternations) instead of NF4(W) and B = 0; its base then differs from NF4(W), so keep it with the adapter
+    (``bnb_nf4_state_dict(model)``): the adapter alone does not reproduce the model on a freshly quantized one.
     After ``apply`` the model carries ``peft_kernels_qlora_report`` = {"weight_bytes_before",
     "weight_bytes_after", "quantized_modules", "adapted_modules"}.
     """
@@ -45,10 +49,16 @@ class QLoRAConfig:
     use_rslora: bool = False
     train_task_head: bool = True
     quant_storage: torch.dtype = torch.uint8
+    init: str = "default"
+    loftq_iter: int = 1
 
     def apply_to(self, model: nn.Module) -> nn.Module:
         if self.quantize not in ("targets", "all_linear"):
             raise ValueError(f"QLoRAConfig: argument 'quantize' must be 'targets' or 'all_linear', got {self.quantize!r}")
+        if self.init not in ("default", "loftq"):
+            raise ValueError(f"QLoRAConfig: argument 'init' must be 'default' or 'loftq', got {self.init!r}")
+        if not isinstance(self.loftq_iter, int) or isinstance(self.loftq_iter, bool) or self.loftq_iter < 1:
+            raise ValueError(f"QLoRAConfig: argument 'loftq_iter' must be an int >= 1, got {self.loftq_iter!r}")
         targets = targeting.resolve_targets(model, self.target_modules, config_name="QLoRAConfig")
         adapted = targeting.linear_names(model, targets)
         others = []
@@ -59,9 +69,16 @@ class QLoRAConfig:
                       and n.rpartition(".")[2] not in targeting.TASK_HEADS]
         before = weight_bytes(model)
         targeting.freeze(model)
-        targeting.replace(model, adapted, lambda linear: QLoRALinear.from_linear(
-            linear, self.r, self.alpha, self.dropout, self.blocksize, self.double_quant, self.compute_dtype,
-            self.use_rslora, quant_storage=self.quant_storage))
+
+        def make(linear):
+            module = QLoRALinear.from_linear(linear, self.r, self.alpha, self.dropout, self.blocksize,
+                                             self.double_quant, self.compute_dtype, self.use_rslora,
+                                             quant_storage=self.quant_storage)
+            if self.init == "loftq":
+                loftq_init(module, linear.weight, self.loftq_iter)
+            return module
+
+        targeting.replace(model, adapted, make)
         targeting.replace(model, others, lambda linear: NF4Linear.from_linear(
             linear, self.blocksize, self.double_quant, self.compute_dtype, quant_storage=self.quant_storage))
         if self.train_task_head:

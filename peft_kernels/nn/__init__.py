@@ -5,9 +5,10 @@ from .compacter import PHMLinear
 from .diff_pruning import DiffPruningLinear
 from .krona import KronALinear
 from .lora import LoRALinear, enable_delta_lora
+from .lora_variants import AdaLoRALinear, DyLoRALinear
 from .nf4 import NF4Linear, QLoRALinear, requantize
 from .prompt import PrefixEncoder, PromptEmbedding, PromptEncoder
 
-__all__ = ["BottleneckAdapter", "DiffPruningLinear", "HadamardLinear", "IA3Linear", "KronALinear", "LoRALinear",
-           "NF4Linear", "PHMLinear", "ParallelAdapter", "PrefixEncoder", "PromptEmbedding", "PromptEncoder",
-           "QLoRALinear", "SequentialAdapter", "enable_delta_lora", "requantize"]
+__all__ = ["AdaLoRALinear", "BottleneckAdapter", "DiffPruningLinear", "DyLoRALinear", "HadamardLinear", "IA3Linear",
+           "KronALinear", "LoRALinear", "NF4Linear", "PHMLinear", "ParallelAdapter", "PrefixEncoder", "PromptEmbedding",
+           "PromptEncoder", "QLoRALinear", "SequentialAdapter", "enable_delta_lora", "requantize"]

@@ -91,12 +91,19 @@ class LoRALinear(nn.Module):
         elif x.dtype != weight.dtype:
             raise TypeError(f"LoRALinear: input 'x' must have the layer's dtype {weight.dtype} (or run under "
                             f"torch.autocast), got {x.dtype}")
-        return ops.lora_linear(x, weight, bias, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype), self.scaling, p)
+        lora_A, lora_B, scaling = self.adapter_factors()
+        return ops.lora_linear(x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling, p)
+
+    def adapter_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A [r', in], B [out, r'], scaling) that forward hands to ``ops.lora_linear``: here ``lora_A``,
+        ``lora_B`` and ``scaling``; LoRA derivatives (DyLoRA, AdaLoRA) derive them from their own parameters."""
+        return self.lora_A, self.lora_B, self.scaling
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """scaling * B A in fp32 [out, in]."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        """scaling * B A in fp32 [out, in] (of :meth:`adapter_factors`)."""
+        lora_A, lora_B, scaling = self.adapter_factors()
+        return (lora_B.float() @ lora_A.float()) * scaling
 
     @torch.no_grad()
     def merge(self) -> None:
