@@ -356,24 +356,49 @@ def cmd_bench(args) -> None:
 
 
 # ---- every method's trainable parameters (the survey's parameter table) ------------------------------------
-def _method_configs() -> dict[str, Callable]:
-    """Method name -> a config at the survey's usual settings, with each architecture's default targets."""
+def _method_configs() -> dict[str, tuple[Callable, Callable | None]]:
+    """Method name -> (our config at the survey's usual settings, with each architecture's default targets;
+    HF PEFT's config for the same settings given the task type, or None where PEFT lacks the method)."""
+    import peft
+
     import peft_kernels as pk
 
+    llama_ia3 = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    bert_ia3 = dict(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"])
     return {
-        "lora (r=8)": lambda: pk.LoRAConfig(r=8, alpha=16),
-        "qlora (r=8, NF4 targets)": lambda: pk.QLoRAConfig(r=8, alpha=16, compute_dtype=torch.float32),
-        "krona (balanced factors)": lambda: pk.KronAConfig(),
-        "sparse (random, density 0.5%)": lambda: pk.SparseFTConfig(method="random", density=0.005),
-        "diff_pruning (trained dense, 0.5% kept)": lambda: pk.SparseFTConfig(method="diff_pruning", density=0.005),
-        "ia3": lambda: pk.IA3Config(),
-        "adapter (houlsby, m=64)": lambda: pk.AdapterConfig(bottleneck=64, placement="houlsby"),
-        "adapter (pfeiffer, m=64)": lambda: pk.AdapterConfig(bottleneck=64, placement="pfeiffer"),
-        "scaled parallel adapter (m=64, s=4)": lambda: pk.AdapterConfig(bottleneck=64, placement="parallel", scaling=4.0),
-        "compacter (n=4, rank 1, m=64)": lambda: pk.CompacterConfig(n=4, rank=1, bottleneck=64),
-        "compacter++ (n=4, rank 1, m=64)": lambda: pk.CompacterConfig(n=4, rank=1, bottleneck=64, placement="pfeiffer"),
-        "hadamard adapter": lambda: pk.HadamardAdapterConfig(),
-        "bitfit": lambda: pk.BitFitConfig(),
+        "lora (r=8)": (lambda: pk.LoRAConfig(r=8, alpha=16),
+                       lambda task, targets: peft.LoraConfig(task_type=task, r=8, lora_alpha=16, target_modules=targets)),
+        "qlora (r=8, NF4 targets)": (lambda: pk.QLoRAConfig(r=8, alpha=16, compute_dtype=torch.float32), None),
+        "lora-fa (r=8)": (lambda: pk.LoRAFAConfig(r=8, alpha=16), None),
+        "dylora (r=8)": (lambda: pk.DyLoRAConfig(r=8, alpha=16), None),
+        "delta-lora (r=8)": (lambda: pk.DeltaLoRAConfig(r=8, alpha=16), None),
+        "adalora (init_r=12, target_r=8)": (
+            lambda: pk.AdaLoRAConfig(init_r=12, target_r=8, total_step=1000),
+            lambda task, targets: peft.AdaLoraConfig(task_type=task, init_r=12, target_r=8, total_step=1000,
+                                                     target_modules=targets)),
+        "krona (balanced factors)": (lambda: pk.KronAConfig(), None),
+        "propetl (LoRA r=8 prototype)": (lambda: pk.ProPETLConfig(r=8, alpha=16), None),
+        "adamix (4 LoRA experts, r=8)": (lambda: pk.AdaMixConfig(num_experts=4, r=8, alpha=16), None),
+        "ia3": (lambda: pk.IA3Config(),
+                lambda task, targets: peft.IA3Config(task_type=task, **(bert_ia3 if task == "SEQ_CLS" else llama_ia3))),
+        "adapter (houlsby, m=64)": (lambda: pk.AdapterConfig(bottleneck=64, placement="houlsby"), None),
+        "adapter (pfeiffer, m=64)": (lambda: pk.AdapterConfig(bottleneck=64, placement="pfeiffer"), None),
+        "scaled parallel adapter (m=64, s=4)": (
+            lambda: pk.AdapterConfig(bottleneck=64, placement="parallel", scaling=4.0), None),
+        "compacter (n=4, rank 1, m=64)": (lambda: pk.CompacterConfig(n=4, rank=1, bottleneck=64), None),
+        "compacter++ (n=4, rank 1, m=64)": (
+            lambda: pk.CompacterConfig(n=4, rank=1, bottleneck=64, placement="pfeiffer"), None),
+        "hadamard adapter": (lambda: pk.HadamardAdapterConfig(), None),
+        "prompt tuning (l=20)": (lambda: pk.PromptTuningConfig(num_virtual_tokens=20),
+                                 lambda task, targets: peft.PromptTuningConfig(task_type=task, num_virtual_tokens=20)),
+        "p-tuning (l=20, MLP)": (lambda: pk.PTuningConfig(num_virtual_tokens=20),
+                                 lambda task, targets: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=20)),
+        "prefix tuning (l=20)": (lambda: pk.PrefixTuningConfig(num_virtual_tokens=20),
+                                 lambda task, targets: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=20)),
+        "bitfit": (lambda: pk.BitFitConfig(), None),
+        "sparse (random, density 0.5%)": (lambda: pk.SparseFTConfig(method="random", density=0.005), None),
+        "diff pruning (trained dense; 0.5% kept)": (
+            lambda: pk.SparseFTConfig(method="diff_pruning", density=0.005), None),
     }
 
 
@@ -385,6 +410,7 @@ def _trainable(model) -> int:
 
 
 def cmd_methods(args) -> None:
+    import peft
     from transformers import BertConfig, BertForSequenceClassification
 
     if args.model is None:
@@ -399,28 +425,31 @@ def cmd_methods(args) -> None:
     models["BERT-base classifier"] = BertForSequenceClassification(
         BertConfig(num_labels=2, num_hidden_layers=args.encoder_layers))
     configs = _method_configs()
+    tasks = {"causal LM": ("CAUSAL_LM", ["q_proj", "v_proj"]), "BERT-base classifier": ("SEQ_CLS", ["query", "value"])}
     rows = []
     bar = ex.tqdm(list(configs.items()), desc="methods", ncols=100) if ex.tqdm else configs.items()
-    for name, make in bar:
+    for name, (make, make_peft) in bar:
         row = {"method": name}
         for kind, base in models.items():
             total = sum(p.numel() for p in base.parameters())
-            model = copy.deepcopy(base)
-            trainable = _trainable(make().apply_to(model))
-            row[kind] = (trainable, 100 * trainable / total)
-            del model
+            trainable = _trainable(make().apply_to(copy.deepcopy(base)))
+            peer = None
+            if make_peft is not None:
+                peer = peft.get_peft_model(copy.deepcopy(base), make_peft(*tasks[kind])).get_nb_trainable_parameters()[0]
+            row[kind] = (trainable, 100 * trainable / total, peer)
             gc.collect()
         rows.append(row)
     kinds = list(models)
-    print(f"\n| method | {' | '.join(f'{k} trainable | %' for k in kinds)} |")
-    print("|---|" + "--:|--:|" * len(kinds))
+    print(f"\n| method | {' | '.join(f'{k} trainable | % | HF PEFT' for k in kinds)} |")
+    print("|---|" + "--:|--:|--:|" * len(kinds))
     for r in rows:
-        print(f"| {r['method']} | " + " | ".join(f"{r[k][0]:,} | {r[k][1]:.3f}" for k in kinds) + " |")
+        cells = [f"{r[k][0]:,} | {r[k][1]:.3f} | {'—' if r[k][2] is None else f'{r[k][2]:,}'}" for k in kinds]
+        print(f"| {r['method']} | " + " | ".join(cells) + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "methods.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method"] + [f"{k} {c}" for k in kinds for c in ("trainable", "pct")])
+        writer.writerow(["method"] + [f"{k} {c}" for k in kinds for c in ("trainable", "pct", "peft")])
         writer.writerows([[r["method"]] + [v for k in kinds for v in r[k]] for r in rows])
     print(f"\ncausal LM: {causal_dir}; totals {', '.join(f'{k} {sum(p.numel() for p in m.parameters()):,}' for k, m in models.items())}"
           f"\nwrote {out / 'methods.csv'}")

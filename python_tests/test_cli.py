@@ -94,8 +94,14 @@ def test_methods_table(tiny_model, tmp_path, capsys):
     out = capsys.readouterr().out
     lines = (tmp_path / "methods.csv").read_text().splitlines()
     assert len(lines) == len(cli._method_configs()) + 1
-    lora = next(line for line in out.splitlines() if line.startswith("| lora"))
-    # r=8 on q_proj and v_proj of 2 layers of width 64 with 2 of 4 heads for K/V: 8 * ((64+64) + (64+32)) * 2.
-    assert lora.split("|")[2].strip() == f"{8 * (128 + 96) * 2:,}"
-    # BERT: query and value (768 -> 768) of 1 layer, plus the trainable classifier head (768 * 2 + 2).
-    assert lora.split("|")[4].strip() == f"{8 * 1536 * 2 + 768 * 2 + 2:,}"
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in out.splitlines()
+             if line.startswith("| ") and not line.startswith("| method")}
+    assert len(cells) == len(cli._method_configs())
+    # r=8 on q_proj and v_proj of 2 layers of width 64 with 2 of 4 heads for K/V: 8 * ((64+64) + (64+32)) * 2;
+    # BERT: query and value (768 -> 768) of 1 layer, plus the trainable classifier head (768 * 2 + 2). HF PEFT's
+    # count (third column of each model) is the same.
+    causal, bert = f"{8 * (128 + 96) * 2:,}", f"{8 * 1536 * 2 + 768 * 2 + 2:,}"
+    assert cells["lora (r=8)"][0] == cells["lora (r=8)"][2] == causal
+    assert cells["lora (r=8)"][3] == cells["lora (r=8)"][5] == bert
+    for name in ("ia3", "prompt tuning (l=20)", "p-tuning (l=20, MLP)", "prefix tuning (l=20)"):
+        assert cells[name][0] == cells[name][2] and cells[name][3] == cells[name][5], (name, cells[name])
