@@ -53,6 +53,7 @@ class Run:
     optimizer: Callable | None = None
     quick: bool = True
     lr: float | None = None
+    after_step: Callable | None = None
 
 
 def _ours_lora(model, ctx):
@@ -134,8 +135,53 @@ def _peft_ia3(model, ctx):
                                                      feedforward_modules=["down_proj"]))
 
 
+def _peft_prompt(model, ctx):
+    import peft
+
+    return peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
+                                                              prompt_tuning_init="SAMPLE_VOCAB"))
+
+
+def _peft_prefix(model, ctx):
+    import peft
+
+    return peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20))
+
+
+def _adalora_config(ctx):
+    # The budget schedule over this run's steps, as PEFT's AdaLoRA examples set it: warm-up 10 %, final 20 %.
+    steps = len(ctx.batches)
+    return dict(init_r=12, target_r=8, tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 20),
+                total_step=steps)
+
+
+def _ours_adalora(model, ctx):
+    import peft_kernels as pk
+
+    return pk.apply(model, pk.AdaLoRAConfig(target_modules=ex.TARGETS, **_adalora_config(ctx)))
+
+
+def _peft_adalora(model, ctx):
+    import peft
+
+    return peft.get_peft_model(model, peft.AdaLoraConfig(target_modules=ex.TARGETS, lora_alpha=8,
+                                                         **_adalora_config(ctx)))
+
+
+def _ours_allocate(model, step):
+    from . import lora_variants
+
+    lora_variants.update_and_allocate(model, step)
+
+
+def _peft_allocate(model, step):
+    model.base_model.update_and_allocate(step)
+
+
 IA3_LR = 3e-3  # (IA)^3's paper rate: its vectors start at 1 and move little at LoRA's 5e-4
 BITFIT_LR = 1e-3  # BitFit's paper range is 1e-4 to 1e-3 for BERT; its zero-initialised biases need the top
+PROMPT_LR = 3e-2  # HF PEFT's prompt-tuning example rate: soft prompts barely move at LoRA's 5e-4
+PREFIX_LR = 1e-2  # HF PEFT's prefix-tuning example rate
 
 
 def _sparse_optimizer(model, ctx):
@@ -161,6 +207,19 @@ RUNS = [
     Run("compacter", "peft_kernels", _ours("CompacterConfig", n=4, rank=1, bottleneck=16), quick=False),
     Run("hadamard", "peft_kernels", _ours("HadamardAdapterConfig"), lr=IA3_LR, quick=False),
     Run("bitfit", "peft_kernels", _ours("BitFitConfig"), lr=BITFIT_LR),
+    Run("prompt_tuning", "peft_kernels", _ours("PromptTuningConfig", num_virtual_tokens=20, init="vocab"),
+        lr=PROMPT_LR),
+    Run("prompt_tuning", "peft", _peft_prompt, lr=PROMPT_LR),
+    Run("prefix_tuning", "peft_kernels", _ours("PrefixTuningConfig", num_virtual_tokens=20), lr=PREFIX_LR),
+    Run("prefix_tuning", "peft", _peft_prefix, lr=PREFIX_LR),
+    Run("p_tuning", "peft_kernels", _ours("PTuningConfig", num_virtual_tokens=20), lr=PROMPT_LR, quick=False),
+    Run("lora_fa", "peft_kernels", _ours("LoRAFAConfig", r=8, alpha=16, target_modules=ex.TARGETS), quick=False),
+    Run("dylora", "peft_kernels", _ours("DyLoRAConfig", r=8, alpha=16, target_modules=ex.TARGETS), quick=False),
+    Run("adalora", "peft_kernels", _ours_adalora, after_step=_ours_allocate, quick=False),
+    Run("adalora", "peft", _peft_adalora, after_step=_peft_allocate, quick=False),
+    Run("propetl", "peft_kernels", _ours("ProPETLConfig", r=8, alpha=16, target_modules=ex.TARGETS), quick=False),
+    Run("adamix", "peft_kernels", _ours("AdaMixConfig", num_experts=4, r=8, alpha=16, target_modules=ex.TARGETS),
+        quick=False),
 ]
 METHODS = sorted({r.method for r in RUNS})
 
@@ -218,7 +277,7 @@ def run_one(run: Run, ctx: Context, eval_before: bool = False) -> tuple[dict, to
     if optimizer is None and run.lr is not None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr, weight_decay=0.0)
     res = ex.train(f"{run.method} ({run.impl})", model, ctx.train_data, ctx.test_data, ctx.head, ctx.pad_id, ctx.args,
-                   ctx.batches, optimizer=optimizer, eval_before=eval_before)
+                   ctx.batches, optimizer=optimizer, eval_before=eval_before, after_step=run.after_step)
     res.pop("grads")
     selection = getattr(model, "peft_kernels_sparse", None)
     if selection is not None:  # the whole weights require grad; the selected entries are what trains

@@ -136,11 +136,23 @@ def collate(examples, pad_id: int):
 
 
 def label_logits(model, batch, head: torch.Tensor) -> torch.Tensor:
-    """[B, 2] logits (negative, positive) at each row's last prompt position."""
+    """[B, 2] logits (negative, positive) at each row's last prompt position.
+
+    The model is called whole, so that methods acting at its top (soft prompts and prefixes: forward hooks of
+    ours, PEFT's wrappers) take part; the decoder's final hidden states are taken from its inner model and only
+    the two verbalizer rows of the output head are applied (``logits_to_keep=1`` keeps the full-vocabulary
+    product to one position). Virtual tokens prepended to the sequence shift the real ones by their count."""
     ids, mask, last, _ = batch
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
-    hidden = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state  # final norm already applied
-    return hidden[torch.arange(len(last)), last] @ head.T
+    captured = []
+    handle = inner.model.register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    hidden = captured[-1]  # final norm already applied
+    offset = hidden.shape[1] - ids.shape[1]
+    return hidden[torch.arange(len(last)), last + offset] @ head.T
 
 
 @torch.no_grad()
@@ -170,10 +182,12 @@ def batch_order(n: int, steps: int, batch: int) -> list[list[int]]:
     return [order[i * batch : (i + 1) * batch] for i in range(steps)]
 
 
-def train(name, model, train_data, test_data, head, pad_id, args, batches, optimizer=None, eval_before=True):
+def train(name, model, train_data, test_data, head, pad_id, args, batches, optimizer=None, eval_before=True,
+          after_step=None):
     """Train the model's trainable parameters (AdamW at ``args.lr``, no weight decay, unless ``optimizer`` is
-    given) over ``batches``, with a progress bar (loss, tokens/s); returns a dict of results including per-step
-    losses and the LoRA gradients of steps 1 and 2."""
+    given) over ``batches``, with a progress bar (loss, tokens/s); ``after_step(model, step)`` runs after each
+    optimizer step, before the next zero_grad (AdaLoRA's budget allocation). Returns a dict of results including
+    per-step losses and the LoRA gradients of steps 1 and 2."""
     trainable, total = trainable_parameters(model)
     res = dict(name=name, trainable=trainable, pct=100 * trainable / total,
                acc_before=accuracy(model, test_data, head, pad_id) if eval_before else float("nan"))
@@ -191,6 +205,8 @@ def train(name, model, train_data, test_data, head, pad_id, args, batches, optim
         if step <= 2:  # kept to localise a divergence; step 1 has grad A = 0 (B starts at 0), step 2 does not
             grads.append({k: p.grad.detach().clone() for k, p in lora_params(model).items() if p.grad is not None})
         opt.step()
+        if after_step is not None:
+            after_step(model, step)
         losses.append(loss.item())
         tokens += batch[1].sum().item()
         rate = tokens / (time.perf_counter() - start)
