@@ -20,10 +20,10 @@ import inspect
 from torch import nn
 
 from . import adapter_io, targeting
-from .adapters import NON_LINEARITIES, AdapterConfig, _check, _check_targets, _is_int
+from .adapters import ADAPTER_TARGETS, NON_LINEARITIES, AdapterConfig, _check, _check_targets, _is_int
 from .nn.adapter import SequentialAdapter
 from .nn.unipelt import GATE_NAME, GatedLoRALinear, GatedSequentialAdapter, PrefixGate, gate_prefix_values
-from .prompts import PREFIX, PrefixTuningConfig, _count, install_prefix
+from .prompts import PREFIX, PrefixTuningConfig, _count, install_prefix, kv_layout
 
 # UniPELT's LoRA targets (the paper's, and HF PEFT's LoRA defaults): the attention query and value projections.
 LORA_TARGETS = {t: ["q_proj", "v_proj"] for t in ("llama", "mistral", "qwen2", "gemma")} | {
@@ -47,6 +47,16 @@ def _apply_checked(config, model: nn.Module, install) -> nn.Module:
     install(adapter_io.skeleton(model))
     adapter_io.attach(model, install(model))
     return model
+
+
+def _targets(model: nn.Module, value: list[str] | None, table: dict, what: str, field: str) -> list[str]:
+    """``value`` or the model type's default in ``table``; the error names ``what``'s field ``field``."""
+    try:
+        return targeting.resolve_targets(model, value, table=table, config_name=what)
+    except ValueError:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise ValueError(f"apply: no default {field} for model_type {model_type!r} (known: {sorted(table)}); pass "
+                         f"{what}({field}=[...])") from None
 
 
 def _check_prefix(what: str, config) -> None:
@@ -120,9 +130,10 @@ class MAMConfig:
         freeze everything else but a fresh task head, and return ``model``."""
 
         def install(m: nn.Module) -> MAMConfig:
-            AdapterConfig(self.bottleneck, "parallel", self.scaling, self.non_linearity, self.target_modules,
+            kv_layout(m, "MAMConfig")
+            targets = _targets(m, self.target_modules, ADAPTER_TARGETS["parallel"], "MAMConfig", "target_modules")
+            AdapterConfig(self.bottleneck, "parallel", self.scaling, self.non_linearity, targets,
                           self.train_task_head).apply_to(m)
-            targets = adapter_io.attached(m).target_modules
             prefix = _install_prefix(self, m)
             return dataclasses.replace(self, target_modules=targets, encoder_hidden_size=prefix.encoder_hidden_size)
 
@@ -204,13 +215,14 @@ class UniPELTConfig:
         fresh task head, and return ``model``."""
 
         def install(m: nn.Module) -> UniPELTConfig:
-            lora_targets = targeting.resolve_targets(m, self.lora_target_modules, table=LORA_TARGETS,
-                                                     config_name="UniPELTConfig")
+            kv_layout(m, "UniPELTConfig")
+            lora_targets = _targets(m, self.lora_target_modules, LORA_TARGETS, "UniPELTConfig", "lora_target_modules")
+            adapter_targets = _targets(m, self.adapter_target_modules, ADAPTER_TARGETS["pfeiffer"], "UniPELTConfig",
+                                       "adapter_target_modules")
             lora_names = targeting.linear_names(m, lora_targets)
             # Freezes the base model; every module made below is new, hence trainable.
-            AdapterConfig(self.bottleneck, "pfeiffer", 1.0, self.non_linearity, self.adapter_target_modules,
+            AdapterConfig(self.bottleneck, "pfeiffer", 1.0, self.non_linearity, adapter_targets,
                           self.train_task_head).apply_to(m)
-            adapter_targets = adapter_io.attached(m).target_modules
             wrapped = [n for n, module in m.named_modules() if type(module) is SequentialAdapter]
             targeting.replace(m, wrapped, GatedSequentialAdapter.from_adapter)
             # A LoRA target that also got an adapter now sits inside it, as its `base`.
