@@ -177,7 +177,8 @@ class UniPELTConfig:
       input (LLaMA: the layer input after its RMSNorm; BERT: the layer input), one gate per sequence, the mean over
       its tokens: the prefixes enter through the KV cache, where a per-query gate cannot be applied; scaling the
       values by a per-sequence gate scales the prefix's attention contribution exactly. In generation the gate of
-      the prompt (first forward) stays on the cached prefixes;
+      the prompt (first forward) stays on the cached prefixes. Not for gradient checkpointing: a recomputed layer
+      finds its prefixes already gated;
     * a sequential bottleneck adapter after the FFN (Pfeiffer placement, ``h + g(h) · up(act(down(h)))``,
       ``bottleneck``, ``non_linearity``; ``adapter_target_modules`` None: LLaMA ``down_proj``, BERT/RoBERTa
       ``layer.*.output.dense``) as :class:`GatedSequentialAdapter`.

@@ -481,3 +481,15 @@ def test_fold_needs_the_config_on_the_model():
     model = pk.apply(tiny_llama(), mam())
     with pytest.raises(ValueError, match="fold: LlamaForCausalLM does not carry a UniPELTConfig"):
         unipelt().fold(model)
+
+
+@pytest.mark.parametrize("config,field", [(mam(), "MAMConfig\\(target_modules"),
+                                          (unipelt(), "UniPELTConfig\\(lora_target_modules"),
+                                          (unipelt(lora_target_modules=["q_proj"]),
+                                           "UniPELTConfig\\(adapter_target_modules")], ids=["mam", "lora", "adapter"])
+def test_unknown_model_type_names_the_field_to_pass(config, field):
+    model = tiny_llama()
+    model.config.model_type = "mystery"
+    with pytest.raises(ValueError, match=rf"no default \w+ for model_type 'mystery' .*; pass {field}=\[...\]\)"):
+        pk.apply(model, config)
+    assert not hasattr(model, "peft_kernels_config")
