@@ -2,9 +2,10 @@
 
 import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's libraries must be loaded first)
 
-from . import compose, lora_variants, nn, optim, prompts, sparse, unified
+from . import compose, hybrids, lora_variants, nn, optim, prompts, sparse, unified
 from ._ops import build_info
 from .adapters import AdapterConfig, BitFitConfig, CompacterConfig, HadamardAdapterConfig, IA3Config
+from .hybrids import MAMConfig, UniPELTConfig
 from .krona import KronAConfig
 from .lora import LoRAConfig, load_adapter, save_adapter
 from .lora_variants import AdaLoRAConfig, DeltaLoRAConfig, DyLoRAConfig, LoRAFAConfig, loftq_init
@@ -30,6 +31,7 @@ __all__ = [
     "KronAConfig",
     "LoRAConfig",
     "LoRAFAConfig",
+    "MAMConfig",
     "NF4Weight",
     "PTuningConfig",
     "PrefixTuningConfig",
@@ -37,12 +39,14 @@ __all__ = [
     "PromptTuningConfig",
     "QLoRAConfig",
     "SparseFTConfig",
+    "UniPELTConfig",
     "apply",
     "bnb_nf4_state_dict",
     "build_info",
     "compose",
     "consistency_loss",
     "dynamic_map",
+    "hybrids",
     "kron_linear",
     "load_adapter",
     "load_bnb_nf4",

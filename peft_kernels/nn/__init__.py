@@ -8,7 +8,9 @@ from .lora import LoRALinear, enable_delta_lora
 from .lora_variants import AdaLoRALinear, DyLoRALinear
 from .nf4 import NF4Linear, QLoRALinear, requantize
 from .prompt import PrefixEncoder, PromptEmbedding, PromptEncoder
+from .unipelt import GatedLoRALinear, GatedSequentialAdapter, PrefixGate
 
-__all__ = ["AdaLoRALinear", "BottleneckAdapter", "DiffPruningLinear", "DyLoRALinear", "HadamardLinear", "IA3Linear",
-           "KronALinear", "LoRALinear", "NF4Linear", "PHMLinear", "ParallelAdapter", "PrefixEncoder", "PromptEmbedding",
-           "PromptEncoder", "QLoRALinear", "SequentialAdapter", "enable_delta_lora", "requantize"]
+__all__ = ["AdaLoRALinear", "BottleneckAdapter", "DiffPruningLinear", "DyLoRALinear", "GatedLoRALinear",
+           "GatedSequentialAdapter", "HadamardLinear", "IA3Linear", "KronALinear", "LoRALinear", "NF4Linear", "PHMLinear",
+           "ParallelAdapter", "PrefixEncoder", "PrefixGate", "PromptEmbedding", "PromptEncoder", "QLoRALinear",
+           "SequentialAdapter", "enable_delta_lora", "requantize"]
