@@ -218,6 +218,10 @@ RUNS = [
     Run("adalora", "peft_kernels", _ours_adalora, after_step=_ours_allocate, quick=False),
     Run("adalora", "peft", _peft_adalora, after_step=_peft_allocate, quick=False),
     Run("propetl", "peft_kernels", _ours("ProPETLConfig", r=8, alpha=16, target_modules=ex.TARGETS), quick=False),
+    Run("mam", "peft_kernels", _ours("MAMConfig", num_virtual_tokens=30, bottleneck=64, scaling=4.0), lr=PREFIX_LR,
+        quick=False),
+    Run("unipelt", "peft_kernels", _ours("UniPELTConfig", r=8, alpha=16, num_virtual_tokens=10, bottleneck=64),
+        quick=False),
     Run("adamix", "peft_kernels", _ours("AdaMixConfig", num_experts=4, r=8, alpha=16, target_modules=ex.TARGETS),
         quick=False),
 ]
@@ -454,6 +458,8 @@ def _method_configs() -> dict[str, tuple[Callable, Callable | None]]:
                                  lambda task, targets: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=20)),
         "prefix tuning (l=20)": (lambda: pk.PrefixTuningConfig(num_virtual_tokens=20),
                                  lambda task, targets: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=20)),
+        "mam adapter (l=30, m=512, s=4)": (lambda: pk.MAMConfig(), None),
+        "unipelt (r=8, l=10, m=64)": (lambda: pk.UniPELTConfig(), None),
         "bitfit": (lambda: pk.BitFitConfig(), None),
         "sparse (random, density 0.5%)": (lambda: pk.SparseFTConfig(method="random", density=0.005), None),
         "diff pruning (trained dense; 0.5% kept)": (
