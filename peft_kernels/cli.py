@@ -218,7 +218,7 @@ RUNS = [
     Run("adalora", "peft_kernels", _ours_adalora, after_step=_ours_allocate, quick=False),
     Run("adalora", "peft", _peft_adalora, after_step=_peft_allocate, quick=False),
     Run("propetl", "peft_kernels", _ours("ProPETLConfig", r=8, alpha=16, target_modules=ex.TARGETS), quick=False),
-    Run("mam", "peft_kernels", _ours("MAMConfig", num_virtual_tokens=30, bottleneck=64, scaling=4.0), lr=PREFIX_LR,
+    Run("mam", "peft_kernels", _ours("MAMConfig", num_virtual_tokens=30, bottleneck=64, scaling=4.0),
         quick=False),
     Run("unipelt", "peft_kernels", _ours("UniPELTConfig", r=8, alpha=16, num_virtual_tokens=10, bottleneck=64),
         quick=False),
