@@ -5,6 +5,7 @@ import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's librar
 from . import nn, optim, sparse
 from ._ops import build_info
 from .adapters import AdapterConfig, BitFitConfig, CompacterConfig, HadamardAdapterConfig, IA3Config
+from .hybrid import AdapterFusionConfig, CompositeConfig, S4Config, SparseAdapterConfig
 from .krona import KronAConfig
 from .lora import LoRAConfig, load_adapter, save_adapter
 from .nf4 import NF4Weight, dynamic_map
@@ -16,14 +17,18 @@ from .targeting import apply, trainable_parameters
 
 __all__ = [
     "AdapterConfig",
+    "AdapterFusionConfig",
     "BitFitConfig",
     "CompacterConfig",
+    "CompositeConfig",
     "HadamardAdapterConfig",
     "IA3Config",
     "KronAConfig",
     "LoRAConfig",
     "NF4Weight",
     "QLoRAConfig",
+    "S4Config",
+    "SparseAdapterConfig",
     "SparseFTConfig",
     "apply",
     "bnb_nf4_state_dict",
