@@ -390,15 +390,16 @@ class S4Config(_Composed):
         return out
 
     def _parts_for(self, model: nn.Module) -> list:
-        parts, resolved = [], {}
+        parts, resolved = [], []  # (config, its resolved form on the whole model); equal configs resolve once
         for g, (group, layers) in enumerate(zip(self.assignment, self.group_layers(model))):
             for config in group:
-                if id(config) not in resolved:
+                full = next((r for c, r in resolved if c == config), None)
+                if full is None:
                     try:
-                        resolved[id(config)] = _apply_part(_without_head(config), adapter_io.skeleton(model), True)
+                        full = _apply_part(_without_head(config), adapter_io.skeleton(model), True)
                     except (ValueError, TypeError) as exc:
                         raise type(exc)(f"S4Config: group {g}: {type(config).__name__}: {exc}") from exc
-                full = resolved[id(config)]
+                    resolved.append((config, full))
                 names = _restrict(model, full.target_modules, layers)
                 if not names:
                     raise ValueError(f"S4Config: group {g} ({layers[0]}..{layers[-1]}): {type(config).__name__}'s "
@@ -599,11 +600,13 @@ class AdapterFusionConfig:
                 adapter = BottleneckAdapter(d, config.bottleneck, config.non_linearity, config.scaling, **factory)
                 state = {k.removeprefix(f"{name}.adapter."): v for k, v in tensors.items()
                          if k.startswith(f"{name}.adapter.")}
-                try:
+                expected = {k: list(v.shape) for k, v in adapter.state_dict().items()}
+                found = {k: list(v.shape) for k, v in state.items()}
+                if found != expected:
+                    raise ValueError(f"AdapterFusionConfig: {directory} does not fit {name} of {type(model).__name__}:"
+                                     f" it holds {found}, the adapter needs {expected}")
+                if factory["device"].type != "meta":  # a meta skeleton (load_adapter's probe) only needs the shapes
                     adapter.load_state_dict(state)
-                except RuntimeError as exc:
-                    raise ValueError(f"AdapterFusionConfig: {directory} does not fit {name} of "
-                                     f"{type(model).__name__}: {exc}") from exc
                 adapter.requires_grad_(False)
                 adapters.append(adapter)
             made[name] = FusedAdapters(module, adapters, AdapterFusion(d, **factory))
