@@ -256,6 +256,9 @@ class CompositeConfig(_Composed):
     Saved by ``save_adapter`` in peft_kernels' format: the config lists each part's peft_type and fields, the
     weights file every part's trainable tensors (and buffers, e.g. SparseAdapter masks). :meth:`merge` folds the
     mergeable parts (LoRA, IA3, Hadamard; BitFit has nothing to fold) and raises for the others.
+
+    Every check runs on meta skeletons first, but a part whose initialisation reads data (SparseAdapter's SNIP
+    ``loss_fn``) can only fail on the real model: the parts before it then stay applied.
     """
 
     parts: list = dataclasses.field(default_factory=list)
