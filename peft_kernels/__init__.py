@@ -2,9 +2,10 @@
 
 import torch  # noqa: F401  (the compiled library has no RUNPATH: torch's libraries must be loaded first)
 
-from . import compose, hybrids, lora_variants, nn, optim, prompts, sparse, unified
+from . import composite, compose, hybrids, lora_variants, nn, optim, prompts, sparse, unified
 from ._ops import build_info
 from .adapters import AdapterConfig, BitFitConfig, CompacterConfig, HadamardAdapterConfig, IA3Config
+from .composite import AdapterFusionConfig, CompositeConfig, S4Config, SparseAdapterConfig
 from .hybrids import MAMConfig, UniPELTConfig
 from .krona import KronAConfig
 from .lora import LoRAConfig, load_adapter, save_adapter
@@ -22,8 +23,10 @@ __all__ = [
     "AdaLoRAConfig",
     "AdaMixConfig",
     "AdapterConfig",
+    "AdapterFusionConfig",
     "BitFitConfig",
     "CompacterConfig",
+    "CompositeConfig",
     "DeltaLoRAConfig",
     "DyLoRAConfig",
     "HadamardAdapterConfig",
@@ -38,12 +41,15 @@ __all__ = [
     "ProPETLConfig",
     "PromptTuningConfig",
     "QLoRAConfig",
+    "S4Config",
+    "SparseAdapterConfig",
     "SparseFTConfig",
     "UniPELTConfig",
     "apply",
     "bnb_nf4_state_dict",
     "build_info",
     "compose",
+    "composite",
     "consistency_loss",
     "dynamic_map",
     "hybrids",
@@ -61,9 +67,9 @@ __all__ = [
     "nf4_linear",
     "nf4_quantize",
     "nn",
-    "qlora_linear",
     "optim",
     "prompts",
+    "qlora_linear",
     "save_adapter",
     "save_sparse_diff",
     "sparse",

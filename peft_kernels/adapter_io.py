@@ -15,11 +15,15 @@ calls :func:`attach`. It may override ``state(model) -> dict[str, Tensor]`` (wha
 them back; default: copy into the parameters and buffers of those names) and ``check_state(tensors)`` (checks
 of the file's values beyond keys and shapes, run before the model is touched; raises ValueError). A method whose
 adapters HF PEFT's own format can express (IA3) defines ``save_foreign(model, directory)`` writing that format,
-and ``load_foreign`` (see ``peft_kernels.load_adapter``) reading it: :func:`save` then hands over to it.
+and ``load_foreign`` (see ``peft_kernels.load_adapter``) reading it: :func:`save` then hands over to it. A config
+whose fields are not plain JSON values (a composite's list of part configs) defines ``config_dict()``; one whose
+``apply_to`` needs data the file does not hold (SNIP batches) defines ``apply_for_load(model)``, building the same
+modules for :func:`load`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -57,8 +61,26 @@ def method(peft_type: str):
 
 
 def attach(model: nn.Module, config) -> None:
-    """Record on ``model`` the config that was applied (what :func:`save` writes and ``apply`` refuses to stack)."""
+    """Record on ``model`` the config that was applied (what :func:`save` writes and ``apply`` refuses to stack);
+    inside :func:`collecting`, hand it to the collector instead (a composite's part attaches to the composite)."""
+    sink = model.__dict__.get("_peft_kernels_sink")
+    if sink is not None:
+        sink.append(config)
+        return
     model.peft_kernels_config = config
+
+
+@contextlib.contextmanager
+def collecting(model: nn.Module):
+    """While active, :func:`attach` on ``model`` appends to the yielded list instead of recording on the model: how
+    ``peft_kernels.CompositeConfig`` applies its parts and keeps their resolved configs."""
+    if "_peft_kernels_sink" in model.__dict__:
+        raise RuntimeError("adapter_io.collecting: already collecting on this model")
+    sink = model.__dict__["_peft_kernels_sink"] = []
+    try:
+        yield sink
+    finally:
+        del model.__dict__["_peft_kernels_sink"]
 
 
 def attached(model: nn.Module):
@@ -78,7 +100,10 @@ def _state(model: nn.Module, config) -> dict[str, torch.Tensor]:
 
 
 def config_dict(config) -> dict:
-    """The config's fields as JSON values; fields that are not (callables, data batches) are runtime-only."""
+    """The config's fields as JSON values; fields that are not (callables, data batches) are runtime-only. A config
+    with a ``config_dict()`` method gives its own (a composite: its parts' types and fields)."""
+    if hasattr(config, "config_dict"):
+        return config.config_dict()
     out = {}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
@@ -154,7 +179,8 @@ def load(model: nn.Module, directory: pathlib.Path, raw: dict) -> nn.Module:
     if present is not None and type(present) is not type(config):
         raise ValueError(f"load_adapter: the model carries a {type(present).__name__}; the adapter in {directory} "
                          f"is a {type(config).__name__}")
-    probe = model if present is not None else config.apply_to(skeleton(model))
+    apply = getattr(config, "apply_for_load", config.apply_to)
+    probe = model if present is not None else apply(skeleton(model))
     expected = {n: tuple(t.shape) for n, t in _state(probe, config).items()}
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
@@ -167,7 +193,7 @@ def load(model: nn.Module, directory: pathlib.Path, raw: dict) -> nn.Module:
     if hasattr(config, "check_state"):
         config.check_state(tensors)
     if present is None:
-        config.apply_to(model)
+        apply(model)
     with torch.no_grad():
         if hasattr(config, "load_state"):
             config.load_state(model, tensors)

@@ -135,6 +135,10 @@ class _Bottleneck:
 
     def _apply(self, model: nn.Module, projections) -> nn.Module:
         """``projections(name, d, factory) -> (down, up)`` builds each adapter's projections (None: nn.Linear)."""
+        return self._install(model, *self._build(model, projections))
+
+    def _build(self, model: nn.Module, projections) -> tuple[list[str], dict[str, nn.Module], list[str]]:
+        """(target names, name -> wrapper holding its fresh adapter, resolved targets); ``model`` is not touched."""
         config_name = type(self).__name__
         targets = targeting.resolve_targets(model, self.target_modules, table=ADAPTER_TARGETS[self.placement],
                                             config_name=config_name)
@@ -150,6 +154,9 @@ class _Bottleneck:
             except ValueError as exc:
                 raise ValueError(f"apply: {name}: {exc}") from exc
             made[name] = wrapper(module, adapter)
+        return names, made, targets
+
+    def _install(self, model: nn.Module, names: list[str], made: dict[str, nn.Module], targets: list[str]) -> nn.Module:
         targeting.freeze(model)
         for name in names:
             targeting.replace(model, [name], lambda _: made[name])
