@@ -460,6 +460,9 @@ def _method_configs() -> dict[str, tuple[Callable, Callable | None]]:
                                  lambda task, targets: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=20)),
         "mam adapter (l=30, m=512, s=4)": (lambda: pk.MAMConfig(), None),
         "unipelt (r=8, l=10, m=64)": (lambda: pk.UniPELTConfig(), None),
+        "sparse adapter (houlsby, m=64, 50% pruned by magnitude)": (
+            lambda: pk.SparseAdapterConfig(bottleneck=64, sparsity=0.5), None),
+        "s4 (4 spindle groups: adapter+LoRA, +BitFit)": (lambda: pk.S4Config(), None),
         "bitfit": (lambda: pk.BitFitConfig(), None),
         "sparse (random, density 0.5%)": (lambda: pk.SparseFTConfig(method="random", density=0.005), None),
         "diff pruning (trained dense; 0.5% kept)": (
@@ -468,10 +471,19 @@ def _method_configs() -> dict[str, tuple[Callable, Callable | None]]:
 
 
 def _trainable(model) -> int:
+    """Trainable values: the selected entries of a sparse selection, the unpruned weights of a SparseAdapter
+    (its masked entries stay zero), else every element of the trainable parameters."""
+    from .composite import MaskedLinear, kept_weights
+
     selection = getattr(model, "peft_kernels_sparse", None)
     if selection is not None and selection.indices:
         return sum(i.numel() for i in selection.indices.values())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    masked = [m for m in model.modules() if isinstance(m, MaskedLinear)]
+    if masked:
+        kept, total = kept_weights(model)
+        count -= total - kept
+    return count
 
 
 def cmd_methods(args) -> None:
