@@ -27,7 +27,8 @@ def tiny_model(tmp_path_factory):
     tok.save_pretrained(path)
     torch.manual_seed(0)
     # 64 wide: bitsandbytes fails on layers narrower than its 64-element blocks (the peer rows use it).
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    # 4 layers: S4's four layer groups need one each.
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(vocab), pad_token_id=1)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -90,17 +91,17 @@ def test_compare_and_finetune_end_to_end(tiny_model, tiny_data, tmp_path, capsys
 
 
 def test_methods_table(tiny_model, tmp_path, capsys):
-    assert cli.main(["methods", "--model", str(tiny_model), "--encoder-layers", "1", "--out", str(tmp_path)]) == 0
+    assert cli.main(["methods", "--model", str(tiny_model), "--encoder-layers", "4", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     lines = (tmp_path / "methods.csv").read_text().splitlines()
     assert len(lines) == len(cli._method_configs()) + 1
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in out.splitlines()
              if line.startswith("| ") and not line.startswith("| method")}
     assert len(cells) == len(cli._method_configs())
-    # r=8 on q_proj and v_proj of 2 layers of width 64 with 2 of 4 heads for K/V: 8 * ((64+64) + (64+32)) * 2;
-    # BERT: query and value (768 -> 768) of 1 layer, plus the trainable classifier head (768 * 2 + 2). HF PEFT's
+    # r=8 on q_proj and v_proj of 4 layers of width 64 with 2 of 4 heads for K/V: 8 * ((64+64) + (64+32)) * 4;
+    # BERT: query and value (768 -> 768) of 4 layers, plus the trainable classifier head (768 * 2 + 2). HF PEFT's
     # count (third column of each model) is the same.
-    causal, bert = f"{8 * (128 + 96) * 2:,}", f"{8 * 1536 * 2 + 768 * 2 + 2:,}"
+    causal, bert = f"{8 * (128 + 96) * 4:,}", f"{8 * 1536 * 2 * 4 + 768 * 2 + 2:,}"
     assert cells["lora (r=8)"][0] == cells["lora (r=8)"][2] == causal
     assert cells["lora (r=8)"][3] == cells["lora (r=8)"][5] == bert
     for name in ("ia3", "prompt tuning (l=20)", "p-tuning (l=20, MLP)", "prefix tuning (l=20)"):
