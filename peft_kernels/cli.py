@@ -328,7 +328,8 @@ def cmd_finetune(args) -> None:
 
 
 COLUMNS = ["method", "impl", "trainable", "pct", "weights_MiB", "activations_MiB", "optimizer_MiB", "s_per_step",
-           "tokens_per_s", "test_acc"]
+           "tokens_per_s", "loss_first", "loss_last", "test_acc"]
+LOSS_WINDOW = 5  # steps averaged at each end of the run: one batch's loss is noisy
 
 
 def cmd_compare(args) -> None:
@@ -340,7 +341,8 @@ def cmd_compare(args) -> None:
     ctx = load_context(args)
     start = time.perf_counter()
     print(f"compare: {len(ctx.train_data)} train / {len(ctx.test_data)} test examples, {args.steps} steps of "
-          f"{args.batch}, AdamW lr {args.lr}, r=8 alpha=16 on {ex.TARGETS}, dropout 0", flush=True)
+          f"{args.batch}, AdamW lr {args.lr} (per-method rates in peft_kernels/cli.py), LoRA-family r=8 alpha=16 on "
+          f"{ex.TARGETS}, dropout 0", flush=True)
     zero_shot = ex.accuracy(ctx.base, ctx.test_data, ctx.head, ctx.pad_id)
     rows = []
     for run in [r for r in RUNS if r.method in wanted]:
@@ -350,6 +352,8 @@ def cmd_compare(args) -> None:
                          weights_MiB=res["weights"] / 2**20, activations_MiB=res["activations"] / 2**20,
                          optimizer_MiB=res["optimizer_bytes"] / 2**20,
                          s_per_step=res["wall"] / len(res["losses"]), tokens_per_s=res["tok_s"],
+                         loss_first=sum(res["losses"][:LOSS_WINDOW]) / len(res["losses"][:LOSS_WINDOW]),
+                         loss_last=sum(res["losses"][-LOSS_WINDOW:]) / len(res["losses"][-LOSS_WINDOW:]),
                          test_acc=res["acc_after"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -359,12 +363,12 @@ def cmd_compare(args) -> None:
         writer.writerows(rows)
     print(f"\nbase model zero-shot test accuracy: {zero_shot:.3f}; total {time.perf_counter() - start:.0f} s\n")
     print("| method | implementation | trainable params | % of total | weights MiB | activations MiB | optimizer MiB "
-          "| s/step | tokens/s | test acc |")
-    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+          f"| s/step | tokens/s | loss, first {LOSS_WINDOW} steps | last {LOSS_WINDOW} | test acc |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in rows:
         print(f"| {r['method']} | {r['impl']} | {r['trainable']:,} | {r['pct']:.3f} | {r['weights_MiB']:.1f} "
               f"| {r['activations_MiB']:.1f} | {r['optimizer_MiB']:.1f} | {r['s_per_step']:.2f} "
-              f"| {r['tokens_per_s']:.0f} | {r['test_acc']:.3f} |")
+              f"| {r['tokens_per_s']:.0f} | {r['loss_first']:.3f} | {r['loss_last']:.3f} | {r['test_acc']:.3f} |")
     print(f"\nwrote {out / 'compare.csv'}")
     _plot(rows, out)
 
