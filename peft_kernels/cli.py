@@ -200,7 +200,7 @@ RUNS = [
     Run("child_d", "peft_kernels", _sparse("child_d"), _sparse_optimizer),
     Run("random_sparse", "peft_kernels", _sparse("random"), _sparse_optimizer, quick=False),
     Run("ia3", "peft_kernels", _ours("IA3Config"), lr=IA3_LR),
-    Run("ia3", "peft", _peft_ia3, lr=IA3_LR),
+    Run("ia3", "peft", _peft_ia3, lr=IA3_LR, quick=False),
     Run("adapter", "peft_kernels", _ours("AdapterConfig", bottleneck=16, placement="houlsby")),
     Run("parallel_adapter", "peft_kernels", _ours("AdapterConfig", bottleneck=16, placement="parallel", scaling=4.0),
         quick=False),
@@ -208,8 +208,8 @@ RUNS = [
     Run("hadamard", "peft_kernels", _ours("HadamardAdapterConfig"), lr=IA3_LR, quick=False),
     Run("bitfit", "peft_kernels", _ours("BitFitConfig"), lr=BITFIT_LR),
     Run("prompt_tuning", "peft_kernels", _ours("PromptTuningConfig", num_virtual_tokens=20, init="vocab"),
-        lr=PROMPT_LR),
-    Run("prompt_tuning", "peft", _peft_prompt, lr=PROMPT_LR),
+        lr=PROMPT_LR, quick=False),
+    Run("prompt_tuning", "peft", _peft_prompt, lr=PROMPT_LR, quick=False),
     Run("prefix_tuning", "peft_kernels", _ours("PrefixTuningConfig", num_virtual_tokens=20), lr=PREFIX_LR),
     Run("prefix_tuning", "peft", _peft_prefix, lr=PREFIX_LR),
     Run("p_tuning", "peft_kernels", _ours("PTuningConfig", num_virtual_tokens=20), lr=PROMPT_LR, quick=False),
@@ -333,11 +333,12 @@ LOSS_WINDOW = 5  # steps averaged at each end of the run: one batch's loss is no
 
 
 def cmd_compare(args) -> None:
-    # --quick without --methods runs the quick subset; methods named explicitly always run.
-    wanted = args.methods.split(",") if args.methods else sorted({r.method for r in RUNS if r.quick or not args.quick})
+    # --quick without --methods runs the quick runs; methods named explicitly run with all their peers.
+    wanted = args.methods.split(",") if args.methods else METHODS
     unknown = sorted(set(wanted) - set(METHODS))
     if unknown:
         raise UserError(f"--methods: unknown {unknown}; available: {METHODS}")
+    runs = [r for r in RUNS if r.method in wanted and (r.quick or args.methods or not args.quick)]
     ctx = load_context(args)
     start = time.perf_counter()
     print(f"compare: {len(ctx.train_data)} train / {len(ctx.test_data)} test examples, {args.steps} steps of "
@@ -345,7 +346,7 @@ def cmd_compare(args) -> None:
           f"{ex.TARGETS}, dropout 0", flush=True)
     zero_shot = ex.accuracy(ctx.base, ctx.test_data, ctx.head, ctx.pad_id)
     rows = []
-    for run in [r for r in RUNS if r.method in wanted]:
+    for run in runs:
         res, model = run_one(run, ctx)
         del model
         rows.append(dict(method=res["method"], impl=res["impl"], trainable=res["trainable"], pct=res["pct"],
