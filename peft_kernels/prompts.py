@@ -136,6 +136,8 @@ def kv_layout(model: nn.Module, what: str = "PrefixTuningConfig") -> tuple[int, 
 
 def _bind(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """The call's arguments as keywords (HF models accept every forward argument by name)."""
+    if not args:  # the usual call; also keeps the cached signature lookup out of torch.compile's trace
+        return kwargs
     names, _ = _signature(type(model))
     if len(args) > len(names):
         raise TypeError(f"{type(model).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
