@@ -356,6 +356,9 @@ def cmd_compare(args) -> None:
                          loss_first=sum(res["losses"][:LOSS_WINDOW]) / len(res["losses"][:LOSS_WINDOW]),
                          loss_last=sum(res["losses"][-LOSS_WINDOW:]) / len(res["losses"][-LOSS_WINDOW:]),
                          test_acc=res["acc_after"]))
+        # Each run's figures as soon as they are known: a long run stopped midway keeps what it measured.
+        print(f"{run.method} ({run.impl}): trainable {res['trainable']:,}, loss {rows[-1]['loss_first']:.3f} -> "
+              f"{rows[-1]['loss_last']:.3f}, test accuracy {res['acc_after']:.3f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "compare.csv", "w", newline="") as f:
