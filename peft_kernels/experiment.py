@@ -226,15 +226,18 @@ def saved_bytes(model, batch, head: torch.Tensor) -> int:
     excluding parameters and buffers (they live anyway): the activation memory of a step, deterministic,
     unlike a process's resident size, which freed-but-kept allocator memory blurs."""
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    kept = {}
+    kept, alive = {}, []
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in skip:
             kept.setdefault(ptr, t.untyped_storage().nbytes())
-        # Nothing is unpacked (no backward runs here). Returning t itself would let a node that saves its own
-        # output hold that output, whose grad_fn is the node: a cycle through C++ that Python's collector cannot
-        # see, which kept every probed step's graph and model copy alive (0.75 GiB per run of compare).
+        # Each storage stays alive until the probe ends (as the graph would keep it), so a freed one cannot be
+        # reused at the same address and be counted once for two. It is held here, detached, not by the graph:
+        # returning t itself would let a node that saves its own output hold that output, whose grad_fn is the
+        # node, a cycle through C++ that Python's collector cannot see; it kept every probed graph and model copy
+        # alive (0.75 GiB per run of compare). Nothing is unpacked: no backward runs here.
+        alive.append(t.detach())
         return None
 
     def unpack(_):
@@ -244,6 +247,7 @@ def saved_bytes(model, batch, head: torch.Tensor) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         loss = F.cross_entropy(label_logits(model, batch, head), batch[3])
     del loss
+    alive.clear()
     return sum(kept.values())
 
 
