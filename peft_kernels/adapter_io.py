@@ -169,27 +169,36 @@ def skeleton(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def load(model: nn.Module, directory: pathlib.Path, raw: dict) -> nn.Module:
-    """Load an adapter written by :func:`save` into ``model``, applying its config first if the model has none.
-    Every key and shape is checked against what the config creates (on a meta skeleton) before ``model`` is
-    touched: on error a ValueError says what, and the model is left as it was."""
-    config = config_from_dict(raw, directory / CONFIG_NAME)
-    tensors = {k.removeprefix(PREFIX): v for k, v in read_tensors(directory).items()}
-    present = attached(model)
-    if present is not None and type(present) is not type(config):
-        raise ValueError(f"load_adapter: the model carries a {type(present).__name__}; the adapter in {directory} "
-                         f"is a {type(config).__name__}")
-    apply = getattr(config, "apply_for_load", config.apply_to)
-    probe = model if present is not None else apply(skeleton(model))
-    expected = {n: tuple(t.shape) for n, t in _state(probe, config).items()}
+def _a(name: str) -> str:
+    return ("an " if name[0] in "AEIOU" else "a ") + name
+
+
+def check_match(expected: dict[str, tuple], tensors: dict[str, torch.Tensor], source, config, model: nn.Module) -> None:
+    """Raise a ValueError unless ``tensors`` (read from ``source``) has exactly the keys of ``expected`` (name ->
+    shape, what ``config`` creates on ``model``), each with that shape."""
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"load_adapter: {directory / WEIGHTS_NAME} does not match a {type(config).__name__} of "
+        raise ValueError(f"load_adapter: {source} does not match {_a(type(config).__name__)} of "
                          f"{type(model).__name__}: missing {missing[:4]}, unexpected {unexpected[:4]}")
     for name, value in tensors.items():
         if tuple(value.shape) != expected[name]:
             raise ValueError(f"load_adapter: {name} has shape {list(value.shape)} in the file but "
                              f"{list(expected[name])} in the model")
+
+
+def load_into(model: nn.Module, config, tensors: dict[str, torch.Tensor], source) -> nn.Module:
+    """Put ``tensors`` (keyed by the model's parameter names, read from ``source``) into ``model`` as ``config``'s
+    adapter, applying ``config`` first if the model has none. Every key and shape is checked against what the
+    config creates (on a meta skeleton) before ``model`` is touched: on error a ValueError says what, and the
+    model is left as it was. Our format (:func:`load`) and the PEFT-format loaders of IA3 and soft prompts end
+    here."""
+    present = attached(model)
+    if present is not None and type(present) is not type(config):
+        raise ValueError(f"load_adapter: the model carries {_a(type(present).__name__)}; the adapter in {source} "
+                         f"is {_a(type(config).__name__)}")
+    apply = getattr(config, "apply_for_load", config.apply_to)
+    probe = model if present is not None else apply(skeleton(model))
+    check_match({n: tuple(t.shape) for n, t in _state(probe, config).items()}, tensors, source, config, model)
     if hasattr(config, "check_state"):
         config.check_state(tensors)
     if present is None:
@@ -202,6 +211,13 @@ def load(model: nn.Module, directory: pathlib.Path, raw: dict) -> nn.Module:
             for name, value in tensors.items():
                 targets[name].copy_(value)
     return model
+
+
+def load(model: nn.Module, directory: pathlib.Path, raw: dict) -> nn.Module:
+    """Load an adapter written by :func:`save` into ``model`` (see :func:`load_into`)."""
+    config = config_from_dict(raw, directory / CONFIG_NAME)
+    tensors = {k.removeprefix(PREFIX): v for k, v in read_tensors(directory).items()}
+    return load_into(model, config, tensors, directory / WEIGHTS_NAME)
 
 
 def atomic_write(writers: dict) -> None:

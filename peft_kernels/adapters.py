@@ -386,29 +386,13 @@ class IA3Config(_Scaling):
         except ValueError as exc:
             raise ValueError(f"load_adapter: {path}: {exc}") from exc
         tensors = {k.removeprefix(PREFIX): v for k, v in adapter_io.read_tensors(directory).items()}
-        present = adapter_io.attached(model)
-        if present is not None and not isinstance(present, IA3Config):
-            raise ValueError(f"load_adapter: the model carries a {type(present).__name__}; the adapter in {directory} "
-                             "is an IA3Config")
-        if present is not None:
-            _check_unmerged(model, IA3Linear, "load_adapter")
-        probe = model if present is not None else config.apply_to(adapter_io.skeleton(model))
-        expected = {n: tuple(p.shape) for n, p in probe.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-        if missing or unexpected:
-            raise ValueError(f"load_adapter: {directory / WEIGHTS_NAME} does not match an IA3Config of "
-                             f"{type(model).__name__}: missing {missing[:4]}, unexpected {unexpected[:4]}")
-        for name, value in tensors.items():
-            if tuple(value.shape) != expected[name]:
-                raise ValueError(f"load_adapter: {name} has shape {list(value.shape)} in the file but "
-                                 f"{list(expected[name])} in the model")
-        if present is None:
-            config.apply_to(model)
+        return adapter_io.load_into(model, config, tensors, directory / WEIGHTS_NAME)
+
+    def load_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        _check_unmerged(model, IA3Linear, "load_adapter")
         params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value)
-        return model
+        for name, value in tensors.items():
+            params[name].copy_(value)
 
 
 @adapter_io.method("PEFT_KERNELS_HADAMARD")

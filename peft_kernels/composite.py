@@ -153,7 +153,10 @@ class _Composed:
         claims: list[list[tuple[str, nn.Parameter]]] = []
         buffers, modules, resolved, claimed = [], [], [], set()
         for j, part in enumerate(parts):
-            old_modules, old_buffers = {id(m) for m in model.modules()}, {id(b) for b in model.buffers()}
+            # The lists keep the part's replaced modules alive until the comparison below: a freed module's
+            # address (its id) can be reused by the module that replaces it, which would then look old.
+            before_modules, before_buffers = list(model.modules()), list(model.buffers())
+            old_modules, old_buffers = {id(m) for m in before_modules}, {id(b) for b in before_buffers}
             try:
                 resolved.append(_apply_part(part, model, structure_only))
             except (ValueError, TypeError) as exc:

@@ -465,14 +465,7 @@ def _load_peft_adalora(model: nn.Module, directory: pathlib.Path, raw: dict) -> 
     for name, p in probe.named_parameters():
         if ".lora_" not in name and targeting.matches(name.rpartition(".")[0], heads):
             expected[name] = tuple(p.shape)
-    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"load_adapter: {directory / adapter_io.WEIGHTS_NAME} does not match an AdaLoRAConfig of "
-                         f"{type(model).__name__}: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    for name, value in tensors.items():
-        if tuple(value.shape) != expected[name]:
-            raise ValueError(f"load_adapter: {name} has shape {list(value.shape)} in the file but "
-                             f"{list(expected[name])} in the model")
+    adapter_io.check_match(expected, tensors, directory / adapter_io.WEIGHTS_NAME, config, model)
     config.apply_to(model)
     with torch.no_grad():
         for name, module in _modules(model, AdaLoRALinear).items():

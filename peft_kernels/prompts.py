@@ -548,24 +548,4 @@ def _load_peft(model: nn.Module, directory: pathlib.Path, raw: dict) -> nn.Modul
         if not key.startswith("base_model."):
             raise ValueError(f"load_adapter: unexpected key {key!r} in {directory / adapter_io.WEIGHTS_NAME}")
         state[key.removeprefix("base_model.")] = value
-    present = adapter_io.attached(model)
-    if present is not None and type(present) is not type(config):
-        raise ValueError(f"load_adapter: {type(model).__name__} carries a {type(present).__name__}; the {peft_type} "
-                         f"adapter in {directory} loads as a {type(config).__name__}")
-    probe = model if present is not None else config.apply_to(adapter_io.skeleton(model))
-    expected = {n: tuple(p.shape) for n, p in adapter_io.default_state(probe).items()}
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"load_adapter: {directory} does not match a {type(config).__name__} of "
-                         f"{type(model).__name__}: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    for key, value in state.items():
-        if tuple(value.shape) != expected[key]:
-            raise ValueError(f"load_adapter: {key} has shape {list(value.shape)} in {directory} but "
-                             f"{list(expected[key])} in the model")
-    if present is None:
-        config.apply_to(model)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in state.items():
-            params[key].copy_(value)
-    return model
+    return adapter_io.load_into(model, config, state, directory)
