@@ -25,6 +25,7 @@ from .adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from .nn.adapter import (NON_LINEARITIES, BottleneckAdapter, HadamardLinear, IA3Linear, ParallelAdapter,
                          SequentialAdapter, zero_)
 from .nn.compacter import PHMLinear
+from ._validate import check_targets, is_int, is_number, require
 
 _LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma")
 _BERT_LIKE = ("bert", "roberta")
@@ -51,20 +52,6 @@ IA3_FEEDFORWARD = _table(["down_proj"], ["output.dense"])
 HADAMARD_TARGETS = _table(["o_proj"], ["attention.output.dense"])
 # BitFit: the biases of every module under these (LLaMA: the decoder layers, i.e. every Linear but lm_head).
 BITFIT_TARGETS = _table(["layers"], ["encoder"])
-
-
-def _check(config: str, name: str, ok: bool, expected: str, got) -> None:
-    if not ok:
-        raise ValueError(f"{config}: argument '{name}' must be {expected}, got {got!r}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_targets(config: str, name: str, value) -> None:
-    _check(config, name, value is None or (isinstance(value, list) and all(isinstance(t, str) and t for t in value)),
-           "None or a list of module names", value)
 
 
 def _pattern(target: str) -> re.Pattern:
@@ -110,14 +97,13 @@ class _Bottleneck:
     """What AdapterConfig and CompacterConfig share: placement, target resolution and module surgery."""
 
     def _validate(self, name: str) -> None:
-        _check(name, "bottleneck", _is_int(self.bottleneck) and self.bottleneck >= 1, "an int >= 1", self.bottleneck)
-        _check(name, "placement", self.placement in ADAPTER_TARGETS, f"one of {sorted(ADAPTER_TARGETS)}",
-               self.placement)
-        _check(name, "non_linearity", self.non_linearity in NON_LINEARITIES, f"one of {sorted(NON_LINEARITIES)}",
-               self.non_linearity)
-        _check(name, "scaling", isinstance(self.scaling, (int, float)) and not isinstance(self.scaling, bool),
-               "a number", self.scaling)
-        _check_targets(name, "target_modules", self.target_modules)
+        require(name, "bottleneck", is_int(self.bottleneck) and self.bottleneck >= 1, "an int >= 1", self.bottleneck)
+        require(name, "placement", self.placement in ADAPTER_TARGETS, f"one of {sorted(ADAPTER_TARGETS)}",
+                self.placement)
+        require(name, "non_linearity", self.non_linearity in NON_LINEARITIES, f"one of {sorted(NON_LINEARITIES)}",
+                self.non_linearity)
+        require(name, "scaling", is_number(self.scaling), "a number", self.scaling)
+        check_targets(name, "target_modules", self.target_modules)
 
     def _width(self, model: nn.Module, name: str, module: nn.Module) -> int:
         """d: the adapter's input and output width at ``module``."""
@@ -128,7 +114,7 @@ class _Bottleneck:
                                  f"map d -> d; it maps {module.in_features} -> {module.out_features}")
             return module.out_features
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        if not _is_int(hidden):
+        if not is_int(hidden):
             raise ValueError(f"apply: {name} is a {type(module).__name__}, not an nn.Linear; its width is taken from "
                              f"model.config.hidden_size, which {type(model).__name__} lacks")
         return hidden
@@ -234,10 +220,10 @@ class CompacterConfig(_Bottleneck):
 
     def __post_init__(self):
         self._validate("CompacterConfig")
-        _check("CompacterConfig", "n", _is_int(self.n) and self.n >= 1, "an int >= 1", self.n)
-        _check("CompacterConfig", "rank", self.rank is None or (_is_int(self.rank) and self.rank >= 1),
-               "None (full PHM factors) or an int >= 1", self.rank)
-        _check("CompacterConfig", "shared", isinstance(self.shared, bool), "a bool", self.shared)
+        require("CompacterConfig", "n", is_int(self.n) and self.n >= 1, "an int >= 1", self.n)
+        require("CompacterConfig", "rank", self.rank is None or (is_int(self.rank) and self.rank >= 1),
+                "None (full PHM factors) or an int >= 1", self.rank)
+        require("CompacterConfig", "shared", isinstance(self.shared, bool), "a bool", self.shared)
 
     def apply_to(self, model: nn.Module) -> nn.Module:
         """As :meth:`AdapterConfig.apply_to`, with PHMLinear projections (sharing one A when ``shared``)."""
@@ -291,8 +277,8 @@ class IA3Config(_Scaling):
     kind = IA3Linear
 
     def __post_init__(self):
-        _check_targets("IA3Config", "target_modules", self.target_modules)
-        _check_targets("IA3Config", "feedforward_modules", self.feedforward_modules)
+        check_targets("IA3Config", "target_modules", self.target_modules)
+        check_targets("IA3Config", "feedforward_modules", self.feedforward_modules)
 
     def _resolved(self, model: nn.Module) -> tuple[list[str], list[str]]:
         targets = targeting.resolve_targets(model, self.target_modules, table=IA3_TARGETS, config_name="IA3Config")
@@ -409,7 +395,7 @@ class HadamardAdapterConfig(_Scaling):
     kind = HadamardLinear
 
     def __post_init__(self):
-        _check_targets("HadamardAdapterConfig", "target_modules", self.target_modules)
+        check_targets("HadamardAdapterConfig", "target_modules", self.target_modules)
 
     def apply_to(self, model: nn.Module) -> nn.Module:
         """Wrap the targeted nn.Linear modules of ``model`` in place in :class:`HadamardLinear`, freeze everything
@@ -453,8 +439,8 @@ class BitFitConfig:
     train_task_head: bool = True
 
     def __post_init__(self):
-        _check_targets("BitFitConfig", "target_modules", self.target_modules)
-        _check("BitFitConfig", "add_missing", isinstance(self.add_missing, bool), "a bool", self.add_missing)
+        check_targets("BitFitConfig", "target_modules", self.target_modules)
+        require("BitFitConfig", "add_missing", isinstance(self.add_missing, bool), "a bool", self.add_missing)
 
     def apply_to(self, model: nn.Module) -> nn.Module:
         """Freeze ``model`` but the biases of the targeted modules (adding zero biases to bias-less Linear layers

@@ -18,8 +18,9 @@ from torch import nn
 
 from . import adapter_io, targeting
 from .adapter_io import CONFIG_NAME, PREFIX
-from .adapters import (AdapterConfig, BitFitConfig, HadamardAdapterConfig, IA3Config, _Bottleneck, _check,
-                       _is_int, _module_names, _pattern)
+from ._validate import is_int, is_number, require
+from .adapters import (AdapterConfig, BitFitConfig, HadamardAdapterConfig, IA3Config, _Bottleneck, _module_names,
+                       _pattern)
 from .lora import LoRAConfig
 from .nn import HadamardLinear, IA3Linear, LoRALinear
 from .nn.adapter import BottleneckAdapter
@@ -268,11 +269,11 @@ class CompositeConfig(_Composed):
     train_task_head: bool = True
 
     def __post_init__(self):
-        _check("CompositeConfig", "parts", isinstance(self.parts, list) and len(self.parts) > 0,
-               "a non-empty list of method configs", self.parts)
+        require("CompositeConfig", "parts", isinstance(self.parts, list) and len(self.parts) > 0,
+                "a non-empty list of method configs", self.parts)
         self.parts = [_part(p, f"CompositeConfig: argument 'parts'[{i}]") for i, p in enumerate(self.parts)]
-        _check("CompositeConfig", "train_task_head", isinstance(self.train_task_head, bool), "a bool",
-               self.train_task_head)
+        require("CompositeConfig", "train_task_head", isinstance(self.train_task_head, bool), "a bool",
+                self.train_task_head)
 
     def _parts_for(self, model: nn.Module) -> list:
         return list(self.parts)
@@ -292,9 +293,9 @@ def spindle_split(num_layers: int, groups: int) -> list[int]:
     share of the middle ones (weights 1, 2, …, 2, 1; two groups: 1, 1), counts rounded by largest remainder with
     ties going to the groups nearer the middle, then every empty group takes one layer from the largest (nearest
     the middle). 12 layers, 4 groups: 2-4-4-2 (the paper's); 8: 1-3-3-1; 24: 4-8-8-4; 6: 1-2-2-1; 4: 1-1-1-1."""
-    if not _is_int(groups) or groups < 1:
+    if not is_int(groups) or groups < 1:
         raise ValueError(f"spindle_split: argument 'groups' must be an int >= 1, got {groups!r}")
-    if not _is_int(num_layers) or num_layers < groups:
+    if not is_int(num_layers) or num_layers < groups:
         raise ValueError(f"spindle_split: argument 'num_layers' must be an int >= groups ({groups}), got {num_layers!r}")
     weights = [1] * groups if groups <= 2 else [1] + [2] * (groups - 2) + [1]
     shares = [num_layers * w / sum(weights) for w in weights]
@@ -325,7 +326,7 @@ def _layer_container(model: nn.Module) -> tuple[str, int]:
     length is ``model.config.num_hidden_layers`` (LLaMA: model.layers; BERT: bert.encoder.layer)."""
     count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and _is_int(count) and len(module) == count:
+        if isinstance(module, nn.ModuleList) and is_int(count) and len(module) == count:
             return name, count
     raise ValueError(f"S4Config: cannot find the layers of {type(model).__name__} (an nn.ModuleList of "
                      f"model.config.num_hidden_layers={count!r} modules)")
@@ -369,12 +370,12 @@ class S4Config(_Composed):
     train_task_head: bool = True
 
     def __post_init__(self):
-        _check("S4Config", "groups", _is_int(self.groups) and self.groups >= 1, "an int >= 1", self.groups)
+        require("S4Config", "groups", is_int(self.groups) and self.groups >= 1, "an int >= 1", self.groups)
         if self.assignment is None:
             self.assignment = default_s4_assignment(self.groups)
-        _check("S4Config", "assignment", isinstance(self.assignment, list) and len(self.assignment) == self.groups
-               and all(isinstance(g, list) and g for g in self.assignment),
-               f"None or a list of {self.groups} non-empty lists of method configs", self.assignment)
+        require("S4Config", "assignment", isinstance(self.assignment, list) and len(self.assignment) == self.groups
+                and all(isinstance(g, list) and g for g in self.assignment),
+                f"None or a list of {self.groups} non-empty lists of method configs", self.assignment)
         self.assignment = [[_part(c, f"S4Config: argument 'assignment'[{g}][{i}]") for i, c in enumerate(group)]
                            for g, group in enumerate(self.assignment)]
         for g, group in enumerate(self.assignment):
@@ -382,7 +383,7 @@ class S4Config(_Composed):
                 if "target_modules" not in {f.name for f in dataclasses.fields(c)}:
                     raise ValueError(f"S4Config: argument 'assignment'[{g}][{i}] ({type(c).__name__}) has no "
                                      "target_modules to restrict to the group's layers")
-        _check("S4Config", "train_task_head", isinstance(self.train_task_head, bool), "a bool", self.train_task_head)
+        require("S4Config", "train_task_head", isinstance(self.train_task_head, bool), "a bool", self.train_task_head)
 
     def group_layers(self, model: nn.Module) -> list[list[str]]:
         """The module names of each group's layers (e.g. [['model.layers.0'], ['model.layers.1', ...], ...])."""
@@ -462,16 +463,16 @@ class SparseAdapterConfig(_Bottleneck):
 
     def __post_init__(self):
         self._validate("SparseAdapterConfig")
-        _check("SparseAdapterConfig", "sparsity", isinstance(self.sparsity, (int, float)) and not isinstance(
-            self.sparsity, bool) and 0 <= self.sparsity < 1, "a number in [0, 1)", self.sparsity)
-        _check("SparseAdapterConfig", "score", self.score in ("magnitude", "snip"), "'magnitude' or 'snip'", self.score)
-        _check("SparseAdapterConfig", "scope", self.scope in ("global", "layer"), "'global' or 'layer'", self.scope)
-        _check("SparseAdapterConfig", "batches", self.batches is None or (isinstance(self.batches, list) and
-               len(self.batches) > 0), "None or a non-empty list of batches", self.batches)
-        _check("SparseAdapterConfig", "loss_fn", self.loss_fn is None or callable(self.loss_fn),
-               "None or a callable (model, batch) -> loss", self.loss_fn)
-        _check("SparseAdapterConfig", "init_std", isinstance(self.init_std, (int, float)) and self.init_std > 0,
-               "a number > 0", self.init_std)
+        require("SparseAdapterConfig", "sparsity", is_number(self.sparsity) and 0 <= self.sparsity < 1,
+                "a number in [0, 1)", self.sparsity)
+        require("SparseAdapterConfig", "score", self.score in ("magnitude", "snip"), "'magnitude' or 'snip'", self.score)
+        require("SparseAdapterConfig", "scope", self.scope in ("global", "layer"), "'global' or 'layer'", self.scope)
+        require("SparseAdapterConfig", "batches", self.batches is None or (isinstance(self.batches, list) and
+                len(self.batches) > 0), "None or a non-empty list of batches", self.batches)
+        require("SparseAdapterConfig", "loss_fn", self.loss_fn is None or callable(self.loss_fn),
+                "None or a callable (model, batch) -> loss", self.loss_fn)
+        require("SparseAdapterConfig", "init_std", is_number(self.init_std) and self.init_std > 0,
+                "a number > 0", self.init_std)
 
     def _projections(self, name, d, factory):
         down = MaskedLinear(d, self.bottleneck, **factory)
@@ -563,7 +564,7 @@ class AdapterFusionConfig:
     train_task_head: bool = True
 
     def __post_init__(self):
-        _check("AdapterFusionConfig", "adapters", isinstance(self.adapters, list) and len(self.adapters) > 0 and all(
+        require("AdapterFusionConfig", "adapters", isinstance(self.adapters, list) and len(self.adapters) > 0 and all(
             isinstance(a, (str, pathlib.Path)) for a in self.adapters), "a non-empty list of directories", self.adapters)
         self.adapters = [str(a) for a in self.adapters]
 

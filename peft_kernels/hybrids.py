@@ -20,10 +20,11 @@ import inspect
 from torch import nn
 
 from . import adapter_io, targeting
-from .adapters import ADAPTER_TARGETS, NON_LINEARITIES, AdapterConfig, _check, _check_targets, _is_int
+from ._validate import check_lora_args, check_targets, count, is_int, is_number, require
+from .adapters import ADAPTER_TARGETS, NON_LINEARITIES, AdapterConfig
 from .nn.adapter import SequentialAdapter
 from .nn.unipelt import GATE_NAME, GatedLoRALinear, GatedSequentialAdapter, PrefixGate, gate_prefix_values
-from .prompts import PREFIX, PrefixTuningConfig, _count, install_prefix, kv_layout
+from .prompts import PREFIX, PrefixTuningConfig, install_prefix, kv_layout
 
 # UniPELT's LoRA targets (the paper's, and HF PEFT's LoRA defaults): the attention query and value projections.
 LORA_TARGETS = {t: ["q_proj", "v_proj"] for t in ("llama", "mistral", "qwen2", "gemma")} | {
@@ -60,16 +61,16 @@ def _targets(model: nn.Module, value: list[str] | None, table: dict, what: str, 
 
 
 def _check_prefix(what: str, config) -> None:
-    _count(config.num_virtual_tokens, "num_virtual_tokens", what)
-    _count(config.encoder_hidden_size, "encoder_hidden_size", what, allow_none=True)
-    _check(what, "prefix_projection", isinstance(config.prefix_projection, bool), "a bool", config.prefix_projection)
+    count(what, "num_virtual_tokens", config.num_virtual_tokens)
+    count(what, "encoder_hidden_size", config.encoder_hidden_size, allow_none=True)
+    require(what, "prefix_projection", isinstance(config.prefix_projection, bool), "a bool", config.prefix_projection)
 
 
 def _check_adapter(what: str, config) -> None:
-    _check(what, "bottleneck", _is_int(config.bottleneck) and config.bottleneck >= 1, "an int >= 1", config.bottleneck)
-    _check(what, "non_linearity", config.non_linearity in NON_LINEARITIES, f"one of {sorted(NON_LINEARITIES)}",
-           config.non_linearity)
-    _check(what, "train_task_head", isinstance(config.train_task_head, bool), "a bool", config.train_task_head)
+    require(what, "bottleneck", is_int(config.bottleneck) and config.bottleneck >= 1, "an int >= 1", config.bottleneck)
+    require(what, "non_linearity", config.non_linearity in NON_LINEARITIES, f"one of {sorted(NON_LINEARITIES)}",
+            config.non_linearity)
+    require(what, "train_task_head", isinstance(config.train_task_head, bool), "a bool", config.train_task_head)
 
 
 def _prefix_config(config) -> PrefixTuningConfig:
@@ -121,9 +122,8 @@ class MAMConfig:
     def __post_init__(self):
         _check_prefix("MAMConfig", self)
         _check_adapter("MAMConfig", self)
-        _check("MAMConfig", "scaling", isinstance(self.scaling, (int, float)) and not isinstance(self.scaling, bool),
-               "a number", self.scaling)
-        _check_targets("MAMConfig", "target_modules", self.target_modules)
+        require("MAMConfig", "scaling", is_number(self.scaling), "a number", self.scaling)
+        check_targets("MAMConfig", "target_modules", self.target_modules)
 
     def apply_to(self, model: nn.Module) -> nn.Module:
         """Wrap the FFNs of ``model`` in place in :class:`peft_kernels.nn.ParallelAdapter`, install the prefixes,
@@ -201,15 +201,11 @@ class UniPELTConfig:
     train_task_head: bool = True
 
     def __post_init__(self):
-        _check("UniPELTConfig", "r", _is_int(self.r) and self.r >= 1, "an int >= 1", self.r)
-        _check("UniPELTConfig", "alpha", isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool),
-               "a number", self.alpha)
-        _check("UniPELTConfig", "dropout", isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
-               and 0 <= self.dropout < 1, "a number in [0, 1)", self.dropout)
+        check_lora_args("UniPELTConfig", self.r, self.alpha, self.dropout)
         _check_prefix("UniPELTConfig", self)
         _check_adapter("UniPELTConfig", self)
-        _check_targets("UniPELTConfig", "lora_target_modules", self.lora_target_modules)
-        _check_targets("UniPELTConfig", "adapter_target_modules", self.adapter_target_modules)
+        check_targets("UniPELTConfig", "lora_target_modules", self.lora_target_modules)
+        check_targets("UniPELTConfig", "adapter_target_modules", self.adapter_target_modules)
 
     def apply_to(self, model: nn.Module) -> nn.Module:
         """Install the gated adapters, LoRA layers and prefixes on ``model`` in place, freeze everything else but a

@@ -25,6 +25,7 @@ from . import adapter_io, ops, targeting
 from .lora import LoRAConfig
 from .nn import AdaLoRALinear, DyLoRALinear, LoRALinear, QLoRALinear, enable_delta_lora
 from .nn.nf4 import _PARTS
+from ._validate import check_lora_args, check_targets, is_int, is_number, require
 
 # Default targets per transformers model_type (every config here): the attention query and value projections.
 DEFAULT_TARGETS = {
@@ -34,27 +35,6 @@ DEFAULT_TARGETS = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
 }
-
-
-def _check(config_name: str, name: str, ok: bool, expected: str, got) -> None:
-    if not ok:
-        raise ValueError(f"{config_name}: argument '{name}' must be {expected}, got {got!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_lora_args(config) -> None:
-    name = type(config).__name__
-    _check(name, "dropout", isinstance(config.dropout, (int, float)) and 0 <= config.dropout < 1, "in [0, 1)",
-           config.dropout)
-    _check(name, "alpha", isinstance(config.alpha, (int, float)) and not isinstance(config.alpha, bool), "a number",
-           config.alpha)
-    _check(name, "target_modules", config.target_modules is None or (
-        isinstance(config.target_modules, list) and config.target_modules
-        and all(isinstance(t, str) for t in config.target_modules)), "None or a non-empty list of names",
-        config.target_modules)
 
 
 def _swap(model: nn.Module, config, make) -> list[str]:
@@ -99,8 +79,8 @@ class LoRAFAConfig:
     train_task_head: bool = True
 
     def __post_init__(self):
-        _check("LoRAFAConfig", "r", _is_int(self.r) and self.r >= 1, "an int >= 1", self.r)
-        _check_lora_args(self)
+        check_lora_args("LoRAFAConfig", self.r, self.alpha, self.dropout)
+        check_targets("LoRAFAConfig", "target_modules", self.target_modules)
 
     def apply_to(self, model: nn.Module) -> nn.Module:
         def make(linear):
@@ -132,9 +112,9 @@ class DyLoRAConfig:
     train_task_head: bool = True
 
     def __post_init__(self):
-        _check("DyLoRAConfig", "r", _is_int(self.r) and self.r >= 1, "an int >= 1", self.r)
-        _check("DyLoRAConfig", "seed", _is_int(self.seed), "an int", self.seed)
-        _check_lora_args(self)
+        check_lora_args("DyLoRAConfig", self.r, self.alpha, self.dropout)
+        check_targets("DyLoRAConfig", "target_modules", self.target_modules)
+        require("DyLoRAConfig", "seed", is_int(self.seed), "an int", self.seed)
 
     def apply_to(self, model: nn.Module) -> nn.Module:
         generator = torch.Generator().manual_seed(self.seed)
@@ -177,10 +157,9 @@ class DeltaLoRAConfig:
     train_task_head: bool = True
 
     def __post_init__(self):
-        _check("DeltaLoRAConfig", "r", _is_int(self.r) and self.r >= 1, "an int >= 1", self.r)
-        _check("DeltaLoRAConfig", "update_ratio", isinstance(self.update_ratio, (int, float))
-               and not isinstance(self.update_ratio, bool), "a number", self.update_ratio)
-        _check_lora_args(self)
+        check_lora_args("DeltaLoRAConfig", self.r, self.alpha, self.dropout)
+        check_targets("DeltaLoRAConfig", "target_modules", self.target_modules)
+        require("DeltaLoRAConfig", "update_ratio", is_number(self.update_ratio), "a number", self.update_ratio)
 
     def apply_to(self, model: nn.Module) -> nn.Module:
         targets = _swap(model, self, lambda linear: LoRALinear.from_linear(
@@ -239,22 +218,22 @@ class AdaLoRAConfig:
 
     def __post_init__(self):
         name = "AdaLoRAConfig"
-        _check(name, "init_r", _is_int(self.init_r) and self.init_r >= 1, "an int >= 1", self.init_r)
-        _check(name, "target_r", _is_int(self.target_r) and 1 <= self.target_r <= self.init_r,
-               f"an int in [1, init_r={self.init_r}]", self.target_r)
-        _check(name, "total_step", _is_int(self.total_step) and self.total_step > 0, "an int > 0", self.total_step)
+        check_lora_args(name, self.init_r, self.alpha, self.dropout, r_name="init_r")
+        require(name, "target_r", is_int(self.target_r) and 1 <= self.target_r <= self.init_r,
+                f"an int in [1, init_r={self.init_r}]", self.target_r)
+        require(name, "total_step", is_int(self.total_step) and self.total_step > 0, "an int > 0", self.total_step)
         for field in ("tinit", "tfinal"):
-            _check(name, field, _is_int(getattr(self, field)) and getattr(self, field) >= 0, "an int >= 0",
-                   getattr(self, field))
-        _check(name, "deltaT", _is_int(self.deltaT) and self.deltaT >= 1, "an int >= 1", self.deltaT)
-        _check(name, "tinit", self.tinit < self.total_step - self.tfinal,
-               f"< total_step - tfinal = {self.total_step - self.tfinal} (no budgeting phase otherwise)", self.tinit)
+            require(name, field, is_int(getattr(self, field)) and getattr(self, field) >= 0, "an int >= 0",
+                    getattr(self, field))
+        require(name, "deltaT", is_int(self.deltaT) and self.deltaT >= 1, "an int >= 1", self.deltaT)
+        require(name, "tinit", self.tinit < self.total_step - self.tfinal,
+                f"< total_step - tfinal = {self.total_step - self.tfinal} (no budgeting phase otherwise)", self.tinit)
         for field in ("beta1", "beta2"):
-            _check(name, field, isinstance(getattr(self, field), float) and 0 < getattr(self, field) < 1,
-                   "a float in (0, 1)", getattr(self, field))
-        _check(name, "orth_reg_weight", isinstance(self.orth_reg_weight, (int, float)) and self.orth_reg_weight >= 0,
-               "a number >= 0", self.orth_reg_weight)
-        _check_lora_args(self)
+            require(name, field, isinstance(getattr(self, field), float) and 0 < getattr(self, field) < 1,
+                    "a float in (0, 1)", getattr(self, field))
+        require(name, "orth_reg_weight", is_number(self.orth_reg_weight) and self.orth_reg_weight >= 0,
+                "a number >= 0", self.orth_reg_weight)
+        check_targets(name, "target_modules", self.target_modules)
 
     def apply_to(self, model: nn.Module) -> nn.Module:
         targets = _swap(model, self, lambda linear: AdaLoRALinear.from_linear(
@@ -315,8 +294,8 @@ def update_and_allocate(model: nn.Module, global_step: int) -> dict[str, list[bo
     score is S(Lambda_i) + mean_j S(Q_ij) + mean_j S(P_ji) with S = EMA(|w g|) * EMA(| |w g| - EMA(|w g|) |).
     Returns the rank pattern ({module name: kept flags [r]}) when masks changed or were re-applied, else None."""
     config, modules = _adalora(model, "update_and_allocate")
-    _check("update_and_allocate", "global_step", _is_int(global_step) and global_step >= 0, "an int >= 0",
-           global_step)
+    require("update_and_allocate", "global_step", is_int(global_step) and global_step >= 0, "an int >= 0",
+            global_step)
     state: _Allocator = model.peft_kernels_adalora
     end = config.total_step - config.tfinal
     if global_step > end:
@@ -496,7 +475,7 @@ def loftq_init(module: QLoRALinear, weight: torch.Tensor, iters: int = 1) -> lis
         got = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"loftq_init: argument 'weight' must be a tensor of shape "
                          f"[{module.out_features}, {module.in_features}], got {got}")
-    _check("loftq_init", "iters", _is_int(iters) and iters >= 1, "an int >= 1", iters)
+    require("loftq_init", "iters", is_int(iters) and iters >= 1, "an int >= 1", iters)
     if module.r > min(module.in_features, module.out_features):
         raise ValueError(f"loftq_init: the module's rank r={module.r} exceeds min(in, out) = "
                          f"{min(module.in_features, module.out_features)}; the SVD has no more components")

@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import adapter_io, targeting
+from ._validate import count
 from .nn.prompt import ENCODERS, PrefixEncoder, PromptEmbedding, PromptEncoder
 
 PROMPT, PREFIX = "peft_kernels_prompt", "peft_kernels_prefix"
@@ -55,14 +56,6 @@ PEFT_TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ
 
 
 # ----------------------------------------------------------------------------------------------------- checks
-
-
-def _count(value, name: str, what: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what}: argument '{name}' must be an int >= 1{' or None' if allow_none else ''}, "
-                         f"got {value!r}")
 
 
 def input_embeddings(model: nn.Module, what: str) -> nn.Embedding:
@@ -289,7 +282,7 @@ class PromptTuningConfig:
     train_task_head: bool = True
 
     def __post_init__(self):
-        _count(self.num_virtual_tokens, "num_virtual_tokens", "PromptTuningConfig")
+        count("PromptTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
         if self.init not in INITS:
             raise ValueError(f"PromptTuningConfig: argument 'init' must be one of {list(INITS)}, got {self.init!r}")
         if self.init == "text" and not self.init_text:
@@ -359,9 +352,9 @@ class PTuningConfig:
     train_task_head: bool = True
 
     def __post_init__(self):
-        _count(self.num_virtual_tokens, "num_virtual_tokens", "PTuningConfig")
-        _count(self.encoder_hidden_size, "encoder_hidden_size", "PTuningConfig", allow_none=True)
-        _count(self.encoder_num_layers, "encoder_num_layers", "PTuningConfig")
+        count("PTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
+        count("PTuningConfig", "encoder_hidden_size", self.encoder_hidden_size, allow_none=True)
+        count("PTuningConfig", "encoder_num_layers", self.encoder_num_layers)
         if self.encoder not in ENCODERS:
             raise ValueError(f"PTuningConfig: argument 'encoder' must be one of {list(ENCODERS)}, got {self.encoder!r}")
         if not isinstance(self.encoder_dropout, (int, float)) or not 0 <= self.encoder_dropout < 1:
@@ -414,8 +407,8 @@ class PrefixTuningConfig:
     train_task_head: bool = True
 
     def __post_init__(self):
-        _count(self.num_virtual_tokens, "num_virtual_tokens", "PrefixTuningConfig")
-        _count(self.encoder_hidden_size, "encoder_hidden_size", "PrefixTuningConfig", allow_none=True)
+        count("PrefixTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
+        count("PrefixTuningConfig", "encoder_hidden_size", self.encoder_hidden_size, allow_none=True)
         if not isinstance(self.prefix_projection, bool):
             raise ValueError(f"PrefixTuningConfig: argument 'prefix_projection' must be a bool, got "
                              f"{self.prefix_projection!r}")

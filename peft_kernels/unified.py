@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import adapter_io, ops, targeting
+from ._validate import check_lora_args
 from .lora import LoRAConfig
 from .nn import LoRALinear
 
@@ -51,15 +52,6 @@ def _frozen_copy_of(linear: nn.Linear) -> tuple[nn.Parameter, nn.Parameter | Non
     weight = nn.Parameter(linear.weight.data, requires_grad=False)
     bias = None if linear.bias is None else nn.Parameter(linear.bias.data, requires_grad=False)
     return weight, bias
-
-
-def _check_common(config_name: str, r, alpha, dropout) -> None:
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"{config_name}: argument 'r' must be an int >= 1, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise ValueError(f"{config_name}: argument 'alpha' must be a number, got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{config_name}: argument 'dropout' must be in [0, 1), got {dropout!r}")
 
 
 def _refuse_stacking(model: nn.Module, config_name: str) -> None:
@@ -207,7 +199,7 @@ class ProPETLConfig:
     train_task_head: bool = True
 
     def __post_init__(self):
-        _check_common("ProPETLConfig", self.r, self.alpha, self.dropout)
+        check_lora_args("ProPETLConfig", self.r, self.alpha, self.dropout)
         if not isinstance(self.sparsity, (int, float)) or isinstance(self.sparsity, bool) or not 0 <= self.sparsity < 1:
             raise ValueError(f"ProPETLConfig: argument 'sparsity' must be a number in [0, 1), got {self.sparsity!r}")
 
@@ -297,7 +289,7 @@ class AdaMixLinear(nn.Module):
         super().__init__()
         if not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"AdaMixLinear: argument 'num_experts' must be an int >= 1, got {num_experts!r}")
-        _check_common("AdaMixLinear", r, alpha, dropout)
+        check_lora_args("AdaMixLinear", r, alpha, dropout)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.num_experts, self.r, self.alpha, self.dropout = num_experts, r, alpha, dropout
         self.scaling = alpha / r
@@ -346,7 +338,7 @@ class AdaMixConfig:
     train_task_head: bool = True
 
     def __post_init__(self):
-        _check_common("AdaMixConfig", self.r, self.alpha, self.dropout)
+        check_lora_args("AdaMixConfig", self.r, self.alpha, self.dropout)
         if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 1:
             raise ValueError(f"AdaMixConfig: argument 'num_experts' must be an int >= 1, got {self.num_experts!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

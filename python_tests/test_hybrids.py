@@ -431,7 +431,7 @@ def test_unipelt_not_mergeable():
     ({"num_virtual_tokens": -1}, r"UniPELTConfig: argument 'num_virtual_tokens' must be an int >= 1, got -1"),
     ({"r": 0}, r"UniPELTConfig: argument 'r' must be an int >= 1, got 0"),
     ({"alpha": None}, r"UniPELTConfig: argument 'alpha' must be a number, got None"),
-    ({"dropout": 1.0}, r"UniPELTConfig: argument 'dropout' must be a number in \[0, 1\), got 1.0"),
+    ({"dropout": 1.0}, r"UniPELTConfig: argument 'dropout' must be in \[0, 1\), got 1.0"),
     ({"bottleneck": True}, r"UniPELTConfig: argument 'bottleneck' must be an int >= 1, got True"),
     ({"lora_target_modules": "query"}, r"UniPELTConfig: argument 'lora_target_modules' must be None or a list"),
     ({"adapter_target_modules": [""]}, r"UniPELTConfig: argument 'adapter_target_modules' must be None or a list"),
