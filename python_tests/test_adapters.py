@@ -9,20 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import peft_kernels as pk
-from tiny_models import BERT_VOCAB, LLAMA_VOCAB, tiny_bert_classifier, tiny_llama, tokens
+from tiny_models import BERT_VOCAB, LLAMA_VOCAB, randomize, tiny_bert_classifier, tiny_llama, tokens
 
 LLAMA_TOKENS, BERT_TOKENS = tokens(LLAMA_VOCAB), tokens(BERT_VOCAB)
 LABELS = torch.tensor([0, 2])
 MODELS = {"llama": (tiny_llama, LLAMA_TOKENS), "bert": (tiny_bert_classifier, BERT_TOKENS)}
-
-
-def randomize(model, seed=1):
-    """Add noise to every trainable parameter (zero-initialised ups included), so every test can fail."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def logits(model, x):

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import peft_kernels as pk
-from test_adapters import MODELS, logits, randomize, take_head, trains, wrapped
-from tiny_models import tiny_bert_classifier, tiny_llama
+from test_adapters import MODELS, logits, take_head, trains, wrapped
+from tiny_models import randomize, tiny_bert_classifier, tiny_llama
 
 LLAMA_IA3 = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")]
 BERT_IA3 = ["bert.encoder.layer.0." + p for p in ("attention.self.key", "attention.self.value", "attention.output.dense",

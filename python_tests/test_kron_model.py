@@ -12,15 +12,12 @@ from safetensors.torch import load_file
 
 import peft_kernels as pk
 from test_lora_model import TOKENS, tiny_llama
+from tiny_models import randomize
 
 
-def randomize(model, seed=1):
-    """Random factors: ours (A, B) or PEFT's (lokr_w1, lokr_w2, and their low-rank pairs)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.rsplit(".", 1)[-1] in ("A", "B") or ".lokr_" in name:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+def kron_factors(name):
+    """Ours (A, B) or PEFT's (lokr_w1, lokr_w2, and their low-rank pairs)."""
+    return name.rpartition(".")[2] in ("A", "B") or ".lokr_" in name
 
 
 def kron_modules(model):
@@ -55,7 +52,7 @@ def test_targets_that_match_nothing():
 def test_ours_to_peft_same_logits(tmp_path, factor):
     config = pk.KronAConfig(scaling=0.75, decompose_factor=factor, target_modules=["q_proj", "v_proj", "down_proj"])
     model = pk.apply(tiny_llama(), config)
-    randomize(model)
+    randomize(model, scale=0.1, select=kron_factors, replace=True)
     pk.save_adapter(model, tmp_path)
     keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
     assert keys[0] == "base_model.model.model.layers.0.mlp.down_proj.lokr_w1"
@@ -74,7 +71,7 @@ def test_peft_to_ours_same_logits(tmp_path, r, decompose_both):
     """PEFT stores w2 (and with decompose_both, w1) as a low-rank pair when r is small: we multiply it out."""
     lokr = peft.LoKrConfig(r=r, alpha=3 * r, target_modules=["q_proj", "v_proj"], decompose_both=decompose_both)
     theirs = peft.get_peft_model(tiny_llama(), lokr)
-    randomize(theirs)
+    randomize(theirs, scale=0.1, select=kron_factors, replace=True)
     theirs.save_pretrained(tmp_path)
     parts = {k.rsplit(".", 1)[-1] for k in load_file(tmp_path / "adapter_model.safetensors")}
     assert ("lokr_w2_a" in parts) == (r == 2) and ("lokr_w1_a" in parts) == decompose_both
@@ -88,7 +85,7 @@ def test_peft_to_ours_same_logits(tmp_path, r, decompose_both):
 
 def test_round_trip_into_an_adapted_model(tmp_path):
     source = pk.apply(tiny_llama(), pk.KronAConfig(scaling=0.5))
-    randomize(source)
+    randomize(source, scale=0.1, select=kron_factors, replace=True)
     pk.save_adapter(source, tmp_path)
     target = pk.load_adapter(pk.apply(tiny_llama(), pk.KronAConfig()), tmp_path)
     with torch.no_grad():
@@ -97,7 +94,7 @@ def test_round_trip_into_an_adapted_model(tmp_path):
 
 def test_merged_logits_equal_adapter_logits():
     model = pk.apply(tiny_llama(), pk.KronAConfig(scaling=0.5, target_modules=["q_proj", "o_proj", "up_proj"]))
-    randomize(model)
+    randomize(model, scale=0.1, select=kron_factors, replace=True)
     with torch.no_grad():
         before = model(TOKENS).logits
         for m in kron_modules(model).values():
@@ -107,7 +104,7 @@ def test_merged_logits_equal_adapter_logits():
 
 def test_failed_load_leaves_model_intact(tmp_path):
     source = pk.apply(tiny_llama(), pk.KronAConfig())
-    randomize(source)
+    randomize(source, scale=0.1, select=kron_factors, replace=True)
     pk.save_adapter(source, tmp_path)
     target = pk.apply(tiny_llama(), pk.KronAConfig(decompose_factor=2))
     state = copy.deepcopy(target.state_dict())
@@ -139,7 +136,7 @@ def test_compiled_decoder_layer(dropout):
     """A KronA-wrapped LLaMA decoder layer compiles with fullgraph=True (the per-step dropout seed included) and,
     without dropout, matches eager in values and gradients."""
     model = pk.apply(tiny_llama(), pk.KronAConfig(dropout=dropout, target_modules=["q_proj", "v_proj", "gate_proj"]))
-    randomize(model)
+    randomize(model, scale=0.1, select=kron_factors, replace=True)
     layer = model.model.layers[0].train()
     h = torch.randn(2, 9, 64, requires_grad=True)
     position_embeddings = model.model.rotary_emb(h, torch.arange(9)[None].expand(2, -1))

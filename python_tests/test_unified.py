@@ -14,19 +14,15 @@ from torch import nn
 
 import peft_kernels as pk
 from peft_kernels.unified import AdaMixLinear, ProPETLLinear
-from tiny_models import BERT_VOCAB, LLAMA_VOCAB, tiny_bert_classifier, tiny_llama, tokens
+from tiny_models import BERT_VOCAB, LLAMA_VOCAB, randomize, tiny_bert_classifier, tiny_llama, tokens
 
 TOKENS = tokens(LLAMA_VOCAB)
 BERT_TOKENS = tokens(BERT_VOCAB, (2, 7))
 LLAMA_TARGETS = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 
 
-def randomize(model, parts, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.rpartition(".")[2] in parts:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+def lora_weights(name):
+    return name.rpartition(".")[2] in ("lora_A", "lora_B")
 
 
 def lm_loss(model, ids=TOKENS):
@@ -99,7 +95,7 @@ def test_propetl_apply_bert_classifier():
 def test_propetl_logits_match_plain_torch():
     base = tiny_llama()
     model = pk.apply(copy.deepcopy(base), pk.ProPETLConfig(r=4, alpha=8, sparsity=0.6))
-    randomize(model, ("lora_A", "lora_B"))
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     layers = modules_of(model, ProPETLLinear)
 
     def make(name, linear):
@@ -115,7 +111,7 @@ def test_propetl_logits_match_plain_torch():
 
 def test_propetl_scores_get_the_masks_gradient_straight_through():
     model = pk.apply(tiny_llama(), pk.ProPETLConfig(r=4, alpha=8))
-    randomize(model, ("lora_A", "lora_B"))
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     layer = model.model.layers[0].self_attn.v_proj
     x = torch.randn(3, 5, 64)
     g = torch.randn(3, 5, 32)
@@ -132,7 +128,7 @@ def test_propetl_scores_get_the_masks_gradient_straight_through():
 
 def test_propetl_training_reduces_loss_and_moves_masks():
     model = pk.apply(tiny_llama(), pk.ProPETLConfig(r=4, sparsity=0.5))
-    randomize(model, ("lora_A", "lora_B"))
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     model.train()
     before_masks = [m.masks()[0].clone() for m in modules_of(model, ProPETLLinear).values()]
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
@@ -152,7 +148,7 @@ def test_propetl_training_reduces_loss_and_moves_masks():
 def test_propetl_save_load_same_logits(tmp_path, arch):
     make, ids = (tiny_llama, TOKENS) if arch == "llama" else (tiny_bert_classifier, BERT_TOKENS)
     model = pk.apply(make(), pk.ProPETLConfig(r=4))
-    randomize(model, ("lora_A", "lora_B"))
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     if arch == "bert":
         with torch.no_grad():
             model.classifier.weight.normal_()
@@ -175,7 +171,7 @@ def test_propetl_save_load_same_logits(tmp_path, arch):
 
 def test_propetl_merge_and_unmerge():
     model = pk.apply(tiny_llama(), pk.ProPETLConfig(r=4))
-    randomize(model, ("lora_A", "lora_B"))
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     layers = modules_of(model, ProPETLLinear)
     weights = {n: m.weight.clone() for n, m in layers.items()}
     with torch.no_grad():
@@ -238,7 +234,7 @@ def test_adamix_apply_llama_and_bert():
 
 def test_adamix_training_forward_uses_the_routed_experts():
     model = pk.apply(tiny_llama(), pk.AdaMixConfig(num_experts=4, r=4, alpha=8))
-    randomize(model, ("lora_A", "lora_B"))
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     layer = model.model.layers[1].self_attn.q_proj.train()
     x = torch.randn(2, 3, 64)
     routes = set()
@@ -264,7 +260,7 @@ def routes_of(model, n=5):
 def test_adamix_routing_is_deterministic_under_a_seed():
     def make(seed):
         model = pk.apply(tiny_llama(), pk.AdaMixConfig(r=4, seed=seed))
-        randomize(model, ("lora_A", "lora_B"))
+        randomize(model, scale=0.1, select=lora_weights, replace=True)
         return model
 
     first, again, other = routes_of(make(7)), routes_of(make(7)), routes_of(make(8))
@@ -278,7 +274,7 @@ def test_adamix_routing_is_deterministic_under_a_seed():
 def test_adamix_eval_and_merge_experts_equal_lora_with_averaged_factors(tmp_path):
     base = tiny_llama()
     model = pk.apply(copy.deepcopy(base), pk.AdaMixConfig(num_experts=3, r=4, alpha=8))
-    randomize(model, ("lora_A", "lora_B"))
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     layers = modules_of(model, AdaMixLinear)
     ref = swap_in(base, lambda name, linear: RefLoRA(linear, layers[name].lora_A.mean(0), layers[name].lora_B.mean(0), 2.0))
     with torch.no_grad():
@@ -303,7 +299,7 @@ def test_adamix_eval_and_merge_experts_equal_lora_with_averaged_factors(tmp_path
 
 def test_adamix_training_with_consistency_reduces_loss():
     model = pk.apply(tiny_bert_classifier(), pk.AdaMixConfig(num_experts=4, r=4))
-    randomize(model, ("lora_A", "lora_B"))
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     labels = torch.tensor([0, 2])
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -347,7 +343,7 @@ def test_adamix_save_load_same_logits(tmp_path, arch):
     make, ids = (tiny_llama, TOKENS) if arch == "llama" else (functools.partial(
         tiny_bert_classifier, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), BERT_TOKENS)
     model = pk.apply(make(), pk.AdaMixConfig(num_experts=2, r=4, seed=3))
-    randomize(model, ("lora_A", "lora_B"))
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     pk.save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["config"]["seed"] == 3
     loaded = pk.load_adapter(make(), tmp_path)
