@@ -2,15 +2,13 @@
 weight updates, the composed model saved and reloaded, LoRAHub's search finding the right adapter, clear errors
 that leave the model untouched."""
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
 import peft_kernels as pk
 from peft_kernels.compose import lorahub_search, merge_adapters
-from tiny_models import LLAMA_VOCAB, tiny_bert_classifier, tiny_llama, tokens
+from tiny_models import LLAMA_VOCAB, assert_untouched, snapshot, tiny_bert_classifier, tiny_llama, tokens
 
 TOKENS = tokens(LLAMA_VOCAB)
 
@@ -34,15 +32,6 @@ def with_deltas(deltas):
         for name, delta in deltas.items():
             model.get_submodule(name).weight += delta
     return model
-
-
-def snapshot(model):
-    return [type(m) for m in model.modules()], copy.deepcopy(model.state_dict())
-
-
-def untouched(model, before):
-    return [type(m) for m in model.modules()] == before[0] and all(
-        torch.equal(v, model.state_dict()[k]) for k, v in before[1].items())
 
 
 def test_task_arithmetic_is_exact_with_mixed_ranks_and_targets(tmp_path):
@@ -123,7 +112,7 @@ def test_bad_input_leaves_the_model_untouched(tmp_path):
         before = snapshot(model)
         with pytest.raises(ValueError, match=message):
             merge_adapters(model, **kwargs)
-        assert untouched(model, before), kwargs
+        assert_untouched(model, before, what=str(kwargs))
     with pytest.raises(ValueError, match="the model carries a ProPETLConfig"):
         merge_adapters(pk.apply(tiny_llama(), pk.ProPETLConfig(r=2)), dirs, [1, 1])
 

@@ -2,7 +2,6 @@
 (spindle layer groups), SparseAdapterConfig (pruned bottleneck adapters) and AdapterFusionConfig. Logits are
 checked against plain-torch references built with hooks on an untouched copy of the model."""
 
-import copy
 import json
 
 import pytest
@@ -10,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import peft_kernels as pk
+import tiny_models
 from peft_kernels.composite import default_s4_assignment, kept_weights, spindle_split
-from tiny_models import BERT_VOCAB, LLAMA_VOCAB, tiny_bert_classifier, tiny_llama, tokens
+from tiny_models import (BERT_VOCAB, LLAMA_VOCAB, assert_untouched, snapshot, tiny_bert_classifier, tiny_llama,
+                         tokens)
 
 LLAMA_TOKENS, BERT_TOKENS = tokens(LLAMA_VOCAB), tokens(BERT_VOCAB)
 LABELS = torch.tensor([0, 2])
@@ -21,15 +22,12 @@ MODELS = {"llama": (tiny_llama, LLAMA_TOKENS), "bert": (tiny_bert_classifier, BE
 def randomize(model, seed=1):
     """Noise on every trainable parameter (zero-initialised LoRA B / adapter ups included): every test can fail.
     Pruned SparseAdapter weights stay zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if p.requires_grad:
-                    noise = torch.randn(p.shape, generator=g) * 0.2
-                    if isinstance(module, pk.nn.MaskedLinear) and name == "weight":
-                        noise *= module.mask
-                    p.add_(noise)
+    def pruning_mask(name):
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        return module.mask if isinstance(module, pk.nn.MaskedLinear) and leaf == "weight" else None
+
+    tiny_models.randomize(model, seed, mask=pruning_mask)
 
 
 def logits(model, x):
@@ -119,11 +117,6 @@ def ref_fusion(fused, h):
     w = torch.exp(scores - scores.max(-1, keepdim=True).values)
     w = w / w.sum(-1, keepdim=True)
     return sum(w[..., n:n + 1] * values[n] for n in range(len(values)))
-
-
-def untouched(model, state):
-    return model.state_dict().keys() == state.keys() and all(p.requires_grad for p in model.parameters()) and \
-        not any(isinstance(m, (pk.nn.LoRALinear, pk.nn.IA3Linear, pk.nn.SequentialAdapter)) for m in model.modules())
 
 
 # ---------------------------------------------------------------- CompositeConfig
@@ -232,7 +225,7 @@ def test_composite_merge_raises_for_adapters_or_skips_them():
 
 def test_composite_overlap_raises_before_touching_the_model():
     model = tiny_llama()
-    state = copy.deepcopy(model.state_dict())
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"part 0 \(LoRAConfig\) and part 1 \(IA3Config\) both target the module "
                                          r"model.layers.0.self_attn.v_proj"):
         pk.apply(model, pk.CompositeConfig(parts=[pk.LoRAConfig(), pk.IA3Config()]))
@@ -249,7 +242,8 @@ def test_composite_overlap_raises_before_touching_the_model():
         pk.apply(model, pk.CompositeConfig(parts=[pk.BitFitConfig(), pk.LoRAConfig()]))
     with pytest.raises(ValueError, match=r"part 1 \(AdapterConfig\): apply: target_modules \['nope'\] match no module"):
         pk.apply(model, pk.CompositeConfig(parts=[pk.LoRAConfig(), pk.AdapterConfig(target_modules=["nope"])]))
-    assert untouched(model, state) and pk.nn.LoRALinear not in map(type, model.modules())
+    assert_untouched(model, before)
+    assert pk.nn.LoRALinear not in map(type, model.modules())
 
 
 def test_composite_bad_input():
@@ -359,10 +353,10 @@ def test_s4_bad_input():
         pk.apply(tiny_llama(), pk.S4Config())
     assert len(default_s4_assignment(3)) == 3
     model = tiny_llama(num_hidden_layers=8)
-    state = copy.deepcopy(model.state_dict())
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"group 0 .*LoRAConfig's target_modules \['lm_head'\] match nothing inside"):
         pk.apply(model, pk.S4Config(assignment=[[pk.LoRAConfig(target_modules=["lm_head"])]] + [[pk.LoRAConfig()]] * 3))
-    assert untouched(model, state)
+    assert_untouched(model, before)
 
 
 # ---------------------------------------------------------------- SparseAdapterConfig
@@ -468,12 +462,13 @@ def test_sparse_adapter_bad_input():
         with pytest.raises(ValueError, match=match):
             pk.SparseAdapterConfig(**kwargs)
     model = tiny_llama()
-    state = copy.deepcopy(model.state_dict())
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"score='snip' needs argument 'batches'"):
         pk.apply(model, pk.SparseAdapterConfig(score="snip"))
     with pytest.raises(ValueError, match=r"batches\[0\] must be a dict of model inputs"):
         pk.apply(model, pk.SparseAdapterConfig(score="snip", batches=[LLAMA_TOKENS]))
-    assert untouched(model, state) and not masked(model)
+    assert_untouched(model, before)
+    assert not masked(model)
     with pytest.raises(ValueError, match=r"argument 'keep' must be a bool tensor of shape \[4, 3\]"):
         pk.nn.MaskedLinear(3, 4).prune_(torch.ones(4, 3))
 
@@ -531,7 +526,7 @@ def test_fusion_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"argument 'adapters' must be a non-empty list of directories"):
         pk.AdapterFusionConfig(adapters=[])
     model = tiny_llama()
-    state = copy.deepcopy(model.state_dict())
+    before = snapshot(model)
     cases = [([tmp_path / "a", tmp_path / "h"], "fused adapters must share their placement"),
              ([tmp_path / "p"], "holds parallel adapters"),
              ([tmp_path / "lora"], r"must hold an AdapterConfig adapter .* got peft_type 'LORA'"),
@@ -539,6 +534,6 @@ def test_fusion_bad_input(tmp_path):
     for dirs, match in cases:
         with pytest.raises(ValueError, match=match):
             pk.apply(model, pk.AdapterFusionConfig(adapters=dirs))
-    assert untouched(model, state)
+    assert_untouched(model, before)
     with pytest.raises(ValueError, match="does not fit|match no module"):
         pk.apply(tiny_bert_classifier(), pk.AdapterFusionConfig(adapters=[tmp_path / "a"]))

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from transformers import DistilBertConfig, DistilBertForSequenceClassification, DynamicCache
 
 import peft_kernels as pk
-from tiny_models import BERT_VOCAB, LLAMA_VOCAB, tiny_bert_classifier, tiny_llama, tokens
+from tiny_models import (BERT_VOCAB, LLAMA_VOCAB, assert_untouched, randomize, snapshot, tiny_bert_classifier,
+                         tiny_llama, tokens)
 
 L = 5  # virtual tokens
 M = 8  # adapter bottleneck
@@ -51,15 +52,6 @@ def mam(**kw):
 
 def unipelt(**kw):
     return pk.UniPELTConfig(r=4, alpha=8, num_virtual_tokens=L, bottleneck=M, **kw)
-
-
-def randomize(model, seed=1):
-    """Noise on every trainable parameter (zero-initialised LoRA B and adapter ups included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def logits(model, ids, mask):
@@ -209,13 +201,6 @@ def tiny_distilbert():
     torch.manual_seed(0)
     return DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=BERT_VOCAB, dim=32, n_layers=1, n_heads=2, hidden_dim=48, num_labels=3)).eval()
-
-
-def assert_untouched(model, state):
-    assert not hasattr(model, "peft_kernels_config") and not hasattr(model, "peft_kernels_prefix")
-    assert not model._forward_pre_hooks and model.state_dict().keys() == state.keys()
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert all(p.requires_grad for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------------------------- MAM
@@ -447,11 +432,11 @@ def test_unipelt_bad_arguments(kwargs, match):
 @pytest.mark.parametrize("config", [mam(), unipelt()], ids=["mam", "unipelt"])
 def test_model_without_a_kv_cache_path_is_left_untouched(config):
     model = tiny_distilbert()
-    state = copy.deepcopy(model.state_dict())
+    before = snapshot(model)
     with pytest.raises(ValueError, match=rf"{type(config).__name__}: DistilBertForSequenceClassification has no "
                                          "KV-cache path for prefixes"):
         pk.apply(model, config)
-    assert_untouched(model, state)
+    assert_untouched(model, before)
 
 
 @pytest.mark.parametrize("config,match", [
@@ -461,10 +446,10 @@ def test_model_without_a_kv_cache_path_is_left_untouched(config):
 ], ids=["mam", "unipelt-lora", "unipelt-adapter"])
 def test_bad_targets_leave_the_model_untouched(config, match):
     model = tiny_llama()
-    state = copy.deepcopy(model.state_dict())
+    before = snapshot(model)
     with pytest.raises(ValueError, match=match):
         pk.apply(model, config)
-    assert_untouched(model, state)
+    assert_untouched(model, before)
 
 
 @pytest.mark.parametrize("first", [mam(), unipelt(), pk.PrefixTuningConfig(L), pk.LoRAConfig(r=2)],

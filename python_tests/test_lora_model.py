@@ -14,15 +14,11 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import peft_kernels as pk
-from tiny_models import tiny_bert_classifier, tiny_llama
+from tiny_models import assert_untouched, randomize, snapshot, tiny_bert_classifier, tiny_llama
 
 
-def randomize_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+def lora_weights(name):
+    return "lora_" in name
 
 
 TOKENS = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -53,7 +49,7 @@ def test_targets_that_match_nothing():
 
 def test_ours_to_peft_same_logits(tmp_path):
     model = pk.apply(tiny_llama(), pk.LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    randomize_adapters(model)
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     pk.save_adapter(model, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert next(iter(load_file(tmp_path / "adapter_model.safetensors"))).startswith("base_model.model.model.layers.")
@@ -65,7 +61,7 @@ def test_ours_to_peft_same_logits(tmp_path):
 def test_peft_to_ours_same_logits(tmp_path):
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=6, lora_alpha=12, target_modules=["q_proj", "v_proj"],
                                                                use_rslora=True))
-    randomize_adapters(theirs)
+    randomize(theirs, scale=0.1, select=lora_weights, replace=True)
     theirs.save_pretrained(tmp_path)
     ours = pk.load_adapter(tiny_llama(), tmp_path)
     with torch.no_grad():
@@ -74,7 +70,7 @@ def test_peft_to_ours_same_logits(tmp_path):
 
 def test_merged_logits_equal_adapter_logits():
     model = pk.apply(tiny_llama(), pk.LoRAConfig(r=4))
-    randomize_adapters(model)
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     with torch.no_grad():
         before = model(TOKENS).logits
         for m in model.modules():
@@ -85,7 +81,7 @@ def test_merged_logits_equal_adapter_logits():
 
 def test_failed_load_leaves_model_intact(tmp_path):
     source = pk.apply(tiny_llama(), pk.LoRAConfig(r=4))
-    randomize_adapters(source)
+    randomize(source, scale=0.1, select=lora_weights, replace=True)
     pk.save_adapter(source, tmp_path)
     target = pk.apply(tiny_llama(), pk.LoRAConfig(r=8))
     state = copy.deepcopy(target.state_dict())
@@ -119,7 +115,7 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch, failing):
     model = pk.apply(tiny_llama(), pk.LoRAConfig(r=2))
     pk.save_adapter(model, tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
-    randomize_adapters(model)
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     model.peft_kernels_lora.alpha = 4  # the new config differs too
 
     def crash(path, *args, **kwargs):
@@ -134,18 +130,6 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch, failing):
     with pytest.raises(OSError, match="disk full"):
         pk.save_adapter(model, tmp_path)
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
-
-
-def snapshot(model):
-    return ([type(m) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()},
-            [p.requires_grad for p in model.parameters()])
-
-
-def assert_untouched(model, before):
-    types, state, flags = snapshot(model)
-    assert types == before[0], "modules were replaced"
-    assert state.keys() == before[1].keys() and all(torch.equal(v, before[1][k]) for k, v in state.items())
-    assert flags == before[2], "requires_grad flags changed"
 
 
 def corrupt(tmp_path, how):
@@ -179,7 +163,7 @@ def test_corrupt_weights_are_refused_and_nothing_is_loaded(tmp_path, how):
     load_adapter would apply it) left exactly as it was: no LoRA module added, nothing frozen, no value changed.
     (A file truncated to half: test_failed_load_leaves_model_intact.)"""
     source = pk.apply(tiny_llama(), pk.LoRAConfig(r=4))
-    randomize_adapters(source)
+    randomize(source, scale=0.1, select=lora_weights, replace=True)
     pk.save_adapter(source, tmp_path)
     corrupt(tmp_path, how)
     target = tiny_llama(seed=1)
@@ -220,7 +204,7 @@ def test_unknown_config_keys_are_ignored_with_a_warning(tmp_path):
     """Keys neither HF PEFT 0.21 nor we know (a newer PEFT's) load with a warning naming them, as PEFT does;
     PEFT's own metadata and init-only keys (peft_version, loftq_config, ...) load silently."""
     source = pk.apply(tiny_llama(), pk.LoRAConfig(r=4))
-    randomize_adapters(source)
+    randomize(source, scale=0.1, select=lora_weights, replace=True)
     pk.save_adapter(source, tmp_path)
     edit_config(tmp_path, future_option={"x": 1}, peft_version="0.99.0", loftq_config={}, eva_config=None,
                 init_lora_weights="gaussian", layers_pattern="layers")
@@ -291,7 +275,7 @@ def test_compiled_decoder_layer(dropout):
     """A LoRA-wrapped LLaMA decoder layer compiles with fullgraph=True (no graph break, the per-step dropout seed
     included) and, without dropout, matches eager in values and gradients."""
     model = pk.apply(tiny_llama(), pk.LoRAConfig(r=4, dropout=dropout))
-    randomize_adapters(model)
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     layer = model.model.layers[0].train()
     h = torch.randn(2, 9, 64, requires_grad=True)
     position_embeddings = model.model.rotary_emb(h, torch.arange(9)[None].expand(2, -1))
@@ -312,7 +296,7 @@ def test_trained_head_round_trips_with_peft(tmp_path):
     """A fresh classification head trains with the adapter and is saved as PEFT's modules_to_save: PEFT loads
     both and gives our logits; our load restores them into a new model."""
     model = pk.apply(tiny_bert_classifier(), pk.LoRAConfig(r=2))
-    randomize_adapters(model)
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     with torch.no_grad():
         model.classifier.weight.normal_()
         model.classifier.bias.normal_()
@@ -356,7 +340,7 @@ def test_new_modules_take_the_model_mode():
     model = pk.apply(tiny_llama().eval(), pk.LoRAConfig(r=2, dropout=0.5))
     layers = [m for m in model.modules() if isinstance(m, pk.nn.LoRALinear)]
     assert layers and not any(m.training for m in layers)
-    randomize_adapters(model)
+    randomize(model, scale=0.1, select=lora_weights, replace=True)
     assert torch.equal(model(TOKENS).logits, model(TOKENS).logits)
     trained = pk.apply(tiny_llama().train(), pk.LoRAConfig(r=2, dropout=0.5))
     assert all(m.training for m in trained.modules() if isinstance(m, pk.nn.LoRALinear))
