@@ -11,6 +11,7 @@ import torch
 
 import peft_kernels as pk
 from peft_kernels import reference as R
+from tiny_models import saved_tensors
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -124,18 +125,6 @@ def test_gradcheck_float64(p, weight):
     if weight:
         assert torch.autograd.gradcheck(lambda b: fn(x=args["x"], weight=frozen, bias=b, A=args["A"], B=args["B"]),
                                         (args["bias"],))
-
-
-def saved_tensors(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn()
-    return y, saved
 
 
 @pytest.mark.parametrize("train", ["both", "B", "none"])

@@ -11,6 +11,7 @@ import torch
 
 import peft_kernels as pk
 from peft_kernels import reference as R
+from tiny_models import saved_tensors
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -106,18 +107,6 @@ def test_gradcheck_float64(p):
     fn = run_ours(torch.ops.peft_kernels, 0.9, p, seed=3)
     assert torch.autograd.gradcheck(lambda x, b, a_, b_: fn(x=x, weight=args["weight"], bias=b, lora_A=a_, lora_B=b_),
                                     (args["x"], args["bias"], args["lora_A"], args["lora_B"]))
-
-
-def saved_tensors(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn()
-    return y, saved
 
 
 @pytest.mark.parametrize("train_a", [True, False], ids=["lora", "lora-fa"])

@@ -13,7 +13,7 @@ from torch import nn
 
 import peft_kernels as pk
 from peft_kernels import lora_variants as lv
-from tiny_models import BERT_VOCAB, LLAMA_VOCAB, tiny_bert_classifier, tiny_llama, tokens
+from tiny_models import BERT_VOCAB, LLAMA_VOCAB, randomize, saved_tensors, tiny_bert_classifier, tiny_llama, tokens
 
 MODELS = {"llama": (tiny_llama, LLAMA_VOCAB), "bert": (tiny_bert_classifier, BERT_VOCAB)}
 TARGETS = {"llama": [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")],
@@ -22,13 +22,9 @@ HEAD = {"llama": 0, "bert": 32 * 3 + 3}  # BERT's fresh classifier [3, 32] + bia
 SHAPES = {"llama": [(64, 64), (64, 32)] * 2, "bert": [(32, 32), (32, 32)]}  # (in, out) of each target
 
 
-def randomize(model, seed=1, parts=("lora_A", "lora_B", "lora_E"), head=False):
-    """Random adapter weights (and, with ``head``, a random classifier: BERT's trainable head)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.rpartition(".")[2] in parts or (head and "classifier" in name):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+def adapter_weights(parts=("lora_A", "lora_B", "lora_E"), head=False):
+    """Selects the adapter weights named ``parts`` (and, with ``head``, the classifier: BERT's trainable head)."""
+    return lambda name: name.rpartition(".")[2] in parts or (head and "classifier" in name)
 
 
 def logits(model, kind, seed=3):
@@ -91,7 +87,7 @@ def check_merge(model, kind, modules):
 def test_lorafa_apply_forward_train_merge(kind):
     model = pk.apply(MODELS[kind][0](), pk.LoRAFAConfig(r=4, alpha=8))
     check_applied(model, kind, pk.nn.LoRALinear, lambda i, o: 4 * o)  # only B [out, 4] trains
-    randomize(model)
+    randomize(model, replace=True, select=adapter_weights())
     assert torch.allclose(logits(model, kind), reference_logits(
         kind, model, lambda m: 8 / 4 * m.lora_B @ m.lora_A), atol=1e-5)
     frozen = {n: p.clone() for n, p in model.named_parameters() if n.endswith("lora_A")}
@@ -102,16 +98,9 @@ def test_lorafa_apply_forward_train_merge(kind):
 
 
 def saved_bytes(model, ids):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids).logits.sum()
-    return total
+    """Bytes of every tensor autograd saves for backward in a forward (a tensor saved twice counts twice)."""
+    _, saved = saved_tensors(lambda: model(ids).logits.sum())
+    return sum(t.numel() * t.element_size() for t in saved)
 
 
 def test_lorafa_backward_keeps_xa_not_x():
@@ -123,16 +112,14 @@ def test_lorafa_backward_keeps_xa_not_x():
     assert saved_bytes(lora, ids) - saved_bytes(fa, ids) == 4 * 2 * 9 * 64 * 4
     layer = fa.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 9, 64)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        layer(x)
+    _, saved = saved_tensors(lambda: layer(x))
     assert saved and not any(t.data_ptr() == x.data_ptr() for t in saved)
     assert any(tuple(t.shape) == (2, 9, 4) for t in saved)
 
 
 def test_lorafa_saves_peft_lora_format(tmp_path):
     model = pk.apply(tiny_bert_classifier(), pk.LoRAFAConfig(r=4, alpha=8))
-    randomize(model, parts=("lora_A", "lora_B"), head=True)
+    randomize(model, replace=True, select=adapter_weights(parts=("lora_A", "lora_B"), head=True))
     ours = logits(model, "bert")
     pk.save_adapter(model, tmp_path)
     keys = load_file(tmp_path / "adapter_model.safetensors")
@@ -150,7 +137,7 @@ def test_lorafa_saves_peft_lora_format(tmp_path):
 def test_dylora_apply_rank_forward_train_merge(kind):
     model = pk.apply(MODELS[kind][0](), pk.DyLoRAConfig(r=6, alpha=12, seed=5))
     check_applied(model, kind, pk.nn.DyLoRALinear, lambda i, o: 6 * (i + o))
-    randomize(model)
+    randomize(model, replace=True, select=adapter_weights())
     for b in (1, 3, 6):
         lv.set_rank(model, b)
         expected = reference_logits(kind, model, lambda m: 12 / b * m.lora_B[:, :b] @ m.lora_A[:b])
@@ -171,7 +158,7 @@ def test_dylora_samples_from_its_seed_and_grads_reach_the_first_b():
     """Each training forward draws b with the seeded generator (replayed here); the gradients of the rows of A
     and columns of B past b are exactly zero, those before it are not."""
     model = pk.apply(tiny_llama(), pk.DyLoRAConfig(r=6, seed=11)).train()
-    randomize(model)
+    randomize(model, replace=True, select=adapter_weights())
     replay = torch.Generator().manual_seed(11)
     ids = tokens(LLAMA_VOCAB)
     for _ in range(3):
@@ -186,7 +173,7 @@ def test_dylora_samples_from_its_seed_and_grads_reach_the_first_b():
 
 def test_dylora_save_load(tmp_path):
     model = pk.apply(tiny_bert_classifier(), pk.DyLoRAConfig(r=4))
-    randomize(model, parts=("lora_A", "lora_B"), head=True)
+    randomize(model, replace=True, select=adapter_weights(parts=("lora_A", "lora_B"), head=True))
     pk.save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "PEFT_KERNELS_DYLORA"
     loaded = pk.load_adapter(tiny_bert_classifier(), tmp_path)
@@ -211,7 +198,7 @@ def test_delta_lora_base_weight_follows_the_adapter(kind):
     """After N AdamW steps, W_N - W_0 == update_ratio * (dW_N - dW_0), dW = alpha / r * B A, per target."""
     model = pk.apply(MODELS[kind][0](), pk.DeltaLoRAConfig(r=4, alpha=8, update_ratio=0.5))
     check_applied(model, kind, pk.nn.LoRALinear, lambda i, o: 4 * (i + o))
-    randomize(model, parts=("lora_A", "lora_B"))
+    randomize(model, replace=True, select=adapter_weights(parts=("lora_A", "lora_B")))
     assert torch.allclose(logits(model, kind), reference_logits(kind, model, lambda m: 2 * m.lora_B @ m.lora_A),
                           atol=1e-5)
     modules = [model.get_submodule(n) for n in TARGETS[kind]]
@@ -229,7 +216,7 @@ def test_delta_lora_base_weight_follows_the_adapter(kind):
 
 def test_delta_lora_save_keeps_updated_weights(tmp_path):
     model = pk.apply(tiny_llama(), pk.DeltaLoRAConfig(r=4))
-    randomize(model, parts=("lora_A", "lora_B"))
+    randomize(model, replace=True, select=adapter_weights(parts=("lora_A", "lora_B")))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     lv.attach_optimizer(model, optimizer)
     train(model, "llama", steps=2, optimizer=optimizer)
@@ -269,7 +256,7 @@ def test_adalora_matches_peft_count_and_reference(kind):
         **extra))
     assert pk.trainable_parameters(model)[0] == theirs.get_nb_trainable_parameters()[0]
     assert torch.equal(logits(model, kind), logits(MODELS[kind][0](), kind))  # Lambda starts at zero
-    randomize(model)
+    randomize(model, replace=True, select=adapter_weights())
     assert torch.allclose(logits(model, kind), reference_logits(kind, model, ada_delta(8, 6)), atol=1e-5)
     model.train()
     ids = tokens(MODELS[kind][1])
@@ -281,7 +268,7 @@ def test_adalora_matches_peft_count_and_reference(kind):
 
 def test_adalora_orth_regularization():
     model = pk.apply(tiny_llama(), pk.AdaLoRAConfig(init_r=4, target_r=2, total_step=10, orth_reg_weight=0.3))
-    randomize(model)
+    randomize(model, replace=True, select=adapter_weights())
     expected = 0.0
     for name in TARGETS["llama"]:
         m = model.get_submodule(name)
@@ -313,7 +300,7 @@ def test_adalora_allocation_matches_an_independent_reference():
     `budget` triplets by EMA(|w g|) * EMA(uncertainty) summed over Lambda_i, mean over Q's row, mean over P's column."""
     config = pk.AdaLoRAConfig(init_r=4, target_r=1, beta1=0.7, beta2=0.6, total_step=3)
     model = pk.apply(tiny_llama(), config)
-    randomize(model)
+    randomize(model, replace=True, select=adapter_weights())
     modules = {n: model.get_submodule(n) for n in TARGETS["llama"]}
     g = torch.Generator().manual_seed(9)
     ema, unc = {}, {}
@@ -356,7 +343,7 @@ def test_adalora_round_trips_with_peft(tmp_path, kind):
     """Ours -> PEFT's ADALORA format -> peft loads the same logits; PEFT's save (rank_pattern pruning the layers)
     -> our load_adapter -> the same logits as PEFT's model."""
     model = pk.apply(MODELS[kind][0](), pk.AdaLoRAConfig(init_r=4, target_r=2, total_step=10))
-    randomize(model, head=True)
+    randomize(model, replace=True, select=adapter_weights(head=True))
     lv.save_peft_adalora(model, tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(MODELS[kind][0](), tmp_path / "ours").eval()
     assert torch.allclose(logits(theirs, kind), logits(model, kind), atol=1e-5)
@@ -364,7 +351,7 @@ def test_adalora_round_trips_with_peft(tmp_path, kind):
     source = peft.get_peft_model(MODELS[kind][0](), peft.AdaLoraConfig(
         init_r=4, target_r=1, total_step=10, target_modules=sorted({n.rpartition(".")[2] for n in TARGETS[kind]}),
         **extra))
-    randomize(source, head=True)
+    randomize(source, replace=True, select=adapter_weights(head=True))
     pattern = {f"{n}.lora_E.default": [i != j % 4 for i in range(4)]
                for j, n in enumerate(TARGETS[kind])}
     source.peft_config["default"].rank_pattern = pattern

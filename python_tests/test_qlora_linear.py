@@ -9,6 +9,7 @@ from torch import nn
 
 import peft_kernels as pk
 from peft_kernels import reference as R
+from tiny_models import saved_tensors
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -82,9 +83,8 @@ def test_opcheck(backend, rows):
 
 def test_saves_x_and_xa_only():
     q, args = make(40, 64, 32, 4, torch.float32)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = pk.qlora_linear(args["x"], q, None, args["lora_A"], args["lora_B"], 1.0, 0.1, seed=1)
+    y, saved = saved_tensors(lambda: pk.qlora_linear(args["x"], q, None, args["lora_A"], args["lora_B"], 1.0, 0.1,
+                                                     seed=1))
     packed = {t.data_ptr() for t in (q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset)}
     activations = [t for t in saved if t.data_ptr() not in packed and t.dim() == 2 and t.shape[0] == 40]
     assert sorted(t.shape[1] for t in activations) == [4, 64]  # xa [40, r] and x [40, in]; no mask, no W copy

@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_kernels as pk
 from peft_kernels import reference as R
+from tiny_models import randomize, saved_tensors
 
 VOCAB = 101
 TOKENS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -40,12 +41,8 @@ def adapted(kind, dropout=0.0, alpha=8):
     return pk.apply(tiny_llama(), config)
 
 
-def randomize_adapters(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name or name.endswith((".A", ".B")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+def adapter_weights(name):
+    return "lora_" in name or name.endswith((".A", ".B"))
 
 
 def adapter_grads(model):
@@ -61,7 +58,7 @@ def test_loading_another_adapter_does_not_recompile(kind, tmp_path):
     (the counter sees it, so it would see any other recompile; reusing the old graph would apply the old scale)."""
     model = adapted(kind).eval()
     for name, seed in [("a", 1), ("b", 2)]:
-        randomize_adapters(model, seed)
+        randomize(model, seed, scale=0.1, select=adapter_weights, replace=True)
         pk.save_adapter(model, tmp_path / name)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "c").mkdir()
@@ -166,7 +163,7 @@ def test_autocast_model_trains(kind):
     in fp32 from RMSNorm and in bf16 from autocast's matmuls), every adapter gets a finite fp32 gradient, and
     the loss is the fp32 model's within bf16 rounding (|diff| 0.0002 measured on a loss of 4.64)."""
     model = adapted(kind).train()
-    randomize_adapters(model, 1)
+    randomize(model, 1, scale=0.1, select=adapter_weights, replace=True)
     with torch.no_grad():
         fp32_loss = model(input_ids=TOKENS, labels=TOKENS).loss
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -197,19 +194,12 @@ def test_autocast_lora_linear_compiles():
 def saved_bytes(fn):
     """Bytes of the distinct tensors autograd saves for backward while ``fn`` runs, parameters and buffers
     excluded: the activation memory a step holds at its peak, counted deterministically."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, seen
+    out, saved = saved_tensors(fn)
+    return out, {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
 
 
 def loss_and_grads(model, checkpointing, reentrant=None):
-    randomize_adapters(model, 1)  # B != 0, so that A gets a gradient
+    randomize(model, 1, scale=0.1, select=adapter_weights, replace=True)  # B != 0, so that A gets a gradient
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
@@ -251,7 +241,7 @@ def test_reentrant_checkpointing_enabled_before_apply():
     model = tiny_llama()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     pk.apply(model, pk.LoRAConfig(r=4, alpha=8))
-    randomize_adapters(model, 1)
+    randomize(model, 1, scale=0.1, select=adapter_weights, replace=True)
     model.train()
     model(input_ids=TOKENS, labels=TOKENS).loss.backward()
     grads = adapter_grads(model)
