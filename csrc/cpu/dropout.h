@@ -2,7 +2,6 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "peft_kernels/lora_params.h"
 #include "peft_kernels/philox.h"
@@ -22,12 +21,6 @@ template <class Acc> void mask_row(const lora::Dropout& d, int64_t first, int64_
     const int64_t stop = std::min<int64_t>(first + n, static_cast<int64_t>(group + count) * 4);
     for (; e < stop; ++e) out[e - first] = draws[e - 4 * static_cast<int64_t>(group)] >= d.threshold ? scale : Acc(0);
   }
-}
-
-template <class Acc, class T> std::vector<Acc> widen(const T* p, int64_t n) {
-  std::vector<Acc> out(n);
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<Acc>(p[i]);
-  return out;
 }
 
 }  // namespace peft_kernels::cpu

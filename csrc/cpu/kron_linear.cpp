@@ -1,19 +1,24 @@
 // CPU backend of kron_linear. Rows are taken in blocks of R rows (about 64K values of x, 256 KiB in fp32: the
-// block's buffers stay in this Zen 4's 1 MiB L2). For a block, our loops gather the rows with the Kronecker index
-// maps of kron.h into layouts where both contractions of every row become one GEMM each for the whole block:
-//   P  [a_in, R * b_in]        P[i, (r, j)] = keep * x[r, i, j]        (our gather: mask, widen to fp32)
-//   U  = A P  [a_out, R * b_in]                                          (one GEMM, K = a_in)
-//   Y' = U B^T, U viewed [a_out * R, b_in]  -> [a_out * R, b_out]        (one GEMM, K = b_in)
-//   y[r, p, q] (+)= s * Y'[(p, r), q]                                    (our scatter: scale, add, one rounding)
-// and in backward D' [a_out * R, b_out] (dy gathered the same way), G = D' B, dX = A^T G, dA += G P^T,
-// dB += D'^T (A P). The GEMMs (fp32; fp64 for fp64 inputs, so gradcheck sees fp64 math) go to the platform BLAS
-// through ATen. Per-row loops with compiler-vectorized axpys instead (the first version) cost 2.28x the frozen
-// layer's bf16 training step at 1024 -> 1024, M = 2048, 32 x 32 factors (1.61x in fp32); these GEMMs 1.60x
-// (1.36x in fp32), measured side by side by bench/bench_kron_linear.py on the shared 2-core machine.
+// block's buffers stay in this Zen 4's 1 MiB L2). Row-major, a block of x is already X [R * a_in, b_in] (row
+// (r, i) of it is X_r[i, :]) and a block of y is Y [R, a_out, b_out], so with no data movement:
+//   T  = X B^T          [R * a_in, b_out]   (one GEMM, K = b_in)
+//   Y += s * A T_r      per row r           (one batched GEMM with A broadcast, K = a_in, accumulated into y)
+// and in backward, with dY [R, a_out, b_out] the block of dy:
+//   H  = A^T dY_r       [R, a_in, b_out]    (batched, A^T broadcast)
+//   dX += s * keep * (H B)   [R * a_in, b_in] = the block of dx      (one GEMM)
+//   dB = s * H^T X           (one GEMM over the whole block, K = R * a_in)
+//   dA = s * sum_r dY_r T_r^T (T recomputed: one GEMM, then one batched GEMM and a sum over r).
+// The GEMMs (fp32; fp64 for fp64 inputs, so gradcheck sees fp64 math) go to the platform BLAS through ATen. x and
+// dy are used in place when they are already fp32 and undropped; otherwise a block is widened (and masked) into a
+// contiguous fp32 buffer first, and a bf16/fp16 output is accumulated in fp32 and rounded once.
+// The previous version gathered x into [a_in, R * b_in] and scattered the result back from [a_out * R, b_out] (two
+// transposing passes around the same GEMMs): its forward cost 1.61x the frozen Linear's forward against 1.20x for a
+// plain-torch prototype of this layout (fp32, 1 thread, 1024 -> 1024, M = 2048, 32 x 32 factors, side by side).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "dispatch.h"
@@ -35,41 +40,33 @@ struct Blocks {
   Blocks(const Dims& d, int64_t m) : rows(std::clamp<int64_t>(kBlockValues / d.in(), 1, m)), count((m + rows - 1) / rows) {}
 };
 
-// The 0/1 dropout mask of rows [r0, r0 + rows) into keep[rows * in]; nothing without dropout.
-template <class Acc> void block_mask(const Dropout& drop, const Dims& d, int64_t r0, int64_t rows, Acc* keep) {
-  if (drop.threshold != 0) mask_row(Dropout{drop.seed, drop.threshold, 1.0}, r0 * d.in(), rows * d.in(), keep);
+template <class Acc> at::Tensor view(const Acc* data, at::IntArrayRef sizes) {
+  return at::from_blob(const_cast<Acc*>(data), sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value));
 }
 
-// P[i, r * b_in + j] = keep[r, i, j] * x[r0 + r, i, j] for the block's rows.
+// `n` values of `src` from `first` on as a contiguous Acc tensor of `sizes`: `src` itself when it is already Acc
+// and nothing is masked, else widened (times keep[n] when given) into `buf`.
 template <class T, class Acc>
-void gather_x(const Dropout& drop, const T* x, const Dims& d, int64_t r0, int64_t rows, const Acc* keep, Acc* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + (r0 + r) * d.in();
-    for (int64_t i = 0; i < d.a_in; ++i) {
-      Acc* o = out + (i * rows + r) * d.b_in;
-      const int64_t k0 = x_at(d, i, 0);
-      for (int64_t j = 0; j < d.b_in; ++j) o[j] = static_cast<Acc>(xr[k0 + j]);
-      if (drop.threshold != 0) {
-        for (int64_t j = 0; j < d.b_in; ++j) o[j] *= keep[r * d.in() + k0 + j];
-      }
-    }
+at::Tensor block_in(const T* src, int64_t first, int64_t n, const Acc* keep, std::vector<Acc>& buf,
+                    at::IntArrayRef sizes) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (keep == nullptr) return view(src + first, sizes);
   }
+  for (int64_t e = 0; e < n; ++e) buf[e] = static_cast<Acc>(src[first + e]);
+  if (keep != nullptr) {
+    for (int64_t e = 0; e < n; ++e) buf[e] *= keep[e];
+  }
+  return view(buf.data(), sizes);
 }
 
-// D'[p * rows + r, q] = dy[r0 + r, p, q] for the block's rows.
-template <class T, class Acc> void gather_dy(const T* dy, const Dims& d, int64_t r0, int64_t rows, Acc* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* dyr = dy + (r0 + r) * d.out();
-    for (int64_t p = 0; p < d.a_out; ++p) {
-      Acc* o = out + (p * rows + r) * d.b_out;
-      const int64_t k0 = y_at(d, p, 0);
-      for (int64_t q = 0; q < d.b_out; ++q) o[q] = static_cast<Acc>(dyr[k0 + q]);
-    }
+// out[first + e] = (accumulate ? out[first + e] : 0) + s * (keep ? keep[e] : 1) * v[e], rounded once to T.
+template <class T, class Acc>
+void block_out(T* out, int64_t first, int64_t n, const Acc* v, Acc s, const Acc* keep, bool accumulate) {
+  T* o = out + first;
+  for (int64_t e = 0; e < n; ++e) {
+    const Acc add = s * (keep != nullptr ? keep[e] * v[e] : v[e]);
+    o[e] = static_cast<T>((accumulate ? static_cast<Acc>(o[e]) : Acc(0)) + add);
   }
-}
-
-template <class Acc> at::Tensor block_tensor(std::vector<Acc>& buf, int64_t rows_, int64_t cols) {
-  return at::from_blob(buf.data(), {rows_, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value));
 }
 
 struct Cpu {
@@ -89,28 +86,29 @@ struct Cpu {
       const at::Tensor a = wrap(p.a, {d.a_out, d.a_in}, p.dtype).to(acc_type);
       const at::Tensor bt = wrap(p.b, {d.b_out, d.b_in}, p.dtype).to(acc_type).t();
       const Acc s = static_cast<Acc>(p.drop.scale);
+      const bool dropped = p.drop.threshold != 0;
       const Blocks blocks(d, p.m);
       at::parallel_for(0, blocks.count, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<Acc> keep(p.drop.threshold ? blocks.rows * d.in() : 0), xp(blocks.rows * d.in());
-        std::vector<Acc> u(blocks.rows * d.mid()), yp(blocks.rows * d.out());
+        std::vector<Acc> keep(dropped ? blocks.rows * d.in() : 0), xbuf(blocks.rows * d.in());
+        std::vector<Acc> t(blocks.rows * d.a_in * d.b_out), ybuf(blocks.rows * d.out());
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t r0 = c * blocks.rows, rows = std::min(blocks.rows, p.m - r0);
-          block_mask(p.drop, d, r0, rows, keep.data());
-          gather_x(p.drop, x, d, r0, rows, keep.data(), xp.data());
-          at::Tensor ut = block_tensor(u, d.a_out, rows * d.b_in);
-          at::mm_out(ut, a, block_tensor(xp, d.a_in, rows * d.b_in));
-          at::Tensor ypt = block_tensor(yp, d.a_out * rows, d.b_out);
-          at::mm_out(ypt, ut.view({d.a_out * rows, d.b_in}), bt);
-          for (int64_t r = 0; r < rows; ++r) {
-            T* yr = y + (r0 + r) * d.out();
-            for (int64_t pp = 0; pp < d.a_out; ++pp) {
-              const Acc* src = yp.data() + (pp * rows + r) * d.b_out;
-              T* dst = yr + y_at(d, pp, 0);
-              for (int64_t q = 0; q < d.b_out; ++q) {
-                dst[q] = static_cast<T>((p.accumulate ? static_cast<Acc>(dst[q]) : Acc(0)) + s * src[q]);
-              }
+          if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r0 * d.in(), rows * d.in(), keep.data());
+          const at::Tensor xb = block_in(x, r0 * d.in(), rows * d.in(), dropped ? keep.data() : nullptr, xbuf,
+                                         {rows * d.a_in, d.b_in});
+          at::Tensor tt = view(t.data(), {rows * d.a_in, d.b_out});
+          at::mm_out(tt, xb, bt);
+          const at::Tensor ab = a.expand({rows, d.a_out, d.a_in});
+          const at::Tensor tb = tt.view({rows, d.a_in, d.b_out});
+          if constexpr (std::is_same_v<T, Acc>) {
+            if (p.accumulate) {  // fp32 / fp64 y: the batched GEMM accumulates into it (beta = 1), y written once
+              view(y + r0 * d.out(), {rows, d.a_out, d.b_out}).baddbmm_(ab, tb, 1.0, s);
+              continue;
             }
           }
+          at::Tensor yb = view(ybuf.data(), {rows, d.a_out, d.b_out});
+          at::bmm_out(yb, ab, tb);
+          block_out(y, r0 * d.out(), rows * d.out(), ybuf.data(), s, static_cast<const Acc*>(nullptr), p.accumulate);
         }
       });
     });
@@ -128,44 +126,48 @@ struct Cpu {
       const at::Tensor a = wrap(p.a, {d.a_out, d.a_in}, p.dtype).to(acc_type);
       const at::Tensor b = wrap(p.b, {d.b_out, d.b_in}, p.dtype).to(acc_type);
       const Acc s = static_cast<Acc>(p.drop.scale);
+      const bool dropped = p.drop.threshold != 0;
       const Blocks blocks(d, p.m);
       const at::Tensor da_part = at::zeros({blocks.count, d.a_out, d.a_in}, acc_type);
       const at::Tensor db_part = at::zeros({blocks.count, d.b_out, d.b_in}, acc_type);
       at::parallel_for(0, blocks.count, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<Acc> keep(p.drop.threshold ? blocks.rows * d.in() : 0), xp(x ? blocks.rows * d.in() : 0);
-        std::vector<Acc> dyp(blocks.rows * d.out()), g(blocks.rows * d.mid()), u(p.db ? blocks.rows * d.mid() : 0);
-        std::vector<Acc> dxp(dx ? blocks.rows * d.in() : 0);
+        const int64_t most = blocks.rows;
+        std::vector<Acc> keep(dropped ? most * d.in() : 0), xbuf(x ? most * d.in() : 0), dybuf(most * d.out());
+        std::vector<Acc> h(most * d.a_in * d.b_out), dxbuf(dx ? most * d.in() : 0);
+        std::vector<Acc> t(p.da ? most * d.a_in * d.b_out : 0), prod(p.da ? most * d.a_out * d.a_in : 0);
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t r0 = c * blocks.rows, rows = std::min(blocks.rows, p.m - r0);
-          block_mask(p.drop, d, r0, rows, keep.data());
-          gather_dy(dy, d, r0, rows, dyp.data());
-          const at::Tensor dypt = block_tensor(dyp, d.a_out * rows, d.b_out);
-          at::Tensor gt = block_tensor(g, d.a_out * rows, d.b_in);
-          at::mm_out(gt, dypt, b);
-          const at::Tensor g2 = gt.view({d.a_out, rows * d.b_in});
+          if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r0 * d.in(), rows * d.in(), keep.data());
+          const Acc* mask = dropped ? keep.data() : nullptr;
+          const at::Tensor dyb = block_in(dy, r0 * d.out(), rows * d.out(), static_cast<const Acc*>(nullptr), dybuf,
+                                          {rows, d.a_out, d.b_out});
+          at::Tensor hb = view(h.data(), {rows, d.a_in, d.b_out});
+          at::bmm_out(hb, a.t().expand({rows, d.a_in, d.a_out}), dyb);
+          const at::Tensor hf = hb.view({rows * d.a_in, d.b_out});
           if (dx != nullptr) {
-            at::Tensor dxt = block_tensor(dxp, d.a_in, rows * d.b_in);
-            at::mm_out(dxt, a.t(), g2);
-            for (int64_t r = 0; r < rows; ++r) {
-              T* dxr = dx + (r0 + r) * d.in();
-              for (int64_t i = 0; i < d.a_in; ++i) {
-                const Acc* src = dxp.data() + (i * rows + r) * d.b_in;
-                const int64_t k0 = x_at(d, i, 0);
-                for (int64_t j = 0; j < d.b_in; ++j) {
-                  const Acc v = s * (p.drop.threshold ? keep[r * d.in() + k0 + j] * src[j] : src[j]);
-                  dxr[k0 + j] = static_cast<T>((p.accumulate_dx ? static_cast<Acc>(dxr[k0 + j]) : Acc(0)) + v);
-                }
+            bool done = false;
+            if constexpr (std::is_same_v<T, Acc>) {
+              if (p.accumulate_dx && !dropped) {  // dx holds dy W: accumulate the GEMM into it (beta = 1)
+                view(dx + r0 * d.in(), {rows * d.a_in, d.b_in}).addmm_(hf, b, 1.0, s);
+                done = true;
               }
+            }
+            if (!done) {
+              at::Tensor dxb = view(dxbuf.data(), {rows * d.a_in, d.b_in});
+              at::mm_out(dxb, hf, b);
+              block_out(dx, r0 * d.in(), rows * d.in(), dxbuf.data(), s, mask, p.accumulate_dx);
             }
           }
           if (x == nullptr) continue;
-          gather_x(p.drop, x, d, r0, rows, keep.data(), xp.data());
-          const at::Tensor xpt = block_tensor(xp, d.a_in, rows * d.b_in);
-          if (p.da != nullptr) da_part[c].addmm_(g2, xpt.t());
-          if (p.db != nullptr) {
-            at::Tensor ut = block_tensor(u, d.a_out, rows * d.b_in);
-            at::mm_out(ut, a, xpt);
-            db_part[c].addmm_(dypt.t(), ut.view({d.a_out * rows, d.b_in}));
+          const at::Tensor xb = block_in(x, r0 * d.in(), rows * d.in(), mask, xbuf, {rows * d.a_in, d.b_in});
+          if (p.db != nullptr) db_part[c].addmm_(hf.t(), xb);
+          if (p.da != nullptr) {
+            at::Tensor tt = view(t.data(), {rows * d.a_in, d.b_out});
+            at::mm_out(tt, xb, b.t());
+            at::Tensor pb = view(prod.data(), {rows, d.a_out, d.a_in});
+            at::bmm_out(pb, dyb, tt.view({rows, d.a_in, d.b_out}).transpose(1, 2));
+            at::Tensor part = da_part[c];
+            at::sum_out(part, pb, {0});
           }
         }
       });
