@@ -54,18 +54,19 @@ void Cpu::down(const DownParams& p) {
     const at::ScalarType acc_type = c10::CppTypeToScalarType<Acc>::value;
     const T* x = static_cast<const T*>(p.x);
     T* xa = static_cast<T*>(p.xa);
-    const at::Tensor a = wrap(p.a, {p.r, p.in}, p.dtype).to(acc_type);
+    const at::Tensor at_ = wrap(p.a, {p.r, p.in}, p.dtype).to(acc_type).t();
     const int64_t rows = block_rows(p.in, p.m), blocks = (p.m + rows - 1) / rows;
     at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<Acc> xd(rows * p.in), out(p.r * rows);
+      std::vector<Acc> xd(rows * p.in), out(std::is_same_v<T, Acc> ? 0 : rows * p.r);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t i0 = c * rows, n = std::min(rows, p.m - i0);
         dropped(p.drop, x, i0 * p.in, n * p.in, xd.data());
-        // As A (mask * x)^T [r, n]: the faster GEMM orientation (rank_r_rows in lora_op.h), transposed on the way out.
-        at::Tensor o = view(out.data(), {p.r, n});
-        at::mm_out(o, a, view(xd.data(), {n, p.in}).t());
-        for (int64_t i = 0; i < n; ++i) {
-          for (int j = 0; j < p.r; ++j) xa[(i0 + i) * p.r + j] = static_cast<T>(out[j * n + i]);
+        Acc* dst = out.data();
+        if constexpr (std::is_same_v<T, Acc>) dst = xa + i0 * p.r;  // fp32 / fp64: the GEMM writes xa itself
+        at::Tensor o = view(dst, {n, p.r});
+        at::mm_out(o, view(xd.data(), {n, p.in}), at_);
+        if constexpr (!std::is_same_v<T, Acc>) {
+          for (int64_t e = 0; e < n * p.r; ++e) xa[i0 * p.r + e] = static_cast<T>(out[e]);
         }
       }
     });
