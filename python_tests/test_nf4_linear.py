@@ -69,9 +69,9 @@ def test_values_and_grads(backend, dtype, case, double_quant, monkeypatch):
 def test_cpu_gemv_instruction_sets(isa, dtype, monkeypatch):
     """Every CPU GEMV path (the vectorized ones need in % 32 == 0; a path the CPU lacks falls back to the next
     one down) against the float64 reference: in = 96 with blocksize 64 starts odd rows mid-block, and 11 rows
-    exercise AVX2's two passes of 8 rows."""
+    and 16 rows (in = 128, and in = 1120 whose odd rows start mid-block) exercise the two passes of 8 rows."""
     monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", isa)
-    for n_in, bs, rows in [(96, 64, 11), (128, 32, 16), (256, 128, 1), (64, 64, 3)]:
+    for n_in, bs, rows in [(96, 64, 11), (128, 32, 16), (256, 128, 1), (64, 64, 3), (1120, 64, 16)]:
         q = quantized(24, n_in, bs, True, seed=n_in)
         x = torch.randn(rows, n_in, generator=torch.Generator().manual_seed(rows)).to(dtype)
         bias = torch.randn(24, generator=torch.Generator().manual_seed(2)).to(dtype)

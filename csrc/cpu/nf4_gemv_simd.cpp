@@ -134,10 +134,12 @@ template <int... Rs> constexpr std::array<RowsFn, sizeof...(Rs)> avx2_table(std:
   return {&rows_avx2<Rs + 1>...};
 }
 
-// AVX-512 keeps 16 row accumulators in its 32 registers; AVX2 has 16 registers, so 8 rows per pass (more would
-// spill the accumulators in the inner loop).
-constexpr auto kAvx512Rows = avx512_table(std::make_integer_sequence<int, kGemvMaxRows>{});
-constexpr auto kAvx2Rows = avx2_table(std::make_integer_sequence<int, 8>{});
+// 8 rows of x per pass on both: AVX2 has 16 registers, and with AVX-512 a pass of more rows ran super-linearly
+// slower here (4096x4096 bf16, 1 thread: 8 rows 8.5-12.6 ms, 10 rows 25 ms, 16 rows 54-57 ms; the accumulators
+// no longer stay in registers), so m = 16 runs as two passes of 8.
+constexpr int kRowsPerPass = 8;
+constexpr auto kAvx512Rows = avx512_table(std::make_integer_sequence<int, kRowsPerPass>{});
+constexpr auto kAvx2Rows = avx2_table(std::make_integer_sequence<int, kRowsPerPass>{});
 
 template <class T> void reorder_x(const GemvParams& p, float* xp) {
   const T* x = static_cast<const T*>(p.x);
@@ -181,12 +183,11 @@ bool gemv_simd(const GemvParams& p) {
   if (isa == Isa::kScalar) return false;
   std::vector<float> xp(p.m * p.in), yf(p.m * p.out);
   typed(p.dtype, [&]<class T>() { reorder_x<T>(p, xp.data()); });
-  const int per_pass = isa == Isa::kAvx512 ? kGemvMaxRows : 8;
   // ~64 KiB of packed weight per task.
   const int64_t grain = std::max<int64_t>(1, 131072 / p.in);
   at::parallel_for(0, p.out, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t i0 = 0; i0 < p.m; i0 += per_pass) {
-      const int rows = static_cast<int>(std::min<int64_t>(per_pass, p.m - i0));
+    for (int64_t i0 = 0; i0 < p.m; i0 += kRowsPerPass) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRowsPerPass, p.m - i0));
       const RowsFn fn = isa == Isa::kAvx512 ? kAvx512Rows[rows - 1] : kAvx2Rows[rows - 1];
       fn(p, xp.data() + i0 * p.in, n0, n1, yf.data() + i0 * p.out);
     }
