@@ -276,10 +276,11 @@ def load_context(args) -> Context:
     return Context(tok, base, head, train_data, test_data, pad_id, args, batches)
 
 
-def run_one(run: Run, ctx: Context, eval_before: bool = False) -> tuple[dict, torch.nn.Module]:
-    """Train one run on a fresh copy of the base model. Memory is reported as three deterministic parts
-    (weights, activations saved for backward in one step, optimizer state), not as the process's resident
-    size, which memory freed by the previous run blurs."""
+def prepare(run: Run, ctx: Context) -> tuple[ex.Training, int]:
+    """A run's model, built on a fresh copy of the base model, ready to train, and the bytes of activations one
+    training step saves for backward. Memory is reported as three deterministic parts (weights, activations
+    saved for backward in one step, optimizer state), not as the process's resident size, which memory freed
+    by the previous run blurs."""
     gc.collect()
     torch.manual_seed(ex.SEED)  # identical adapter initialisation for every run of a method family
     model = run.build(copy.deepcopy(ctx.base), ctx)
@@ -287,8 +288,15 @@ def run_one(run: Run, ctx: Context, eval_before: bool = False) -> tuple[dict, to
     activations = ex.saved_bytes(model, ex.collate([ctx.train_data[i] for i in ctx.batches[0]], ctx.pad_id), ctx.head)
     if optimizer is None and run.lr is not None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr, weight_decay=0.0)
-    res = ex.train(f"{run.method} ({run.impl})", model, ctx.train_data, ctx.test_data, ctx.head, ctx.pad_id, ctx.args,
-                   ctx.batches, optimizer=optimizer, eval_before=eval_before, after_step=run.after_step)
+    training = ex.Training(f"{run.method} ({run.impl})", model, ctx.train_data, ctx.head, ctx.pad_id, ctx.args,
+                           optimizer, run.after_step)
+    return training, activations
+
+
+def results(run: Run, ctx: Context, training: ex.Training, activations: int) -> dict:
+    model = training.model
+    trainable, _ = ex.trainable_parameters(model)
+    res = dict(name=training.name, trainable=trainable, **training.results(ctx.test_data))
     res.pop("grads")
     selection = getattr(model, "peft_kernels_sparse", None)
     if selection is not None:  # the whole weights require grad; the selected entries are what trains
@@ -297,7 +305,16 @@ def run_one(run: Run, ctx: Context, eval_before: bool = False) -> tuple[dict, to
     # in bitsandbytes, so the quantized model's own count is no common denominator.
     res.update(method=run.method, impl=run.impl, weights=ex.model_bytes(model), activations=activations,
                pct=100 * res["trainable"] / sum(p.numel() for p in ctx.base.parameters()))
-    return res, model
+    return res
+
+
+def run_side_by_side(runs: list[Run], ctx: Context) -> list[dict]:
+    """Train the runs of one method (ours and its peers) together, one step of each in turn, so that their step
+    times are compared under the same conditions of this shared machine (timed one after the other, runs of the
+    same code differed by +-10 % here)."""
+    prepared = [prepare(run, ctx) for run in runs]
+    ex.train_side_by_side([t for t, _ in prepared], ctx.batches)
+    return [results(run, ctx, t, activations) for run, (t, activations) in zip(runs, prepared)]
 
 
 # ---- commands ------------------------------------------------------------------------------------------------
@@ -313,7 +330,10 @@ def cmd_finetune(args) -> None:
         impls = sorted({r.impl for r in RUNS if r.method == args.method})
         raise UserError(f"--method {args.method} --impl {args.impl}: not available (implementations: {impls})")
     ctx = load_context(args)
-    res, model = run_one(runs[0], ctx, eval_before=True)
+    training, activations = prepare(runs[0], ctx)
+    acc_before = ex.accuracy(training.model, ctx.test_data, ctx.head, ctx.pad_id)
+    ex.train_side_by_side([training], ctx.batches)
+    res, model = results(runs[0], ctx, training, activations), training.model
     out = Path(args.out)
     saved = out / "adapter"
     if getattr(model, "peft_kernels_sparse", None) is not None:
@@ -329,8 +349,8 @@ def cmd_finetune(args) -> None:
     print(f"\n{res['name']}: trainable {res['trainable']:,} ({res['pct']:.3f}% of all), weights "
           f"{res['weights'] / 2**20:.1f} MiB, activations saved per step {res['activations'] / 2**20:.1f} MiB, "
           f"optimizer state {res['optimizer_bytes'] / 2**20:.1f} MiB, "
-          f"{res['wall'] / len(res['losses']):.2f} s/step, {res['tok_s']:.0f} tokens/s")
-    print(f"test accuracy {res['acc_before']:.3f} -> {res['acc_after']:.3f} ({len(ctx.test_data)} examples); "
+          f"{res['s_per_step']:.2f} s/step (median), {res['tok_s']:.0f} tokens/s")
+    print(f"test accuracy {acc_before:.3f} -> {res['acc_after']:.3f} ({len(ctx.test_data)} examples); "
           f"adapter saved to {saved}")
 
 
@@ -350,22 +370,22 @@ def cmd_compare(args) -> None:
     start = time.perf_counter()
     print(f"compare: {len(ctx.train_data)} train / {len(ctx.test_data)} test examples, {args.steps} steps of "
           f"{args.batch}, AdamW lr {args.lr} (per-method rates in peft_kernels/cli.py), LoRA-family r=8 alpha=16 on "
-          f"{ex.TARGETS}, dropout {LORA_DROPOUT} for LoRA and QLoRA, 0 for the others", flush=True)
+          f"{ex.TARGETS}, dropout {LORA_DROPOUT} for LoRA and QLoRA, 0 for the others; a method's runs (ours, "
+          "peers) train side by side, one step of each in turn; s/step is the median over steps 2..N", flush=True)
     zero_shot = ex.accuracy(ctx.base, ctx.test_data, ctx.head, ctx.pad_id)
     rows = []
-    for run in runs:
-        res, model = run_one(run, ctx)
-        del model
-        rows.append(dict(method=res["method"], impl=res["impl"], trainable=res["trainable"], pct=res["pct"],
-                         weights_MiB=res["weights"] / 2**20, activations_MiB=res["activations"] / 2**20,
-                         optimizer_MiB=res["optimizer_bytes"] / 2**20,
-                         s_per_step=res["wall"] / len(res["losses"]), tokens_per_s=res["tok_s"],
-                         loss_first=sum(res["losses"][:LOSS_WINDOW]) / len(res["losses"][:LOSS_WINDOW]),
-                         loss_last=sum(res["losses"][-LOSS_WINDOW:]) / len(res["losses"][-LOSS_WINDOW:]),
-                         test_acc=res["acc_after"]))
-        # Each run's figures as soon as they are known: a long run stopped midway keeps what it measured.
-        print(f"{run.method} ({run.impl}): trainable {res['trainable']:,}, loss {rows[-1]['loss_first']:.3f} -> "
-              f"{rows[-1]['loss_last']:.3f}, test accuracy {res['acc_after']:.3f}", flush=True)
+    for method in dict.fromkeys(r.method for r in runs):  # RUNS order: ours first, then its peers
+        for res in run_side_by_side([r for r in runs if r.method == method], ctx):
+            rows.append(dict(method=res["method"], impl=res["impl"], trainable=res["trainable"], pct=res["pct"],
+                             weights_MiB=res["weights"] / 2**20, activations_MiB=res["activations"] / 2**20,
+                             optimizer_MiB=res["optimizer_bytes"] / 2**20, s_per_step=res["s_per_step"],
+                             tokens_per_s=res["tok_s"],
+                             loss_first=sum(res["losses"][:LOSS_WINDOW]) / len(res["losses"][:LOSS_WINDOW]),
+                             loss_last=sum(res["losses"][-LOSS_WINDOW:]) / len(res["losses"][-LOSS_WINDOW:]),
+                             test_acc=res["acc_after"]))
+            # Each run's figures as soon as they are known: a long run stopped midway keeps what it measured.
+            print(f"{res['method']} ({res['impl']}): trainable {res['trainable']:,}, loss {rows[-1]['loss_first']:.3f} "
+                  f"-> {rows[-1]['loss_last']:.3f}, test accuracy {res['acc_after']:.3f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "compare.csv", "w", newline="") as f:

@@ -182,42 +182,97 @@ def batch_order(n: int, steps: int, batch: int) -> list[list[int]]:
     return [order[i * batch : (i + 1) * batch] for i in range(steps)]
 
 
+class Training:
+    """One run's training state, stepped from outside: :func:`train` steps one run alone,
+    :func:`train_side_by_side` several in turn. AdamW at ``args.lr`` with no weight decay over the trainable
+    parameters unless ``optimizer`` is given; ``after_step(model, step)`` runs after each optimizer step,
+    before the next zero_grad (AdaLoRA's budget allocation).
+
+    Each run keeps its own copy of torch's default generator state, seeded with SEED, and swaps it in for its
+    steps: the dropout masks of a run are the same whether it trains alone or interleaved with others. Each
+    step's time is taken from batch collation to the end of ``after_step``."""
+
+    def __init__(self, name, model, train_data, head, pad_id, args, optimizer=None, after_step=None):
+        self.name, self.model, self.train_data, self.head, self.pad_id = name, model, train_data, head, pad_id
+        self.after_step = after_step
+        self.opt = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                                  weight_decay=0.0)
+        outer = torch.get_rng_state()
+        torch.manual_seed(SEED)  # the dropout run draws its masks from here
+        self.rng = torch.get_rng_state()
+        torch.set_rng_state(outer)
+        self.losses, self.step_times, self.grads, self.tokens = [], [], [], 0
+
+    def step(self, idx: list[int]) -> float:
+        """One optimizer step on the examples ``idx``; returns the loss."""
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.rng)
+        self.model.train()
+        start = time.perf_counter()
+        batch = collate([self.train_data[i] for i in idx], self.pad_id)
+        loss = F.cross_entropy(label_logits(self.model, batch, self.head), batch[3])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        step = len(self.losses) + 1
+        if step <= 2:  # kept to localise a divergence; step 1 has grad A = 0 (B starts at 0), step 2 does not
+            self.grads.append({k: p.grad.detach().clone() for k, p in lora_params(self.model).items()
+                               if p.grad is not None})
+        self.opt.step()
+        if self.after_step is not None:
+            self.after_step(self.model, step)
+        self.step_times.append(time.perf_counter() - start)
+        self.losses.append(loss.item())
+        self.tokens += batch[1].sum().item()
+        self.rng = torch.get_rng_state()
+        torch.set_rng_state(outer)
+        return self.losses[-1]
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / sum(self.step_times)
+
+    def results(self, test_data) -> dict:
+        """Losses, gradients of steps 1 and 2, optimizer-state bytes, total and per-step time (``s_per_step``:
+        the median over the steps after the first, which pays for allocations and lazy initialisation), tokens/s
+        and test accuracy."""
+        times = self.step_times[1:] or self.step_times
+        state_bytes = sum(t.numel() * t.element_size() for st in self.opt.state.values() for t in st.values()
+                          if isinstance(t, torch.Tensor))
+        return dict(losses=self.losses, grads=self.grads, optimizer_bytes=state_bytes, wall=sum(self.step_times),
+                    s_per_step=sorted(times)[len(times) // 2], tok_s=self.tokens_per_s(),
+                    acc_after=accuracy(self.model, test_data, self.head, self.pad_id))
+
+
+def train_side_by_side(trainings: list[Training], batches) -> None:
+    """Step every run over ``batches``, one step of each in turn (the order reversed on every other step, so no
+    run always follows the same neighbour): their step times are measured under the same machine conditions,
+    as the microbenchmarks time ours and the peers side by side. A progress bar shows each run's loss."""
+    bar = tqdm(batches, desc=" vs ".join(t.name for t in trainings), ncols=120) if tqdm else batches
+    for step, idx in enumerate(bar, 1):
+        for t in trainings if step % 2 else trainings[::-1]:
+            t.step(idx)
+        if tqdm:
+            bar.set_postfix_str(", ".join(f"{t.losses[-1]:.4f} {t.tokens_per_s():.0f} tok/s" for t in trainings))
+        elif step % 20 == 0 or step == len(batches):
+            print(f"step {step}/{len(batches)} " + ", ".join(f"{t.name} loss {t.losses[-1]:.4f}" for t in trainings),
+                  flush=True)
+
+
 def train(name, model, train_data, test_data, head, pad_id, args, batches, optimizer=None, eval_before=True,
           after_step=None):
-    """Train the model's trainable parameters (AdamW at ``args.lr``, no weight decay, unless ``optimizer`` is
-    given) over ``batches``, with a progress bar (loss, tokens/s); ``after_step(model, step)`` runs after each
-    optimizer step, before the next zero_grad (AdaLoRA's budget allocation). Returns a dict of results including
-    per-step losses and the LoRA gradients of steps 1 and 2."""
+    """Train one run alone over ``batches`` (see :class:`Training`) with a progress bar (loss, tokens/s).
+    Returns a dict of results including per-step losses and the LoRA gradients of steps 1 and 2."""
     trainable, total = trainable_parameters(model)
     res = dict(name=name, trainable=trainable, pct=100 * trainable / total,
                acc_before=accuracy(model, test_data, head, pad_id) if eval_before else float("nan"))
-    opt = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                         weight_decay=0.0)
-    torch.manual_seed(SEED)  # the dropout run draws its masks from here
-    model.train()
-    losses, tokens, grads, start = [], 0, [], time.perf_counter()
+    run = Training(name, model, train_data, head, pad_id, args, optimizer, after_step)
     bar = tqdm(batches, desc=name, ncols=100) if tqdm else batches
     for step, idx in enumerate(bar, 1):
-        batch = collate([train_data[i] for i in idx], pad_id)
-        loss = F.cross_entropy(label_logits(model, batch, head), batch[3])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if step <= 2:  # kept to localise a divergence; step 1 has grad A = 0 (B starts at 0), step 2 does not
-            grads.append({k: p.grad.detach().clone() for k, p in lora_params(model).items() if p.grad is not None})
-        opt.step()
-        if after_step is not None:
-            after_step(model, step)
-        losses.append(loss.item())
-        tokens += batch[1].sum().item()
-        rate = tokens / (time.perf_counter() - start)
+        loss = run.step(idx)
         if tqdm:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{run.tokens_per_s():.0f}")
         elif step % 20 == 0 or step == len(batches):
-            print(f"{name} step {step}/{len(batches)} loss {losses[-1]:.4f} tokens/s {rate:.0f}", flush=True)
-    state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-                      if isinstance(t, torch.Tensor))
-    res.update(wall=time.perf_counter() - start, losses=losses, grads=grads, optimizer_bytes=state_bytes)
-    res.update(tok_s=tokens / res["wall"], acc_after=accuracy(model, test_data, head, pad_id))
+            print(f"{name} step {step}/{len(batches)} loss {loss:.4f} tokens/s {run.tokens_per_s():.0f}", flush=True)
+    res.update(run.results(test_data))
     return res
 
 

@@ -90,6 +90,23 @@ def test_compare_and_finetune_end_to_end(tiny_model, tiny_data, tmp_path, capsys
     assert (tmp_path / "adapter" / "sparse_diff.safetensors").is_file()
 
 
+def test_side_by_side_training_matches_training_alone(tiny_model, tiny_data, tmp_path):
+    """compare steps a method's runs in turn; each run keeps its own generator state, so its dropout masks and
+    losses are those of the same run trained alone (LoRA at dropout 0.1: ours draws Philox seeds and PEFT's
+    nn.Dropout draws masks from torch's default generator)."""
+    args = cli.build_parser().parse_args(["compare", "--model", str(tiny_model), "--data", str(tiny_data),
+                                          "--steps", "4", "--batch", "4", "--train-size", "40", "--test-size", "8",
+                                          "--out", str(tmp_path)])
+    ctx = cli.load_context(args)
+    runs = [r for r in cli.RUNS if r.method == "lora"]
+    assert [r.impl for r in runs] == ["peft_kernels", "peft"]
+    alone = [cli.run_side_by_side([run], ctx)[0]["losses"] for run in runs]
+    torch.manual_seed(123)  # the outer generator state must not matter either
+    together = [res["losses"] for res in cli.run_side_by_side(runs, ctx)]
+    assert together == alone
+    assert alone[0] != alone[1]  # the two implementations draw different masks: the check can fail
+
+
 def test_methods_table(tiny_model, tmp_path, capsys):
     assert cli.main(["methods", "--model", str(tiny_model), "--encoder-layers", "4", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "blocks.h"
 #include "dispatch.h"
 #include "dropout.h"
 #include "peft_kernels/kron.h"
@@ -32,17 +33,13 @@ namespace {
 using cpu::acc_t;
 using cpu::dispatch;
 using cpu::mask_row;
-
-constexpr int64_t kBlockValues = 65536;  // values of x per block of rows
+using cpu::view;
+using cpu::wrap;
 
 struct Blocks {
   int64_t rows, count;  // rows per block (the last may have fewer), number of blocks
-  Blocks(const Dims& d, int64_t m) : rows(std::clamp<int64_t>(kBlockValues / d.in(), 1, m)), count((m + rows - 1) / rows) {}
+  Blocks(const Dims& d, int64_t m) : rows(cpu::block_rows(d.in(), m)), count((m + rows - 1) / rows) {}
 };
-
-template <class Acc> at::Tensor view(const Acc* data, at::IntArrayRef sizes) {
-  return at::from_blob(const_cast<Acc*>(data), sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value));
-}
 
 // `n` values of `src` from `first` on as a contiguous Acc tensor of `sizes`: `src` itself when it is already Acc
 // and nothing is masked, else widened (times keep[n] when given) into `buf`.
@@ -175,11 +172,6 @@ struct Cpu {
       if (p.da != nullptr) finish(da_part, s, static_cast<T*>(p.da));
       if (p.db != nullptr) finish(db_part, s, static_cast<T*>(p.db));
     });
-  }
-
-  static at::Tensor wrap(const void* ptr, at::IntArrayRef sizes, DType dtype) {
-    static constexpr at::ScalarType kTypes[] = {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble};
-    return at::from_blob(const_cast<void*>(ptr), sizes, kTypes[static_cast<int>(dtype)]);
   }
 
   template <class T, class Acc> static void finish(const at::Tensor& parts, Acc s, T* out) {

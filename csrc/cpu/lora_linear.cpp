@@ -1,12 +1,12 @@
 // CPU backend of the fused LoRA dropout kernels: Philox masks regenerated on the fly, fp32 accumulation.
-// Rows are taken in blocks of about 64K values of x (256 KiB in fp32, inside this Zen 4's 1 MiB L2). A block's
-// dropped x (mask * x, widened to fp32) exists only in that buffer while the block is worked on; the rank-r
-// products are GEMMs on it through ATen's BLAS:
+// Rows are taken in blocks (blocks.h). A block's mask and dropped x (mask * x, widened to fp32) exist only in
+// block buffers while the block is worked on; the rank-r products are GEMMs on them through ATen's BLAS:
 //   down:      xa[block] = (mask * x[block]) A^T                       [R, r]
 //   backward:  dx[block] += mask * s * (dxa[block] A)                  (GEMM into a block buffer, masked add)
 //              dA = sum over blocks, in order, of s * dxa[block]^T (mask * x[block])
-// The previous version computed the same sums with per-row dot products and axpys over the r rows of A; this one
-// hands the K = in (down) and K = R (dA) reductions to the BLAS.
+// Backward draws a block's mask once for both gradients: the draws are the dropout path's main cost (one pass
+// over a 2048 x 1024 activation is ~1 ms on this machine's 2 cores, against ~20 ms for the bf16 base layer's
+// forward + backward).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "backends.h"
+#include "blocks.h"
 #include "dispatch.h"
 #include "dropout.h"
 #include "peft_kernels/lora_op.h"
@@ -24,21 +25,11 @@ namespace peft_kernels::lora {
 namespace {
 
 using cpu::acc_t;
+using cpu::block_rows;
 using cpu::dispatch;
 using cpu::mask_row;
-
-constexpr int64_t kBlockValues = 65536;  // values of x per block of rows
-
-template <class Acc> at::Tensor view(const Acc* data, at::IntArrayRef sizes) {
-  return at::from_blob(const_cast<Acc*>(data), sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value));
-}
-
-at::Tensor wrap(const void* ptr, at::IntArrayRef sizes, DType dtype) {
-  static constexpr at::ScalarType kTypes[] = {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble};
-  return at::from_blob(const_cast<void*>(ptr), sizes, kTypes[static_cast<int>(dtype)]);
-}
-
-int64_t block_rows(int64_t in, int64_t m) { return std::clamp<int64_t>(kBlockValues / in, 1, std::max<int64_t>(m, 1)); }
+using cpu::view;
+using cpu::wrap;
 
 // out[e] = mask(first + e) * x[first + e] for e < n, in Acc (mask values are 0 or drop.scale).
 template <class T, class Acc> void dropped(const Dropout& drop, const T* x, int64_t first, int64_t n, Acc* out) {
@@ -86,19 +77,20 @@ void Cpu::backward(const BackwardParams& p) {
     const int64_t rows = block_rows(p.in, p.m), blocks = (p.m + rows - 1) / rows;
     const at::Tensor da_part = da != nullptr ? at::empty({blocks, p.r, p.in}, acc_type) : at::Tensor();
     at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<Acc> buf(rows * p.in), keep(dx != nullptr ? rows * p.in : 0);
+      std::vector<Acc> buf(rows * p.in), keep(rows * p.in);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t i0 = c * rows, n = std::min(rows, p.m - i0);
         const at::Tensor g = dxa.narrow(0, i0, n);
+        mask_row(p.drop, i0 * p.in, n * p.in, keep.data());
         if (dx != nullptr) {
-          mask_row(p.drop, i0 * p.in, n * p.in, keep.data());
           at::Tensor t = view(buf.data(), {n, p.in});
           at::mm_out(t, g, a);
           T* d = dx + i0 * p.in;
           for (int64_t e = 0; e < n * p.in; ++e) d[e] = static_cast<T>(static_cast<Acc>(d[e]) + keep[e] * buf[e]);
         }
         if (da != nullptr) {
-          dropped(p.drop, x, i0 * p.in, n * p.in, buf.data());
+          const T* xb = x + i0 * p.in;
+          for (int64_t e = 0; e < n * p.in; ++e) buf[e] = keep[e] * static_cast<Acc>(xb[e]);
           at::Tensor part = da_part[c];
           at::mm_out(part, g.t(), view(buf.data(), {n, p.in}));
         }
