@@ -246,12 +246,13 @@ def train_side_by_side(trainings: list[Training], batches) -> None:
     """Step every run over ``batches``, one step of each in turn (the order reversed on every other step, so no
     run always follows the same neighbour): their step times are measured under the same machine conditions,
     as the microbenchmarks time ours and the peers side by side. A progress bar shows each run's loss."""
-    bar = tqdm(batches, desc=" vs ".join(t.name for t in trainings), ncols=120) if tqdm else batches
+    bar = tqdm(batches, desc=" vs ".join(t.name for t in trainings), ncols=140) if tqdm else batches
     for step, idx in enumerate(bar, 1):
         for t in trainings if step % 2 else trainings[::-1]:
             t.step(idx)
-        if tqdm:
-            bar.set_postfix_str(", ".join(f"{t.losses[-1]:.4f} {t.tokens_per_s():.0f} tok/s" for t in trainings))
+        if tqdm:  # the runs' figures in the order of the description, "/" between runs
+            bar.set_postfix_str(f"loss {'/'.join(f'{t.losses[-1]:.3f}' for t in trainings)}, tok/s "
+                                f"{'/'.join(f'{t.tokens_per_s():.0f}' for t in trainings)}")
         elif step % 20 == 0 or step == len(batches):
             print(f"step {step}/{len(batches)} " + ", ".join(f"{t.name} loss {t.losses[-1]:.4f}" for t in trainings),
                   flush=True)
