@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <type_traits>
-#include <vector>
 
 #include "blocks.h"
 #include "dispatch.h"
@@ -44,8 +43,7 @@ struct Blocks {
 // `n` values of `src` from `first` on as a contiguous Acc tensor of `sizes`: `src` itself when it is already Acc
 // and nothing is masked, else widened (times keep[n] when given) into `buf`.
 template <class T, class Acc>
-at::Tensor block_in(const T* src, int64_t first, int64_t n, const Acc* keep, std::vector<Acc>& buf,
-                    at::IntArrayRef sizes) {
+at::Tensor block_in(const T* src, int64_t first, int64_t n, const Acc* keep, Acc* buf, at::IntArrayRef sizes) {
   if constexpr (std::is_same_v<T, Acc>) {
     if (keep == nullptr) return view(src + first, sizes);
   }
@@ -53,7 +51,7 @@ at::Tensor block_in(const T* src, int64_t first, int64_t n, const Acc* keep, std
   if (keep != nullptr) {
     for (int64_t e = 0; e < n; ++e) buf[e] *= keep[e];
   }
-  return view(buf.data(), sizes);
+  return view(buf, sizes);
 }
 
 // out[first + e] = (accumulate ? out[first + e] : 0) + s * (keep ? keep[e] : 1) * v[e], rounded once to T.
@@ -86,14 +84,19 @@ struct Cpu {
       const bool dropped = p.drop.threshold != 0;
       const Blocks blocks(d, p.m);
       at::parallel_for(0, blocks.count, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<Acc> keep(dropped ? blocks.rows * d.in() : 0), xbuf(blocks.rows * d.in());
-        std::vector<Acc> t(blocks.rows * d.a_in * d.b_out), ybuf(blocks.rows * d.out());
+        // Buffers only where a block cannot be used in place: x that is not Acc or is masked, y that is not Acc
+        // or is not accumulated into.
+        constexpr bool in_place = std::is_same_v<T, Acc>;
+        Acc* keep = cpu::scratch<Acc>(0, dropped ? blocks.rows * d.in() : 0);
+        Acc* xbuf = cpu::scratch<Acc>(1, in_place && !dropped ? 0 : blocks.rows * d.in());
+        Acc* t = cpu::scratch<Acc>(2, blocks.rows * d.a_in * d.b_out);
+        Acc* ybuf = cpu::scratch<Acc>(3, in_place && p.accumulate ? 0 : blocks.rows * d.out());
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t r0 = c * blocks.rows, rows = std::min(blocks.rows, p.m - r0);
-          if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r0 * d.in(), rows * d.in(), keep.data());
-          const at::Tensor xb = block_in(x, r0 * d.in(), rows * d.in(), dropped ? keep.data() : nullptr, xbuf,
+          if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r0 * d.in(), rows * d.in(), keep);
+          const at::Tensor xb = block_in(x, r0 * d.in(), rows * d.in(), dropped ? keep : nullptr, xbuf,
                                          {rows * d.a_in, d.b_in});
-          at::Tensor tt = view(t.data(), {rows * d.a_in, d.b_out});
+          at::Tensor tt = view(t, {rows * d.a_in, d.b_out});
           at::mm_out(tt, xb, bt);
           const at::Tensor ab = a.expand({rows, d.a_out, d.a_in});
           const at::Tensor tb = tt.view({rows, d.a_in, d.b_out});
@@ -103,9 +106,9 @@ struct Cpu {
               continue;
             }
           }
-          at::Tensor yb = view(ybuf.data(), {rows, d.a_out, d.b_out});
+          at::Tensor yb = view(ybuf, {rows, d.a_out, d.b_out});
           at::bmm_out(yb, ab, tb);
-          block_out(y, r0 * d.out(), rows * d.out(), ybuf.data(), s, static_cast<const Acc*>(nullptr), p.accumulate);
+          block_out(y, r0 * d.out(), rows * d.out(), ybuf, s, static_cast<const Acc*>(nullptr), p.accumulate);
         }
       });
     });
@@ -129,16 +132,21 @@ struct Cpu {
       const at::Tensor db_part = at::zeros({blocks.count, d.b_out, d.b_in}, acc_type);
       at::parallel_for(0, blocks.count, 1, [&](int64_t c0, int64_t c1) {
         const int64_t most = blocks.rows;
-        std::vector<Acc> keep(dropped ? most * d.in() : 0), xbuf(x ? most * d.in() : 0), dybuf(most * d.out());
-        std::vector<Acc> h(most * d.a_in * d.b_out), dxbuf(dx ? most * d.in() : 0);
-        std::vector<Acc> t(p.da ? most * d.a_in * d.b_out : 0), prod(p.da ? most * d.a_out * d.a_in : 0);
+        constexpr bool in_place = std::is_same_v<T, Acc>;  // as in forward: buffers only where needed
+        Acc* keep = cpu::scratch<Acc>(0, dropped ? most * d.in() : 0);
+        Acc* xbuf = cpu::scratch<Acc>(1, x && (!in_place || dropped) ? most * d.in() : 0);
+        Acc* dybuf = cpu::scratch<Acc>(2, in_place ? 0 : most * d.out());
+        Acc* h = cpu::scratch<Acc>(3, most * d.a_in * d.b_out);
+        Acc* dxbuf = cpu::scratch<Acc>(4, dx && !(in_place && p.accumulate_dx && !dropped) ? most * d.in() : 0);
+        Acc* t = cpu::scratch<Acc>(5, p.da ? most * d.a_in * d.b_out : 0);
+        Acc* prod = cpu::scratch<Acc>(6, p.da ? most * d.a_out * d.a_in : 0);
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t r0 = c * blocks.rows, rows = std::min(blocks.rows, p.m - r0);
-          if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r0 * d.in(), rows * d.in(), keep.data());
-          const Acc* mask = dropped ? keep.data() : nullptr;
+          if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r0 * d.in(), rows * d.in(), keep);
+          const Acc* mask = dropped ? keep : nullptr;
           const at::Tensor dyb = block_in(dy, r0 * d.out(), rows * d.out(), static_cast<const Acc*>(nullptr), dybuf,
                                           {rows, d.a_out, d.b_out});
-          at::Tensor hb = view(h.data(), {rows, d.a_in, d.b_out});
+          at::Tensor hb = view(h, {rows, d.a_in, d.b_out});
           at::bmm_out(hb, a.t().expand({rows, d.a_in, d.a_out}), dyb);
           const at::Tensor hf = hb.view({rows * d.a_in, d.b_out});
           if (dx != nullptr) {
@@ -150,18 +158,18 @@ struct Cpu {
               }
             }
             if (!done) {
-              at::Tensor dxb = view(dxbuf.data(), {rows * d.a_in, d.b_in});
+              at::Tensor dxb = view(dxbuf, {rows * d.a_in, d.b_in});
               at::mm_out(dxb, hf, b);
-              block_out(dx, r0 * d.in(), rows * d.in(), dxbuf.data(), s, mask, p.accumulate_dx);
+              block_out(dx, r0 * d.in(), rows * d.in(), dxbuf, s, mask, p.accumulate_dx);
             }
           }
           if (x == nullptr) continue;
           const at::Tensor xb = block_in(x, r0 * d.in(), rows * d.in(), mask, xbuf, {rows * d.a_in, d.b_in});
           if (p.db != nullptr) db_part[c].addmm_(hf.t(), xb);
           if (p.da != nullptr) {
-            at::Tensor tt = view(t.data(), {rows * d.a_in, d.b_out});
+            at::Tensor tt = view(t, {rows * d.a_in, d.b_out});
             at::mm_out(tt, xb, b.t());
-            at::Tensor pb = view(prod.data(), {rows, d.a_out, d.a_in});
+            at::Tensor pb = view(prod, {rows, d.a_out, d.a_in});
             at::bmm_out(pb, dyb, tt.view({rows, d.a_in, d.b_out}).transpose(1, 2));
             at::Tensor part = da_part[c];
             at::sum_out(part, pb, {0});

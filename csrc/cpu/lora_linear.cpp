@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <type_traits>
-#include <vector>
 
 #include "backends.h"
 #include "blocks.h"
@@ -48,14 +47,15 @@ void Cpu::down(const DownParams& p) {
     const at::Tensor at_ = wrap(p.a, {p.r, p.in}, p.dtype).to(acc_type).t();
     const int64_t rows = block_rows(p.in, p.m), blocks = (p.m + rows - 1) / rows;
     at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<Acc> xd(rows * p.in), out(std::is_same_v<T, Acc> ? 0 : rows * p.r);
+      Acc* xd = cpu::scratch<Acc>(0, rows * p.in);
+      Acc* out = cpu::scratch<Acc>(1, std::is_same_v<T, Acc> ? 0 : rows * p.r);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t i0 = c * rows, n = std::min(rows, p.m - i0);
-        dropped(p.drop, x, i0 * p.in, n * p.in, xd.data());
-        Acc* dst = out.data();
+        dropped(p.drop, x, i0 * p.in, n * p.in, xd);
+        Acc* dst = out;
         if constexpr (std::is_same_v<T, Acc>) dst = xa + i0 * p.r;  // fp32 / fp64: the GEMM writes xa itself
         at::Tensor o = view(dst, {n, p.r});
-        at::mm_out(o, view(xd.data(), {n, p.in}), at_);
+        at::mm_out(o, view(xd, {n, p.in}), at_);
         if constexpr (!std::is_same_v<T, Acc>) {
           for (int64_t e = 0; e < n * p.r; ++e) xa[i0 * p.r + e] = static_cast<T>(out[e]);
         }
@@ -77,13 +77,14 @@ void Cpu::backward(const BackwardParams& p) {
     const int64_t rows = block_rows(p.in, p.m), blocks = (p.m + rows - 1) / rows;
     const at::Tensor da_part = da != nullptr ? at::empty({blocks, p.r, p.in}, acc_type) : at::Tensor();
     at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<Acc> buf(rows * p.in), keep(rows * p.in);
+      Acc* buf = cpu::scratch<Acc>(0, rows * p.in);
+      Acc* keep = cpu::scratch<Acc>(1, rows * p.in);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t i0 = c * rows, n = std::min(rows, p.m - i0);
         const at::Tensor g = dxa.narrow(0, i0, n);
-        mask_row(p.drop, i0 * p.in, n * p.in, keep.data());
+        mask_row(p.drop, i0 * p.in, n * p.in, keep);
         if (dx != nullptr) {
-          at::Tensor t = view(buf.data(), {n, p.in});
+          at::Tensor t = view(buf, {n, p.in});
           at::mm_out(t, g, a);
           T* d = dx + i0 * p.in;
           for (int64_t e = 0; e < n * p.in; ++e) d[e] = static_cast<T>(static_cast<Acc>(d[e]) + keep[e] * buf[e]);
@@ -92,7 +93,7 @@ void Cpu::backward(const BackwardParams& p) {
           const T* xb = x + i0 * p.in;
           for (int64_t e = 0; e < n * p.in; ++e) buf[e] = keep[e] * static_cast<Acc>(xb[e]);
           at::Tensor part = da_part[c];
-          at::mm_out(part, g.t(), view(buf.data(), {n, p.in}));
+          at::mm_out(part, g.t(), view(buf, {n, p.in}));
         }
       }
     });
