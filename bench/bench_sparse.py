@@ -5,7 +5,7 @@
   tensor, the k new values scattered back;
 * ``ours``: ``peft_kernels.ops.masked_adamw_step_`` (reads the k selected entries of the dense grad, state [k]).
 
-    python bench/bench_sparse.py [--quick] [--dtype fp32,bf16] [--repeats N] [--out DIR]
+    python bench/bench_sparse.py [--quick] [--device cpu|cuda] [--dtype fp32,bf16] [--repeats N] [--out DIR]
 
 The issue's targets, as ratios to ``dense`` measured side by side: at 1% ours <= 0.03x in time and in
 optimizer-state bytes; at 100% ours <= 1.3x in time. The memory column is each provider's optimizer state
