@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import peft_kernels as pk
-from tiny_models import BERT_VOCAB, LLAMA_VOCAB, randomize, tiny_bert_classifier, tiny_llama, tokens
+from tiny_models import (BERT_VOCAB, LLAMA_VOCAB, assert_untouched, randomize, snapshot, tiny_bert_classifier,
+                         tiny_llama, tokens)
 
 LLAMA_TOKENS, BERT_TOKENS = tokens(LLAMA_VOCAB), tokens(BERT_VOCAB)
 LABELS = torch.tensor([0, 2])
@@ -168,25 +169,24 @@ def test_adapter_config_bad_arguments(kwargs, match):
 
 def test_adapter_bad_targets_leave_model_unchanged():
     model = tiny_llama()
-    state = copy.deepcopy(model.state_dict())
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"target_modules \['nope'\] match no module of LlamaForCausalLM"):
         pk.apply(model, pk.AdapterConfig(target_modules=["nope"]))
     with pytest.raises(ValueError, match="the Linear must map d -> d; it maps 64 -> 32"):
         pk.apply(model, pk.AdapterConfig(placement="parallel", target_modules=["o_proj", "k_proj"]))
     with pytest.raises(ValueError, match="match both model.layers.0.mlp and model.layers.0.mlp.down_proj"):
         pk.apply(model, pk.AdapterConfig(target_modules=["mlp", "down_proj"]))
-    assert not wrapped(model, pk.nn.SequentialAdapter) and not wrapped(model, pk.nn.ParallelAdapter)
-    assert model.state_dict().keys() == state.keys() and all(p.requires_grad for p in model.parameters())
+    assert_untouched(model, before)
 
 
 def test_adapter_load_mismatch_leaves_model_intact(tmp_path):
     source = pk.apply(tiny_llama(), pk.AdapterConfig(bottleneck=8))
     pk.save_adapter(source, tmp_path)
     target = pk.apply(tiny_llama(), pk.AdapterConfig(bottleneck=16))
-    state = copy.deepcopy(target.state_dict())
+    before = snapshot(target)
     with pytest.raises(ValueError, match="carries a AdapterConfig|has shape"):
         pk.load_adapter(target, tmp_path)
-    assert all(torch.equal(v, target.state_dict()[k]) for k, v in state.items())
+    assert_untouched(target, before)
     with pytest.raises(ValueError, match=r"target_modules \['o_proj', 'down_proj'\] match no module of BertForSequenceClassification"):
         pk.load_adapter(tiny_bert_classifier(), tmp_path)
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import peft_kernels as pk
 from test_adapters import MODELS, logits, take_head, trains, wrapped
-from tiny_models import randomize, tiny_bert_classifier, tiny_llama
+from tiny_models import assert_untouched, randomize, snapshot, tiny_bert_classifier, tiny_llama
 
 LLAMA_IA3 = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")]
 BERT_IA3 = ["bert.encoder.layer.0." + p for p in ("attention.self.key", "attention.self.value", "attention.output.dense",
@@ -137,10 +137,10 @@ def test_ia3_custom_targets_and_bad_input(tmp_path):
     # shapes: an adapter of a wider model
     (tmp_path / "adapter_config.json").write_text(json.dumps(raw))
     bert = pk.apply(tiny_bert_classifier(intermediate_size=64), pk.IA3Config())
-    state = copy.deepcopy(bert.state_dict())
+    before = snapshot(bert)
     with pytest.raises(ValueError, match=r"output.dense.ia3_l has shape \[1, 48\] in the file but \[1, 64\]"):
         pk.load_adapter(bert, tmp_path)
-    assert all(torch.equal(v, bert.state_dict()[k]) for k, v in state.items())
+    assert_untouched(bert, before)
 
 
 # ---------------------------------------------------------------- BitFitConfig

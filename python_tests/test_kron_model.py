@@ -2,7 +2,6 @@
 format in both directions (same logits as PEFT), merged logits, a compiled decoder layer, and clear errors that
 leave the model intact."""
 
-import copy
 import json
 
 import peft
@@ -12,7 +11,7 @@ from safetensors.torch import load_file
 
 import peft_kernels as pk
 from test_lora_model import TOKENS, tiny_llama
-from tiny_models import randomize
+from tiny_models import assert_untouched, randomize, snapshot
 
 
 def kron_factors(name):
@@ -107,11 +106,11 @@ def test_failed_load_leaves_model_intact(tmp_path):
     randomize(source, scale=0.1, select=kron_factors, replace=True)
     pk.save_adapter(source, tmp_path)
     target = pk.apply(tiny_llama(), pk.KronAConfig(decompose_factor=2))
-    state = copy.deepcopy(target.state_dict())
+    before = snapshot(target)
     with pytest.raises(ValueError, match=r"self_attn.q_proj has factors w1 \[8, 8\], w2 \[8, 8\] in the file but "
                                          r"A \[2, 2\], B \[32, 32\] in the model"):
         pk.load_adapter(target, tmp_path)
-    assert all(torch.equal(v, target.state_dict()[k]) for k, v in state.items())
+    assert_untouched(target, before)
     fresh = tiny_llama()
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"q_proj": 4}}))

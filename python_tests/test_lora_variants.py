@@ -2,7 +2,6 @@
 LLaMA and BERT classifier. Logits are checked against an independent reference: a copy of the base model whose
 targeted weights get the update each method's paper defines, computed here in plain torch."""
 
-import copy
 import json
 
 import peft
@@ -13,7 +12,8 @@ from torch import nn
 
 import peft_kernels as pk
 from peft_kernels import lora_variants as lv
-from tiny_models import BERT_VOCAB, LLAMA_VOCAB, randomize, saved_tensors, tiny_bert_classifier, tiny_llama, tokens
+from tiny_models import (BERT_VOCAB, LLAMA_VOCAB, assert_untouched, randomize, saved_tensors, snapshot,
+                         tiny_bert_classifier, tiny_llama, tokens)
 
 MODELS = {"llama": (tiny_llama, LLAMA_VOCAB), "bert": (tiny_bert_classifier, BERT_VOCAB)}
 TARGETS = {"llama": [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")],
@@ -436,11 +436,10 @@ def test_loftq_bad_input():
                          ids=lambda c: type(c).__name__)
 def test_failed_apply_leaves_the_model_unchanged(config):
     model = tiny_llama()
-    state = copy.deepcopy(model.state_dict())
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"target_modules \['nope'\] match no nn.Linear"):
         pk.apply(model, config)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert all(p.requires_grad for p in model.parameters())
+    assert_untouched(model, before)
 
 
 def test_loftq_keeps_quant_storage():
