@@ -271,6 +271,9 @@ def load_context(args) -> Context:
         train_data, test_data = ex.load_data(tok, args.train_size, args.test_size, args.data)
     except ValueError as exc:
         raise UserError(f"--data: {exc}") from exc
+    if len(train_data) < args.batch:  # batch_order draws whole batches from the training examples
+        raise UserError(f"--data / --test-size: {len(train_data)} training examples are left after the "
+                        f"{len(test_data)} test examples; --batch {args.batch} needs at least {args.batch}")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batches = ex.batch_order(len(train_data), args.steps, args.batch)
     return Context(tok, base, head, train_data, test_data, pad_id, args, batches)
@@ -382,16 +385,20 @@ def cmd_compare(args) -> None:
                              tokens_per_s=res["tok_s"],
                              loss_first=sum(res["losses"][:LOSS_WINDOW]) / len(res["losses"][:LOSS_WINDOW]),
                              loss_last=sum(res["losses"][-LOSS_WINDOW:]) / len(res["losses"][-LOSS_WINDOW:]),
-                             test_acc=res["acc_after"]))
+                             test_acc=res["acc_after"], losses=res["losses"]))
             # Each run's figures as soon as they are known: a long run stopped midway keeps what it measured.
             print(f"{res['method']} ({res['impl']}): trainable {res['trainable']:,}, loss {rows[-1]['loss_first']:.3f} "
                   f"-> {rows[-1]['loss_last']:.3f}, test accuracy {res['acc_after']:.3f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "compare.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    with open(out / "losses.csv", "w", newline="") as f:  # the loss curves: one column per run
+        writer = csv.writer(f)
+        writer.writerow(["step", *(f"{r['method']} ({r['impl']})" for r in rows)])
+        writer.writerows([step + 1, *(f"{r['losses'][step]:.6f}" for r in rows)] for step in range(args.steps))
     print(f"\nbase model zero-shot test accuracy: {zero_shot:.3f}; total {time.perf_counter() - start:.0f} s\n")
     print("| method | implementation | trainable params | % of total | weights MiB | activations MiB | optimizer MiB "
           f"| s/step | tokens/s | loss, first {LOSS_WINDOW} steps | last {LOSS_WINDOW} | test acc |")
@@ -400,7 +407,7 @@ def cmd_compare(args) -> None:
         print(f"| {r['method']} | {r['impl']} | {r['trainable']:,} | {r['pct']:.3f} | {r['weights_MiB']:.1f} "
               f"| {r['activations_MiB']:.1f} | {r['optimizer_MiB']:.1f} | {r['s_per_step']:.2f} "
               f"| {r['tokens_per_s']:.0f} | {r['loss_first']:.3f} | {r['loss_last']:.3f} | {r['test_acc']:.3f} |")
-    print(f"\nwrote {out / 'compare.csv'}")
+    print(f"\nwrote {out / 'compare.csv'} and {out / 'losses.csv'} (per-step losses)")
     _plot(rows, out)
 
 
@@ -413,7 +420,7 @@ def _plot(rows: list[dict], out: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no PNG (pip install matplotlib)")
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4))
     for r in rows:
         left.scatter(r["trainable"], r["test_acc"], marker="o" if r["impl"] == "peft_kernels" else "x")
         left.annotate(f"{r['method']} ({r['impl']})", (r["trainable"], r["test_acc"]), fontsize=7)
@@ -421,6 +428,16 @@ def _plot(rows: list[dict], out: Path) -> None:
     left.set_xlabel("trainable parameters")
     left.set_ylabel("test accuracy")
     left.set_title("accuracy vs trainable parameters", fontsize=9)
+    for r in rows:  # moving mean over LOSS_WINDOW steps: one batch's loss is noisy
+        losses = torch.tensor(r["losses"])
+        window = min(LOSS_WINDOW, len(losses))
+        smooth = losses.unfold(0, window, 1).mean(1)
+        middle.plot(range(window, len(losses) + 1), smooth, linewidth=0.8,
+                    linestyle="-" if r["impl"] == "peft_kernels" else "--", label=f"{r['method']} ({r['impl']})")
+    middle.set_xlabel("step")
+    middle.set_ylabel(f"loss, mean of {LOSS_WINDOW} steps")
+    middle.set_title("loss curves (dashed: peers)", fontsize=9)
+    middle.legend(fontsize=5, ncol=2)
     labels = [f"{r['method']}\n{r['impl']}" for r in rows]
     bottom = [0.0] * len(rows)
     for part in ("weights_MiB", "activations_MiB", "optimizer_MiB"):
@@ -567,14 +584,36 @@ def cmd_methods(args) -> None:
           f"\nwrote {out / 'methods.csv'}")
 
 
+def _count(text: str) -> int:
+    """argparse type of the counts (steps, batch, sizes): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    """argparse type of --lr: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0.0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
 def _add_experiment_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--model", help="local HF model folder or hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="JSON-lines file of {\"text\": ..., \"label\": 0|1} (default: review snippets)")
-    p.add_argument("--steps", type=int, default=defaults["steps"])
-    p.add_argument("--batch", type=int, default=defaults["batch"])
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--train-size", type=int, default=defaults["train_size"])
-    p.add_argument("--test-size", type=int, default=defaults["test_size"])
+    p.add_argument("--steps", type=_count, default=defaults["steps"])
+    p.add_argument("--batch", type=_count, default=defaults["batch"])
+    p.add_argument("--lr", type=_rate, default=5e-4)
+    p.add_argument("--train-size", type=_count, default=defaults["train_size"])
+    p.add_argument("--test-size", type=_count, default=defaults["test_size"])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,6 +72,21 @@ def test_malformed_data(tiny_model, tmp_path):
     assert "bad.jsonl:2: expected a JSON object with 'text' and 'label'" in r.stderr
 
 
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--batch", "x"), ("--test-size", "-3"), ("--lr", "0"),
+                                         ("--lr", "nan")])
+def test_bad_counts_and_rates_are_usage_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["compare", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err
+
+
+def test_too_few_training_examples_for_a_batch(tiny_model, tiny_data):
+    # 64 examples: 60 for test leave 4 for training, fewer than a batch of 8
+    args = ["--model", str(tiny_model), "--data", str(tiny_data), "--test-size", "60", "--batch", "8"]
+    assert cli.main(["compare", *args]) == 2
+
+
 def test_unknown_compare_method(tiny_model, tiny_data):
     assert cli.main(["compare", "--model", str(tiny_model), "--data", str(tiny_data), "--methods", "lora,xyz"]) == 2
 
@@ -84,6 +99,8 @@ def test_compare_and_finetune_end_to_end(tiny_model, tiny_data, tmp_path, capsys
     rows = [line for line in out.splitlines() if line.startswith(tuple(f"| {m} |" for m in cli.METHODS))]
     assert len(rows) == len(cli.RUNS), out  # every run: ours and the peers
     assert (tmp_path / "compare.csv").read_text().count("\n") == len(cli.RUNS) + 1
+    losses = (tmp_path / "losses.csv").read_text().splitlines()
+    assert len(losses) == 3 + 1 and all(len(line.split(",")) == len(cli.RUNS) + 1 for line in losses)
     assert cli.main(["finetune", "--method", "qlora", *args]) == 0
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert cli.main(["finetune", "--method", "child_d", *args]) == 0
