@@ -432,7 +432,7 @@ def _plot(rows: list[dict], out: Path) -> None:
         losses = torch.tensor(r["losses"])
         window = min(LOSS_WINDOW, len(losses))
         smooth = losses.unfold(0, window, 1).mean(1)
-        middle.plot(range(window, len(losses) + 1), smooth, linewidth=0.8,
+        middle.plot(range(window, len(losses) + 1), smooth, linewidth=0.8, marker="." if len(smooth) == 1 else None,
                     linestyle="-" if r["impl"] == "peft_kernels" else "--", label=f"{r['method']} ({r['impl']})")
     middle.set_xlabel("step")
     middle.set_ylabel(f"loss, mean of {LOSS_WINDOW} steps")
