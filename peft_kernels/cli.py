@@ -376,6 +376,8 @@ def cmd_compare(args) -> None:
           f"{ex.TARGETS}, dropout {LORA_DROPOUT} for LoRA and QLoRA, 0 for the others; a method's runs (ours, "
           "peers) train side by side, one step of each in turn; s/step is the median over steps 2..N", flush=True)
     zero_shot = ex.accuracy(ctx.base, ctx.test_data, ctx.head, ctx.pad_id)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in dict.fromkeys(r.method for r in runs):  # RUNS order: ours first, then its peers
         for res in run_side_by_side([r for r in runs if r.method == method], ctx):
@@ -389,16 +391,7 @@ def cmd_compare(args) -> None:
             # Each run's figures as soon as they are known: a long run stopped midway keeps what it measured.
             print(f"{res['method']} ({res['impl']}): trainable {res['trainable']:,}, loss {rows[-1]['loss_first']:.3f} "
                   f"-> {rows[-1]['loss_last']:.3f}, test accuracy {res['acc_after']:.3f}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "compare.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out / "losses.csv", "w", newline="") as f:  # the loss curves: one column per run
-        writer = csv.writer(f)
-        writer.writerow(["step", *(f"{r['method']} ({r['impl']})" for r in rows)])
-        writer.writerows([step + 1, *(f"{r['losses'][step]:.6f}" for r in rows)] for step in range(args.steps))
+        _write_csvs(rows, out, args.steps)  # after every method, for the same reason
     print(f"\nbase model zero-shot test accuracy: {zero_shot:.3f}; total {time.perf_counter() - start:.0f} s\n")
     print("| method | implementation | trainable params | % of total | weights MiB | activations MiB | optimizer MiB "
           f"| s/step | tokens/s | loss, first {LOSS_WINDOW} steps | last {LOSS_WINDOW} | test acc |")
@@ -409,6 +402,18 @@ def cmd_compare(args) -> None:
               f"| {r['tokens_per_s']:.0f} | {r['loss_first']:.3f} | {r['loss_last']:.3f} | {r['test_acc']:.3f} |")
     print(f"\nwrote {out / 'compare.csv'} and {out / 'losses.csv'} (per-step losses)")
     _plot(rows, out)
+
+
+def _write_csvs(rows: list[dict], out: Path, steps: int) -> None:
+    """compare.csv (the table) and losses.csv (every run's loss at every step, one column per run)."""
+    with open(out / "compare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out / "losses.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", *(f"{r['method']} ({r['impl']})" for r in rows)])
+        writer.writerows([step + 1, *(f"{r['losses'][step]:.6f}" for r in rows)] for step in range(steps))
 
 
 def _plot(rows: list[dict], out: Path) -> None:
