@@ -260,19 +260,13 @@ def train_side_by_side(trainings: list[Training], batches) -> None:
 
 def train(name, model, train_data, test_data, head, pad_id, args, batches, optimizer=None, eval_before=True,
           after_step=None):
-    """Train one run alone over ``batches`` (see :class:`Training`) with a progress bar (loss, tokens/s).
+    """Train one run alone over ``batches`` (see :class:`Training` and :func:`train_side_by_side`).
     Returns a dict of results including per-step losses and the LoRA gradients of steps 1 and 2."""
     trainable, total = trainable_parameters(model)
     res = dict(name=name, trainable=trainable, pct=100 * trainable / total,
                acc_before=accuracy(model, test_data, head, pad_id) if eval_before else float("nan"))
     run = Training(name, model, train_data, head, pad_id, args, optimizer, after_step)
-    bar = tqdm(batches, desc=name, ncols=100) if tqdm else batches
-    for step, idx in enumerate(bar, 1):
-        loss = run.step(idx)
-        if tqdm:
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{run.tokens_per_s():.0f}")
-        elif step % 20 == 0 or step == len(batches):
-            print(f"{name} step {step}/{len(batches)} loss {loss:.4f} tokens/s {run.tokens_per_s():.0f}", flush=True)
+    train_side_by_side([run], batches)
     res.update(run.results(test_data))
     return res
 
