@@ -301,9 +301,9 @@ def saved_bytes(model, batch, head: torch.Tensor) -> int:
     return sum(kept.values())
 
 
-def bnb_quantize(model):
+def bnb_quantize(model, compute_dtype: torch.dtype = torch.float32):
     """The bitsandbytes peer of QLoRAConfig(quantize="all_linear"): every nn.Linear but the output head becomes
-    a bitsandbytes NF4 Linear4bit (blocksize 64, double quantization, fp32 compute), in place."""
+    a bitsandbytes NF4 Linear4bit (blocksize 64, double quantization, products in ``compute_dtype``), in place."""
     import bitsandbytes as bnb
 
     head = model.get_output_embeddings()
@@ -311,7 +311,7 @@ def bnb_quantize(model):
         if type(linear) is not torch.nn.Linear or linear is head:
             continue
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                                  compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
         layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
                                          compress_statistics=True, blocksize=64)._quantize("cpu")
         if linear.bias is not None:
