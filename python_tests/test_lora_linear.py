@@ -68,6 +68,29 @@ def test_values_and_grads(backend, dtype, r, p):
         assert err <= 2 * ref_err + ATOL[dtype], f"{name}: error {err:.3g} vs reference-in-{dtype} {ref_err:.3g}"
 
 
+def test_dropout_backward_in_waves_matches_reference_whatever_the_threads():
+    """The CPU dropout backward sums dA in waves of row blocks (16 blocks of 16 rows at in=4096, r=64): 600 rows
+    take three waves, the last one partial. dA must match the float64 reference and be bit-identical on 1 and 2
+    threads (per-thread partial sums would not be)."""
+    args = make((600,), 4096, 33, 64, torch.float32, seed=5)
+    dy = torch.randn(600, 33, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(grads_of(run_ours(torch.ops.peft_kernels, 0.5, 0.3, seed=4), args, dy))
+    finally:
+        torch.set_num_threads(threads)
+    for name, one, two in zip(["y", "dx", "dbias", "dA", "dB"], *runs):
+        assert torch.equal(one, two), f"{name} differs between 1 and 2 threads"
+    low = grads_of(run_ref(0.5, 0.3, seed=4), args, dy)
+    exact = grads_of(run_ref(0.5, 0.3, seed=4), as_f64(args), dy.double())
+    for name, o, lo, ex in zip(["y", "dx", "dbias", "dA", "dB"], runs[0], low, exact):
+        err, ref_err = (o.double() - ex).abs().max().item(), (lo.double() - ex).abs().max().item()
+        assert err <= 2 * ref_err + ATOL[torch.float32], f"{name}: error {err:.3g} vs reference-in-fp32 {ref_err:.3g}"
+
+
 def test_philox_known_answer():
     """Random123's known-answer vector for Philox4x32-10 with counter 0 and key 0."""
     assert R.philox_draws(0, torch.arange(4)).tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
