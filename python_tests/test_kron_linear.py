@@ -93,6 +93,31 @@ def test_llama_widths_cpu(dtype, shape):
     check_against_reference(torch.ops.peft_kernels, "cpu", shape, dtype, 0.1, weight=True, lead=(3,))
 
 
+def test_weight_grads_in_waves_match_reference_whatever_the_threads():
+    """The CPU backward sums dA and dB over row blocks in waves bounded by the partials' bytes: with A 2x2 and B
+    1024x1024 a block's partials are 4 MiB, so a wave is 4 blocks of 32 rows and 300 rows take three waves, the last
+    partial. Gradients must match the float64 reference and be bit-identical on 1 and 2 threads."""
+    shape = (2, 2, 1024, 1024)
+    args = make((300,), shape, torch.float32, seed=3)
+    dy = torch.randn(300, 2048, generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(grads_of(run_ours(torch.ops.peft_kernels, 0.7, 0.2, seed=8), args, dy))
+    finally:
+        torch.set_num_threads(threads)
+    names = ["y", "dx", "dA", "dB", "dbias"]
+    for name, one, two in zip(names, *runs):
+        assert torch.equal(one, two), f"{name} differs between 1 and 2 threads"
+    low = grads_of(run_ref(0.7, 0.2, seed=8), args, dy)
+    exact = grads_of(run_ref(0.7, 0.2, seed=8), as_f64(args), dy.double())
+    for name, o, lo, ex in zip(names, runs[0], low, exact):
+        err, ref_err = (o.double() - ex).abs().max().item(), (lo.double() - ex).abs().max().item()
+        assert err <= 2 * ref_err + ATOL[torch.float32], f"{name}: error {err:.3g} vs reference-in-fp32 {ref_err:.3g}"
+
+
 @pytest.mark.parametrize("seed", [0, 12345, -7])
 def test_dropout_mask_matches_reference(backend, seed):
     """With A = [[1]] and B = I, x (A ⊗ B)^T is dropout(x) itself: with x = 1 it is the scaled keep mask, which

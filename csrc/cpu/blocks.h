@@ -3,6 +3,7 @@
 // inside this Zen 4's 1 MiB L2 while the GEMMs on them run.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
@@ -17,6 +18,29 @@ constexpr int64_t kBlockValues = 65536;  // values of x per block of rows
 // Rows per block for rows of `in` values, at least 1 and at most m (m >= 1).
 inline int64_t block_rows(int64_t in, int64_t m) {
   return std::clamp<int64_t>(kBlockValues / in, 1, std::max<int64_t>(m, 1));
+}
+
+// Weight gradients are summed per row block into partials, then the partials of a wave of consecutive blocks into
+// the result, wave after wave: the grouping depends on the shapes alone, so the result is the same whatever the
+// thread count. A wave holds at most kWaveBytes of partials (at least kMinWave blocks, so that a wave still spreads
+// over threads). A partial can outweigh its block of x: LoRA's dA partial is [r, in], 16 x 11008 values for the 5
+// rows of x a block holds at in = 11008; one partial per block of the whole input, as the kernels kept before, was
+// 551 MiB at M = 4096 there.
+constexpr int64_t kWaveBytes = int64_t{16} << 20, kMinWave = 4, kMaxWave = 64;
+
+// Blocks per wave for partials of `partial_bytes` bytes each.
+inline int64_t wave_blocks(int64_t partial_bytes) {
+  return std::clamp<int64_t>(kWaveBytes / std::max<int64_t>(partial_bytes, 1), kMinWave, kMaxWave);
+}
+
+// Runs body(c0, c1, w0) over the blocks [0, blocks) in parallel, wave by wave (w0: the wave's first block; block c
+// writes its partial to slot c - w0), and reduce(n) on the calling thread after each wave of n blocks.
+template <class Body, class Reduce> void in_waves(int64_t blocks, int64_t wave, Body&& body, Reduce&& reduce) {
+  for (int64_t w0 = 0; w0 < blocks; w0 += wave) {
+    const int64_t w1 = std::min(blocks, w0 + wave);
+    at::parallel_for(w0, w1, 1, [&](int64_t c0, int64_t c1) { body(c0, c1, w0); });
+    reduce(w1 - w0);
+  }
 }
 
 // Per-thread block buffers, kept for the thread's lifetime and reused by every call (contents undefined on entry;

@@ -114,7 +114,7 @@ struct Cpu {
     });
   }
 
-  // dA and dB are summed per block, then the blocks in order: deterministic whatever the thread count.
+  // dA and dB are summed per block, then in waves of blocks (blocks.h): the same whatever the thread count.
   static void backward(const BackwardParams& p) {
     dispatch(p.dtype, [&]<class T>() {
       using Acc = acc_t<T>;
@@ -128,9 +128,15 @@ struct Cpu {
       const Acc s = static_cast<Acc>(p.drop.scale);
       const bool dropped = p.drop.threshold != 0;
       const Blocks blocks(d, p.m);
-      const at::Tensor da_part = at::zeros({blocks.count, d.a_out, d.a_in}, acc_type);
-      const at::Tensor db_part = at::zeros({blocks.count, d.b_out, d.b_in}, acc_type);
-      at::parallel_for(0, blocks.count, 1, [&](int64_t c0, int64_t c1) {
+      // A partial of an unbalanced factorization can be large (B 2048 x 2048 with A 2 x 2: 16 MiB per block):
+      // wave_blocks bounds the bytes of a wave's partials.
+      const int64_t wave = cpu::wave_blocks((d.a_out * d.a_in + d.b_out * d.b_in) * static_cast<int64_t>(sizeof(Acc)));
+      const int64_t slots = std::min(blocks.count, wave);
+      const at::Tensor da_part = p.da ? at::empty({slots, d.a_out, d.a_in}, acc_type) : at::Tensor();
+      const at::Tensor db_part = p.db ? at::empty({slots, d.b_out, d.b_in}, acc_type) : at::Tensor();
+      const at::Tensor da_sum = p.da ? at::zeros({d.a_out, d.a_in}, acc_type) : at::Tensor();
+      const at::Tensor db_sum = p.db ? at::zeros({d.b_out, d.b_in}, acc_type) : at::Tensor();
+      const auto body = [&](int64_t c0, int64_t c1, int64_t w0) {
         const int64_t most = blocks.rows;
         constexpr bool in_place = std::is_same_v<T, Acc>;  // as in forward: buffers only where needed
         Acc* keep = cpu::scratch<Acc>(0, dropped ? most * d.in() : 0);
@@ -165,25 +171,31 @@ struct Cpu {
           }
           if (x == nullptr) continue;
           const at::Tensor xb = block_in(x, r0 * d.in(), rows * d.in(), mask, xbuf, {rows * d.a_in, d.b_in});
-          if (p.db != nullptr) db_part[c].addmm_(hf.t(), xb);
+          if (p.db != nullptr) {
+            at::Tensor part = db_part[c - w0];
+            at::mm_out(part, hf.t(), xb);
+          }
           if (p.da != nullptr) {
             at::Tensor tt = view(t, {rows * d.a_in, d.b_out});
             at::mm_out(tt, xb, b.t());
             at::Tensor pb = view(prod, {rows, d.a_out, d.a_in});
             at::bmm_out(pb, dyb, tt.view({rows, d.a_in, d.b_out}).transpose(1, 2));
-            at::Tensor part = da_part[c];
+            at::Tensor part = da_part[c - w0];
             at::sum_out(part, pb, {0});
           }
         }
+      };
+      cpu::in_waves(blocks.count, wave, body, [&](int64_t n) {
+        if (p.da != nullptr) da_sum.add_(da_part.narrow(0, 0, n).sum(0));
+        if (p.db != nullptr) db_sum.add_(db_part.narrow(0, 0, n).sum(0));
       });
-      // Summing the fixed blocks in order, not per-thread partials, keeps the result independent of threads.
-      if (p.da != nullptr) finish(da_part, s, static_cast<T*>(p.da));
-      if (p.db != nullptr) finish(db_part, s, static_cast<T*>(p.db));
+      if (p.da != nullptr) finish(da_sum, s, static_cast<T*>(p.da));
+      if (p.db != nullptr) finish(db_sum, s, static_cast<T*>(p.db));
     });
   }
 
-  template <class T, class Acc> static void finish(const at::Tensor& parts, Acc s, T* out) {
-    const at::Tensor sum = parts.sum(0).mul_(s).contiguous();
+  template <class T, class Acc> static void finish(const at::Tensor& sum, Acc s, T* out) {
+    sum.mul_(s);
     const Acc* src = sum.data_ptr<Acc>();
     for (int64_t e = 0; e < sum.numel(); ++e) out[e] = static_cast<T>(src[e]);
   }

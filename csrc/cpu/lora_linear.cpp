@@ -64,13 +64,7 @@ void Cpu::down(const DownParams& p) {
   });
 }
 
-// Blocks run in waves of at most `wave` blocks. dA is summed per block into the wave's partials, then each wave's
-// partials into dA: the grouping depends on the shapes alone, so dA is the same whatever the thread count. A
-// partial is [r, in] fp32, larger than its block of x when in is large (4096 -> 11008 takes 5 rows a block:
-// 16 x 11008 partial values for 5 x 11008 of x), so one partial per block of the whole input, as this kernel kept
-// before, was 577 MB at M = 4096, r = 16, in = 11008; a wave keeps at most kWaveBytes (or 8 partials).
-constexpr int64_t kWaveBytes = int64_t{16} << 20;
-
+// dA: per-block partials summed in waves (blocks.h), the same whatever the thread count.
 void Cpu::backward(const BackwardParams& p) {
   dispatch(p.dtype, [&]<class T>() {
     using Acc = acc_t<T>;
@@ -81,34 +75,35 @@ void Cpu::backward(const BackwardParams& p) {
     const at::Tensor a = wrap(p.a, {p.r, p.in}, p.dtype).to(acc_type);
     const at::Tensor dxa = wrap(p.dxa, {p.m, p.r}, p.dtype).to(acc_type);
     const int64_t rows = block_rows(p.in, p.m), blocks = (p.m + rows - 1) / rows;
-    const int64_t wave = std::clamp<int64_t>(kWaveBytes / (p.r * p.in * static_cast<int64_t>(sizeof(Acc))), 8, 64);
+    const int64_t wave = cpu::wave_blocks(p.r * p.in * static_cast<int64_t>(sizeof(Acc)));
     const at::Tensor da_part = da != nullptr ? at::empty({std::min(blocks, wave), p.r, p.in}, acc_type) : at::Tensor();
     const at::Tensor da_sum = da != nullptr ? at::zeros({p.r, p.in}, acc_type) : at::Tensor();
-    for (int64_t w0 = 0; w0 < blocks; w0 += wave) {
-      const int64_t w1 = std::min(blocks, w0 + wave);
-      at::parallel_for(w0, w1, 1, [&](int64_t c0, int64_t c1) {
-        Acc* buf = cpu::scratch<Acc>(0, rows * p.in);
-        Acc* keep = cpu::scratch<Acc>(1, rows * p.in);
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t i0 = c * rows, n = std::min(rows, p.m - i0);
-          const at::Tensor g = dxa.narrow(0, i0, n);
-          mask_row(p.drop, i0 * p.in, n * p.in, keep);
-          if (dx != nullptr) {
-            at::Tensor t = view(buf, {n, p.in});
-            at::mm_out(t, g, a);
-            T* d = dx + i0 * p.in;
-            for (int64_t e = 0; e < n * p.in; ++e) d[e] = static_cast<T>(static_cast<Acc>(d[e]) + keep[e] * buf[e]);
+    cpu::in_waves(
+        blocks, wave,
+        [&](int64_t c0, int64_t c1, int64_t w0) {
+          Acc* buf = cpu::scratch<Acc>(0, rows * p.in);
+          Acc* keep = cpu::scratch<Acc>(1, rows * p.in);
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t i0 = c * rows, n = std::min(rows, p.m - i0);
+            const at::Tensor g = dxa.narrow(0, i0, n);
+            mask_row(p.drop, i0 * p.in, n * p.in, keep);
+            if (dx != nullptr) {
+              at::Tensor t = view(buf, {n, p.in});
+              at::mm_out(t, g, a);
+              T* d = dx + i0 * p.in;
+              for (int64_t e = 0; e < n * p.in; ++e) d[e] = static_cast<T>(static_cast<Acc>(d[e]) + keep[e] * buf[e]);
+            }
+            if (da != nullptr) {
+              const T* xb = x + i0 * p.in;
+              for (int64_t e = 0; e < n * p.in; ++e) buf[e] = keep[e] * static_cast<Acc>(xb[e]);
+              at::Tensor part = da_part[c - w0];
+              at::mm_out(part, g.t(), view(buf, {n, p.in}));
+            }
           }
-          if (da != nullptr) {
-            const T* xb = x + i0 * p.in;
-            for (int64_t e = 0; e < n * p.in; ++e) buf[e] = keep[e] * static_cast<Acc>(xb[e]);
-            at::Tensor part = da_part[c - w0];
-            at::mm_out(part, g.t(), view(buf, {n, p.in}));
-          }
-        }
-      });
-      if (da != nullptr) da_sum.add_(da_part.narrow(0, 0, w1 - w0).sum(0));
-    }
+        },
+        [&](int64_t n) {
+          if (da != nullptr) da_sum.add_(da_part.narrow(0, 0, n).sum(0));
+        });
     if (da != nullptr) {
       const Acc* src = da_sum.data_ptr<Acc>();
       for (int64_t e = 0; e < p.r * p.in; ++e) da[e] = static_cast<T>(src[e]);
