@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_kernels as pk
+from tiny_models import num_threads
 
 WORLD, STEPS = 2, 4
 KINDS = ["lora", "qlora", "qlora-sharded"]
@@ -100,11 +101,8 @@ def distributed_results(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_process():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    losses = {kind: train(make_model(kind)) for kind in KINDS}
-    torch.set_num_threads(threads)
-    return losses
+    with num_threads(1):
+        return {kind: train(make_model(kind)) for kind in KINDS}
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_kernels as pk
+from tiny_models import num_threads
 
 MiB = 1 << 20
 
@@ -63,10 +64,8 @@ def growth_over(steps, step) -> int:
 def one_thread():
     """One intra-op thread: on this shared 2-core machine, 2 OpenMP threads spin at every barrier and a tiny
     step took 26-131 ms instead of 2-3 ms. Leaks do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with num_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("kind", ["lora", "qlora", "krona", "sparse"])

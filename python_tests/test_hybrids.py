@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from transformers import DistilBertConfig, DistilBertForSequenceClassification, DynamicCache
 
 import peft_kernels as pk
-from tiny_models import (BERT_VOCAB, LLAMA_VOCAB, assert_untouched, randomize, snapshot, tiny_bert_classifier,
-                         tiny_llama, tokens)
+from tiny_models import (BERT_VOCAB, LLAMA_VOCAB, assert_untouched, num_threads, randomize, snapshot,
+                         tiny_bert_classifier, tiny_llama, tokens)
 
 L = 5  # virtual tokens
 M = 8  # adapter bottleneck
@@ -24,10 +24,8 @@ DIMS = {"llama": (2, 32, 64, 0), "bert": (1, 32, 32, 3 * 32 + 3)}
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Products here are at most 14 x 64 x 101: a second intra-op thread only adds waits on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with num_threads(1):
+        yield
 
 
 @pytest.fixture(autouse=True)

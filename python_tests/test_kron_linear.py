@@ -11,7 +11,7 @@ import torch
 
 import peft_kernels as pk
 from peft_kernels import reference as R
-from tiny_models import saved_tensors
+from tiny_models import on_thread_counts, saved_tensors
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -63,18 +63,24 @@ def run_ref(scaling, p, seed):
     return lambda **a: R.kron_linear(a["x"], a["A"], a["B"], scaling, a["weight"], a["bias"], p, seed)
 
 
+GRAD_NAMES = ["y", "dx", "dA", "dB", "dbias"]
+
+
+def assert_matches_reference(ours, args, dy, scaling, p, seed, dtype):
+    """The tolerance rule for y and every gradient of `ours` (grads_of output on `args`, `dy`)."""
+    low = grads_of(run_ref(scaling, p, seed), args, dy)
+    exact = grads_of(run_ref(scaling, p, seed), as_f64(args), dy.double())
+    for name, o, lo, ex in zip(GRAD_NAMES, ours, low, exact):
+        assert o.dtype == dtype and o.shape == ex.shape, name
+        err, ref_err = (o.double() - ex).abs().max().item(), (lo.double() - ex).abs().max().item()
+        assert err <= 2 * ref_err + ATOL[dtype], f"{name}: error {err:.3g} vs reference-in-{dtype} {ref_err:.3g}"
+
+
 def check_against_reference(ops, device, shape, dtype, p, weight, lead=(3, 13)):
     args = make(lead, shape, dtype, device, weight=weight, seed=sum(shape))
     n_out = shape[0] * shape[2]
     dy = torch.randn(*lead, n_out, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
-    ours = grads_of(run_ours(ops, 0.7, p, seed=99), args, dy)
-    low = grads_of(run_ref(0.7, p, seed=99), args, dy)
-    exact = grads_of(run_ref(0.7, p, seed=99), as_f64(args), dy.double())
-    names = ["y", "dx", "dA", "dB", "dbias"]
-    for name, o, lo, ex in zip(names, ours, low, exact):
-        assert o.dtype == dtype and o.shape == ex.shape, name
-        err, ref_err = (o.double() - ex).abs().max().item(), (lo.double() - ex).abs().max().item()
-        assert err <= 2 * ref_err + ATOL[dtype], f"{name}: error {err:.3g} vs reference-in-{dtype} {ref_err:.3g}"
+    assert_matches_reference(grads_of(run_ours(ops, 0.7, p, seed=99), args, dy), args, dy, 0.7, p, 99, dtype)
 
 
 @pytest.mark.parametrize("weight", [True, False], ids=["adapter", "bare"])
@@ -100,22 +106,10 @@ def test_weight_grads_in_waves_match_reference_whatever_the_threads():
     shape = (2, 2, 1024, 1024)
     args = make((300,), shape, torch.float32, seed=3)
     dy = torch.randn(300, 2048, generator=torch.Generator().manual_seed(4))
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            runs.append(grads_of(run_ours(torch.ops.peft_kernels, 0.7, 0.2, seed=8), args, dy))
-    finally:
-        torch.set_num_threads(threads)
-    names = ["y", "dx", "dA", "dB", "dbias"]
-    for name, one, two in zip(names, *runs):
-        assert torch.equal(one, two), f"{name} differs between 1 and 2 threads"
-    low = grads_of(run_ref(0.7, 0.2, seed=8), args, dy)
-    exact = grads_of(run_ref(0.7, 0.2, seed=8), as_f64(args), dy.double())
-    for name, o, lo, ex in zip(names, runs[0], low, exact):
-        err, ref_err = (o.double() - ex).abs().max().item(), (lo.double() - ex).abs().max().item()
-        assert err <= 2 * ref_err + ATOL[torch.float32], f"{name}: error {err:.3g} vs reference-in-fp32 {ref_err:.3g}"
+    one, two = on_thread_counts(lambda: grads_of(run_ours(torch.ops.peft_kernels, 0.7, 0.2, seed=8), args, dy))
+    for name, a, b in zip(GRAD_NAMES, one, two):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+    assert_matches_reference(one, args, dy, 0.7, 0.2, 8, torch.float32)
 
 
 @pytest.mark.parametrize("seed", [0, 12345, -7])

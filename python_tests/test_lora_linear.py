@@ -11,7 +11,7 @@ import torch
 
 import peft_kernels as pk
 from peft_kernels import reference as R
-from tiny_models import saved_tensors
+from tiny_models import on_thread_counts, saved_tensors
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -50,6 +50,19 @@ def run_ref(scaling, p, seed):
     return lambda **a: R.lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], scaling, p, seed)
 
 
+GRAD_NAMES = ["y", "dx", "dbias", "dA", "dB"]
+
+
+def assert_matches_reference(ours, args, dy, scaling, p, seed, dtype):
+    """The tolerance rule for y and every gradient of `ours` (grads_of output on `args`, `dy`)."""
+    low = grads_of(run_ref(scaling, p, seed), args, dy)
+    exact = grads_of(run_ref(scaling, p, seed), as_f64(args), dy.double())
+    for name, o, lo, ex in zip(GRAD_NAMES, ours, low, exact):
+        assert o.dtype == dtype and o.shape == ex.shape, name
+        err, ref_err = (o.double() - ex).abs().max().item(), (lo.double() - ex).abs().max().item()
+        assert err <= 2 * ref_err + ATOL[dtype], f"{name}: error {err:.3g} vs reference-in-{dtype} {ref_err:.3g}"
+
+
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p25"])
 @pytest.mark.parametrize("r", [1, 7, 16, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -58,14 +71,7 @@ def test_values_and_grads(backend, dtype, r, p):
         pytest.skip("r=128 through the CPU executor once (fp32) is enough: the kernels are dtype-generic")
     args = make((3, 13), 67, 45, r, dtype, backend.device, seed=r)
     dy = torch.randn(3, 13, 45, generator=torch.Generator().manual_seed(1)).to(dtype).to(backend.device)
-    ours = grads_of(run_ours(backend.ops, 0.7, p, seed=99), args, dy)
-    low = grads_of(run_ref(0.7, p, seed=99), args, dy)
-    exact = grads_of(run_ref(0.7, p, seed=99), as_f64(args), dy.double())
-    names = ["y", "dx", "dbias", "dA", "dB"]
-    for name, o, lo, ex in zip(names, ours, low, exact):
-        assert o.dtype == dtype and o.shape == ex.shape, name
-        err, ref_err = (o.double() - ex).abs().max().item(), (lo.double() - ex).abs().max().item()
-        assert err <= 2 * ref_err + ATOL[dtype], f"{name}: error {err:.3g} vs reference-in-{dtype} {ref_err:.3g}"
+    assert_matches_reference(grads_of(run_ours(backend.ops, 0.7, p, seed=99), args, dy), args, dy, 0.7, p, 99, dtype)
 
 
 def test_dropout_backward_in_waves_matches_reference_whatever_the_threads():
@@ -74,21 +80,10 @@ def test_dropout_backward_in_waves_matches_reference_whatever_the_threads():
     threads (per-thread partial sums would not be)."""
     args = make((600,), 4096, 33, 64, torch.float32, seed=5)
     dy = torch.randn(600, 33, generator=torch.Generator().manual_seed(2))
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            runs.append(grads_of(run_ours(torch.ops.peft_kernels, 0.5, 0.3, seed=4), args, dy))
-    finally:
-        torch.set_num_threads(threads)
-    for name, one, two in zip(["y", "dx", "dbias", "dA", "dB"], *runs):
-        assert torch.equal(one, two), f"{name} differs between 1 and 2 threads"
-    low = grads_of(run_ref(0.5, 0.3, seed=4), args, dy)
-    exact = grads_of(run_ref(0.5, 0.3, seed=4), as_f64(args), dy.double())
-    for name, o, lo, ex in zip(["y", "dx", "dbias", "dA", "dB"], runs[0], low, exact):
-        err, ref_err = (o.double() - ex).abs().max().item(), (lo.double() - ex).abs().max().item()
-        assert err <= 2 * ref_err + ATOL[torch.float32], f"{name}: error {err:.3g} vs reference-in-fp32 {ref_err:.3g}"
+    one, two = on_thread_counts(lambda: grads_of(run_ours(torch.ops.peft_kernels, 0.5, 0.3, seed=4), args, dy))
+    for name, a, b in zip(GRAD_NAMES, one, two):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+    assert_matches_reference(one, args, dy, 0.5, 0.3, 4, torch.float32)
 
 
 def test_philox_known_answer():

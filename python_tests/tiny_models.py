@@ -1,6 +1,8 @@
 """The shared test helpers: small random-weight transformers models (no download: a LLaMA causal LM and a BERT
-classifier) and token ids for them, random adapter weights, the tensors autograd saves for backward, and model
-snapshots for "left untouched" checks."""
+classifier) and token ids for them, random adapter weights, the tensors autograd saves for backward, model
+snapshots for "left untouched" checks, and torch's intra-op thread count set for a block."""
+
+import contextlib
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
@@ -48,6 +50,26 @@ def randomize(model, seed: int = 1, scale: float = 0.2, select=None, replace: bo
                 p.copy_(noise)
             else:
                 p.add_(noise)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count is n inside the block and restored after it, also when the block raises."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def on_thread_counts(fn, counts=(1, 2)) -> list:
+    """[fn() run with each intra-op thread count of `counts`]: for results that must not depend on it."""
+    results = []
+    for n in counts:
+        with num_threads(n):
+            results.append(fn())
+    return results
 
 
 def saved_tensors(fn):
