@@ -28,11 +28,17 @@ import copy
 import gc
 import os
 import platform
+import sys
+from pathlib import Path
 
 import torch
 
-import peft_kernels
-from peft_kernels import experiment as ex
+# `python -P` leaves the script's directory off sys.path; add bench/ alone, as the other bench scripts do.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+import peft_kernels  # noqa: E402
+from peft_kernels import experiment as ex  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA, DROPOUT = 16, 32, 0.1
@@ -103,15 +109,7 @@ def measure(model, tokens: int, vocab: int, device: str) -> dict:
     gc.collect()
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     resident = ex.model_bytes(model) + state
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = cpu_step_peak(step)
+    peak = harness.memory_bytes(step, cuda=True) if device == "cuda" else cpu_step_peak(step)
     return dict(trainable=sum(p.numel() for p in params), resident=resident, state=state, peak=peak)
 
 

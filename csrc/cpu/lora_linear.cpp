@@ -3,7 +3,7 @@
 // block buffers while the block is worked on; the rank-r products are GEMMs on them through ATen's BLAS:
 //   down:      xa[block] = (mask * x[block]) A^T                       [R, r]
 //   backward:  dx[block] += mask * s * (dxa[block] A)                  (GEMM into a block buffer, masked add)
-//              dA = sum over blocks, in fixed waves (below), of s * dxa[block]^T (mask * x[block])
+//              dA = sum over blocks, in fixed waves (blocks.h), of s * dxa[block]^T (mask * x[block])
 // Backward draws a block's mask once for both gradients: one pass of draws over a 2048 x 1024 activation takes
 // 1.17 ms on one core here, the largest elementwise cost of the dropout step (its rank-r GEMMs: ~2 ms on two cores;
 // the bf16 base layer's forward + backward: ~20 ms).
