@@ -4,6 +4,9 @@
 
     python -P bench/bench_kron_linear.py [--device cpu|cuda] [--dtype bf16,fp32] [--repeats N] [--out DIR]
 
+On the CPU a fourth provider, ``ours-blas``, is the same layer with PEFT_KERNELS_CPU_ISA=avx2 set around each call:
+the kernels' BLAS path (what CPUs without AVX-512 run) beside the AVX-512 register tiles that ``ours`` runs here.
+
 Case: 1024 -> 1024, M = 2048 tokens, A 32x32 ⊗ B 32x32, dropout 0, every --dtype. The issue's targets, in "full"
 mode: ours/base <= 1.15 and ours/peft <= 0.5. All three layers share the frozen weight and hold the same factors;
 before timing, ours is checked against the float64 torch.kron reference (y, dx, dA, dB) and against PEFT (y).
@@ -14,6 +17,7 @@ Check the printed load: torch runs 2 threads on 2 cores here, so another tenant 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -118,8 +122,27 @@ def providers(case: harness.Case, mode: str) -> dict:
         return run
 
     if mode == "forward":  # the training forward: autograd records the graph, as in a step
-        return {name: (lambda fn=fn: fn(x)) for name, (fn, _) in nets.items()}
-    return {name: step(fn, leaves) for name, (fn, leaves) in nets.items()}
+        out = {name: (lambda fn=fn: fn(x)) for name, (fn, _) in nets.items()}
+    else:
+        out = {name: step(fn, leaves) for name, (fn, leaves) in nets.items()}
+    if device == "cpu":
+        out["ours-blas"] = on_blas_path(out["ours"])
+    return out
+
+
+def on_blas_path(run):
+    """``run`` with the CPU kernels capped below AVX-512 (PEFT_KERNELS_CPU_ISA is read on every call)."""
+    def capped():
+        before = os.environ.get("PEFT_KERNELS_CPU_ISA")
+        os.environ["PEFT_KERNELS_CPU_ISA"] = "avx2"
+        try:
+            return run()
+        finally:
+            if before is None:
+                del os.environ["PEFT_KERNELS_CPU_ISA"]
+            else:
+                os.environ["PEFT_KERNELS_CPU_ISA"] = before
+    return capped
 
 
 def summary(rows: list[harness.Row]) -> None:
@@ -130,6 +153,8 @@ def summary(rows: list[harness.Row]) -> None:
             by_case.setdefault(row.case, {})[row.provider] = row.median_ms
     for name, ms in by_case.items():
         parts = [f"ours/base {ms['ours'] / ms['base']:.2f} ({'met' if ms['ours'] / ms['base'] <= 1.15 else 'MISSED'})"]
+        if "ours-blas" in ms:
+            parts.append(f"ours-blas/base {ms['ours-blas'] / ms['base']:.2f}")
         if "peft" in ms:
             ours_peft = ms["ours"] / ms["peft"]
             parts += [f"peft/base {ms['peft'] / ms['base']:.2f}",

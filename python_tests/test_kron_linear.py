@@ -99,6 +99,43 @@ def test_llama_widths_cpu(dtype, shape):
     check_against_reference(torch.ops.peft_kernels, "cpu", shape, dtype, 0.1, weight=True, lead=(3,))
 
 
+# Every tile of the AVX-512 CPU path gets a tail: rows 8 + 1 (a_out), columns 32 + 5 (b_out) and 32 + 13 (b_in),
+# dot tiles 4 + 2 (a_in) with k = 16 + 16 + 5 (b_out).
+TAILS = (9, 6, 37, 45)
+HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p25"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("isa", ["avx512", "avx2"], ids=["tiles", "blas"])
+def test_cpu_paths(isa, dtype, p, monkeypatch):
+    """Both CPU paths against the float64 reference: the AVX-512 register tiles (fp32/bf16/fp16 with factors of at
+    most 64K values, on an AVX-512 CPU) and the BLAS path (other CPUs, larger factors, fp64, and whenever
+    PEFT_KERNELS_CPU_ISA caps the instruction set below avx512)."""
+    if isa == "avx512" and not HAS_AVX512:
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", isa)
+    for weight in (True, False):
+        check_against_reference(torch.ops.peft_kernels, "cpu", TAILS, dtype, p, weight, lead=(2, 7))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2"], ids=["tiles", "blas"])
+def test_cpu_output_is_rounded_once_to_nearest_even(isa, dtype, monkeypatch):
+    """With A = [[1]] and B = I, y = s * x is one exact fp32 product per element before the final rounding:
+    s = 1 + 2^-8 puts many products exactly halfway between two bf16 values. The output must be bit-identical to
+    torch's own round-to-nearest-even conversion of the fp32 product."""
+    if isa == "avx512" and not HAS_AVX512:
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", isa)
+    n, s = 37, 1 + 2**-8
+    x = torch.randn(24, n, generator=torch.Generator().manual_seed(5)).to(dtype)
+    y = torch.ops.peft_kernels.kron_linear_fwd(x, None, None, torch.ones(1, 1, dtype=dtype),
+                                               torch.eye(n, dtype=dtype), s, 0.0, torch.tensor(0))
+    expected = (x.float() * torch.tensor(s, dtype=torch.float32)).to(dtype)
+    assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+
+
 def test_weight_grads_in_waves_match_reference_whatever_the_threads():
     """The CPU backward sums dA and dB over row blocks in waves bounded by the partials' bytes: with A 2x2 and B
     1024x1024 a block's partials are 4 MiB, so a wave is 4 blocks of 32 rows and 300 rows take three waves, the last

@@ -1,5 +1,13 @@
-// CPU backend of kron_linear. Rows are taken in blocks of R rows (about 64K values of x, 256 KiB in fp32: the
-// block's buffers stay in this Zen 4's 1 MiB L2). Row-major, a block of x is already X [R * a_in, b_in] (row
+// CPU backend of kron_linear: two paths with the same contractions, chosen per call.
+//
+// Simd (fp32/bf16/fp16 on an AVX-512 CPU, factors of at most kSimdFactorValues each): microgemm.h's register
+// tiles, a row of x at a time (see `struct Simd`). A 32 x 32 x 32 product is too small for a BLAS call to pay off
+// (view, dispatch and packing per call): `python -P bench/bench_kron_linear.py` runs both paths side by side
+// (provider ours-blas is the BLAS path), 1024 -> 1024, M = 2048, 32 x 32 factors, forward + backward, ours /
+// frozen Linear: bf16 1.30 (BLAS path 1.46), fp32 1.10 (1.26).
+//
+// BLAS (fp64, CPUs without AVX-512, larger factors, PEFT_KERNELS_CPU_ISA below avx512). Rows are taken in blocks
+// of R rows (about 64K values of x, 256 KiB in fp32: the block's buffers stay in this Zen 4's 1 MiB L2). Row-major, a block of x is already X [R * a_in, b_in] (row
 // (r, i) of it is X_r[i, :]) and a block of y is Y [R, a_out, b_out], so with no data movement:
 //   T  = X B^T          [R * a_in, b_out]   (one GEMM, K = b_in)
 //   Y += s * A T_r      per row r           (one batched GEMM with A broadcast, K = a_in, accumulated into y)
@@ -19,10 +27,13 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "blocks.h"
 #include "dispatch.h"
 #include "dropout.h"
+#include "isa.h"
+#include "microgemm.h"
 #include "peft_kernels/kron.h"
 #include "peft_kernels/kron_op.h"
 
@@ -64,6 +75,155 @@ void block_out(T* out, int64_t first, int64_t n, const Acc* v, Acc s, const Acc*
   }
 }
 
+// The AVX-512 path (Simd below) streams both factors once per row of x, so they must sit in the L2 next to the
+// row: 64K fp32 values (256 KiB) each at most. Larger factors (A 2 x 2 with B 2048 x 2048) take the BLAS path,
+// whose GEMMs block the factor themselves.
+constexpr int64_t kSimdFactorValues = 65536;
+
+bool use_simd(DType dtype, const Dims& d) {
+  return dtype != DType::kFloat64 && d.a_out * d.a_in <= kSimdFactorValues && d.b_out * d.b_in <= kSimdFactorValues &&
+         cpu::pick_isa() == cpu::Isa::kAvx512;
+}
+
+// `f` (fp32) of a factor [rows, cols] of dtype T, times `s`, transposed when `transpose` ([cols, rows]).
+template <class T> std::vector<float> factor(const void* src, int64_t rows, int64_t cols, float s, bool transpose) {
+  const T* f = static_cast<const T*>(src);
+  std::vector<float> out(rows * cols);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) out[transpose ? j * rows + i : i * cols + j] = s * static_cast<float>(f[i * cols + j]);
+  }
+  return out;
+}
+
+// fp32/bf16/fp16 on an AVX-512 CPU: every contraction runs in microgemm.h's register tiles, a row of x at a time
+// (its X_r, T_r, H_r stay in L1), the scale s folded into the factors once per call:
+//   forward   T_r = X_r B^T,  y_r (+)= (s A) T_r
+//   backward  H_r = (s A)^T dY_r,  dx_r (+)= keep_r * (H_r B),  dB += H_r^T X_r,  T'_r = X_r (s B)^T,
+//             dA += sum over the block's rows of dY_r T'_r^T (mm_dot: both operands read along their rows).
+// Both factors are read in place from L1/L2 by every row; per row 2 products forward and 5 backward, each
+// a_in * b_in * b_out or a_out * a_in * b_out multiply-adds (32^3 at the benchmark's shape).
+struct Simd {
+  template <class T> static void forward(const ForwardParams& p) {
+    const Dims d = p.d;
+    const T* x = static_cast<const T*>(p.x);
+    T* y = static_cast<T*>(p.y);
+    const bool dropped = p.drop.threshold != 0;
+    const std::vector<float> as = factor<T>(p.a, d.a_out, d.a_in, static_cast<float>(p.drop.scale), false);
+    const std::vector<float> bt = factor<T>(p.b, d.b_out, d.b_in, 1.0f, true);
+    at::parallel_for(0, p.m, cpu::block_rows(d.in(), p.m), [&](int64_t r0, int64_t r1) {
+      constexpr bool fp32 = std::is_same_v<T, float>;
+      float* keep = cpu::scratch<float>(0, dropped ? d.in() : 0);
+      float* xbuf = cpu::scratch<float>(1, fp32 && !dropped ? 0 : d.in());
+      float* t = cpu::scratch<float>(2, d.a_in * d.b_out);
+      float* ybuf = cpu::scratch<float>(3, fp32 ? 0 : d.out());
+      for (int64_t r = r0; r < r1; ++r) {
+        if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep);
+        const float* xr = row_in(x + r * d.in(), d.in(), dropped ? keep : nullptr, xbuf);
+        cpu::simd::mm_bcast(d.a_in, d.b_out, d.b_in, xr, d.b_in, 1, bt.data(), d.b_out, t, d.b_out, false);
+        if constexpr (fp32) {
+          cpu::simd::mm_bcast(d.a_out, d.b_out, d.a_in, as.data(), d.a_in, 1, t, d.b_out, y + r * d.out(), d.b_out,
+                              p.accumulate);
+        } else {
+          cpu::simd::mm_bcast(d.a_out, d.b_out, d.a_in, as.data(), d.a_in, 1, t, d.b_out, ybuf, d.b_out, false);
+          cpu::simd::narrow(ybuf, d.out(), nullptr, p.accumulate, y + r * d.out());
+        }
+      }
+    });
+  }
+
+  template <class T> static void backward(const BackwardParams& p) {
+    const Dims d = p.d;
+    const T* x = static_cast<const T*>(p.x);
+    const T* dy = static_cast<const T*>(p.dy);
+    T* dx = static_cast<T*>(p.dx);
+    const bool dropped = p.drop.threshold != 0;
+    const float s = static_cast<float>(p.drop.scale);
+    const std::vector<float> as = factor<T>(p.a, d.a_out, d.a_in, s, false);
+    const std::vector<float> bf = factor<T>(p.b, d.b_out, d.b_in, 1.0f, false);
+    const std::vector<float> bst = p.da ? factor<T>(p.b, d.b_out, d.b_in, s, true) : std::vector<float>();
+    const bool need_h = dx != nullptr || p.db != nullptr;
+    const Blocks blocks(d, p.m);
+    const int64_t wave = cpu::wave_blocks((d.a_out * d.a_in + d.b_out * d.b_in) * static_cast<int64_t>(sizeof(float)));
+    const int64_t slots = std::min(blocks.count, wave);
+    std::vector<float> da_part(p.da ? slots * d.a_out * d.a_in : 0), db_part(p.db ? slots * d.b_out * d.b_in : 0);
+    std::vector<float> da_sum(p.da ? d.a_out * d.a_in : 0), db_sum(p.db ? d.b_out * d.b_in : 0);
+    const auto body = [&](int64_t c0, int64_t c1, int64_t w0) {
+      constexpr bool fp32 = std::is_same_v<T, float>;
+      const int64_t most = blocks.rows;
+      float* keep = cpu::scratch<float>(0, dropped ? d.in() : 0);
+      float* xbuf = cpu::scratch<float>(1, x && (!fp32 || dropped) ? d.in() : 0);
+      float* dybuf = cpu::scratch<float>(2, fp32 ? 0 : most * d.out());
+      float* h = cpu::scratch<float>(3, need_h ? d.a_in * d.b_out : 0);
+      float* dxbuf = cpu::scratch<float>(4, dx && !(fp32 && p.accumulate_dx && !dropped) ? d.in() : 0);
+      float* t = cpu::scratch<float>(5, p.da ? most * d.a_in * d.b_out : 0);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t r0 = c * blocks.rows, rows = std::min(blocks.rows, p.m - r0);
+        const float* dys = dybuf;
+        if constexpr (fp32) {
+          dys = dy + r0 * d.out();
+        } else {
+          cpu::simd::widen(dy + r0 * d.out(), rows * d.out(), nullptr, dybuf);
+        }
+        float* db_slot = p.db ? db_part.data() + (c - w0) * d.b_out * d.b_in : nullptr;
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t r = r0 + i;
+          const float* dyr = dys + i * d.out();
+          if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep);
+          if (need_h) cpu::simd::mm_bcast(d.a_in, d.b_out, d.a_out, as.data(), 1, d.a_in, dyr, d.b_out, h, d.b_out, false);
+          if (dx != nullptr) {
+            bool done = false;
+            if constexpr (fp32) {
+              if (p.accumulate_dx && !dropped) {  // dx holds dy W: the tiles add into it
+                cpu::simd::mm_bcast(d.a_in, d.b_in, d.b_out, h, d.b_out, 1, bf.data(), d.b_in, dx + r * d.in(),
+                                    d.b_in, true);
+                done = true;
+              }
+            }
+            if (!done) {
+              cpu::simd::mm_bcast(d.a_in, d.b_in, d.b_out, h, d.b_out, 1, bf.data(), d.b_in, dxbuf, d.b_in, false);
+              cpu::simd::narrow(dxbuf, d.in(), dropped ? keep : nullptr, p.accumulate_dx, dx + r * d.in());
+            }
+          }
+          if (x == nullptr) continue;
+          const float* xr = row_in(x + r * d.in(), d.in(), dropped ? keep : nullptr, xbuf);
+          if (p.db != nullptr) {
+            cpu::simd::mm_bcast(d.b_out, d.b_in, d.a_in, h, 1, d.b_out, xr, d.b_in, db_slot, d.b_in, i != 0);
+          }
+          if (p.da != nullptr) {
+            cpu::simd::mm_bcast(d.a_in, d.b_out, d.b_in, xr, d.b_in, 1, bst.data(), d.b_out, t + i * d.a_in * d.b_out,
+                                d.b_out, false);
+          }
+        }
+        if (p.da != nullptr && x != nullptr) {
+          cpu::simd::mm_dot(d.a_out, d.a_in, rows, d.b_out, dys, d.b_out, d.out(), t, d.b_out, d.a_in * d.b_out,
+                            da_part.data() + (c - w0) * d.a_out * d.a_in, d.a_in, false);
+        }
+      }
+    };
+    const auto reduce = [](std::vector<float>& sum, const std::vector<float>& part, int64_t n) {
+      const int64_t size = static_cast<int64_t>(sum.size());
+      for (int64_t k = 0; k < n; ++k) {
+        for (int64_t e = 0; e < size; ++e) sum[e] += part[k * size + e];
+      }
+    };
+    cpu::in_waves(blocks.count, wave, body, [&](int64_t n) {
+      if (p.da != nullptr) reduce(da_sum, da_part, n);
+      if (p.db != nullptr) reduce(db_sum, db_part, n);
+    });
+    if (p.da != nullptr) cpu::simd::narrow(da_sum.data(), d.a_out * d.a_in, nullptr, false, static_cast<T*>(p.da));
+    if (p.db != nullptr) cpu::simd::narrow(db_sum.data(), d.b_out * d.b_in, nullptr, false, static_cast<T*>(p.db));
+  }
+
+  // A row of x as fp32: in place for undropped fp32, else widened into `buf` (times `keep`, the row's mask).
+  template <class T> static const float* row_in(const T* src, int64_t n, const float* keep, float* buf) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (keep == nullptr) return src;
+    }
+    cpu::simd::widen(src, n, keep, buf);
+    return buf;
+  }
+};
+
 struct Cpu {
   struct Guard {
     explicit Guard(at::Device) {}
@@ -72,6 +232,12 @@ struct Cpu {
   static constexpr bool kWorkspace = false;
 
   static void forward(const ForwardParams& p) {
+    if (use_simd(p.dtype, p.d)) {
+      dispatch(p.dtype, [&]<class T>() {
+        if constexpr (!std::is_same_v<T, double>) Simd::forward<T>(p);
+      });
+      return;
+    }
     dispatch(p.dtype, [&]<class T>() {
       using Acc = acc_t<T>;
       const Dims d = p.d;
@@ -116,6 +282,12 @@ struct Cpu {
 
   // dA and dB are summed per block, then in waves of blocks (blocks.h): the same whatever the thread count.
   static void backward(const BackwardParams& p) {
+    if (use_simd(p.dtype, p.d)) {
+      dispatch(p.dtype, [&]<class T>() {
+        if constexpr (!std::is_same_v<T, double>) Simd::backward<T>(p);
+      });
+      return;
+    }
     dispatch(p.dtype, [&]<class T>() {
       using Acc = acc_t<T>;
       const Dims d = p.d;

@@ -15,37 +15,16 @@
 #include <immintrin.h>
 
 #include <array>
-#include <cstdlib>
-#include <cstring>
 #include <utility>
 #include <vector>
+
+#include "isa.h"
 
 namespace peft_kernels::nf4 {
 namespace {
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa pick_isa() {
-  Isa best = Isa::kScalar;
-  if (__builtin_cpu_supports("avx512f")) {
-    best = Isa::kAvx512;
-  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    best = Isa::kAvx2;
-  }
-  const char* cap = std::getenv("PEFT_KERNELS_CPU_ISA");
-  if (cap == nullptr) return best;
-  Isa limit;
-  if (std::strcmp(cap, "scalar") == 0) {
-    limit = Isa::kScalar;
-  } else if (std::strcmp(cap, "avx2") == 0) {
-    limit = Isa::kAvx2;
-  } else if (std::strcmp(cap, "avx512") == 0) {
-    limit = Isa::kAvx512;
-  } else {
-    TORCH_CHECK_VALUE(false, "PEFT_KERNELS_CPU_ISA must be scalar, avx2 or avx512, got '", cap, "'");
-  }
-  return static_cast<int>(limit) < static_cast<int>(best) ? limit : best;
-}
+using cpu::Isa;
+using cpu::pick_isa;
 
 // Rows n0..n1 of W against R rows of the reordered x (xp [R, in]), sums into yf[i * out + n].
 template <int R>

@@ -1,0 +1,33 @@
+// AVX-512 fp32 building blocks for CPU kernels whose products are too small for the platform BLAS to run well:
+// kron_linear's per-row contractions with 32 x 32 factors are 32 x 32 x 32 products, where a call through ATen
+// (view, dispatch, packing) costs as much as the arithmetic. Every matrix here is row-major with explicit
+// strides, so a caller reads its operands in place, transposed or not. Callers check cpu::pick_isa() == kAvx512
+// first: these functions execute AVX-512F instructions unconditionally.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace peft_kernels::cpu::simd {
+
+// C[i, 0:n] = (accumulate ? C[i, 0:n] : 0) + sum_{p < k} a[i * a_rs + p * a_cs] * b[p * ldb + (0:n)], i < m.
+// Elements of a are broadcast (any strides, so a^T costs nothing); rows of b and C are vectors of 16 floats.
+void mm_bcast(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+              int64_t ldb, float* c, int64_t ldc, bool accumulate);
+
+// C[i, j] = (accumulate ? C[i, j] : 0) + sum_{r < batch} sum_{q < k} P_r[i, q] * Q_r[j, q], i < m, j < n, with
+// P_r[i, q] = p[r * p_bs + i * ldp + q] and Q_r likewise: a batch of products P_r Q_r^T summed, for a reduction
+// that runs along the rows of both operands (kron_linear's dA). Each C element is a sum of 16-lane partials held
+// in registers over the whole batch and reduced once.
+void mm_dot(int64_t m, int64_t n, int64_t batch, int64_t k, const float* p, int64_t ldp, int64_t p_bs, const float* q,
+            int64_t ldq, int64_t q_bs, float* c, int64_t ldc, bool accumulate);
+
+// dst[e] = float(src[e]) * (keep ? keep[e] : 1), e < n.
+template <class T> void widen(const T* src, int64_t n, const float* keep, float* dst);
+
+// out[e] = T((accumulate ? float(out[e]) : 0) + (keep ? keep[e] : 1) * v[e]), e < n: one rounding, to nearest
+// even, bit-identical to c10's conversions.
+template <class T> void narrow(const float* v, int64_t n, const float* keep, bool accumulate, T* out);
+
+}  // namespace peft_kernels::cpu::simd
