@@ -4,8 +4,7 @@
 
     python -P bench/bench_kron_linear.py [--device cpu|cuda] [--dtype bf16,fp32] [--repeats N] [--out DIR]
 
-On the CPU a fourth provider, ``ours-blas``, is the same layer with PEFT_KERNELS_CPU_ISA=avx2 set around each call:
-the kernels' BLAS path (what CPUs without AVX-512 run) beside the AVX-512 register tiles that ``ours`` runs here.
+On the CPU a fourth provider, ``ours-blas``, is ours on its BLAS path (harness.on_blas_path).
 
 Case: 1024 -> 1024, M = 2048 tokens, A 32x32 ⊗ B 32x32, dropout 0, every --dtype. The issue's targets, in "full"
 mode: ours/base <= 1.15 and ours/peft <= 0.5. All three layers share the frozen weight and hold the same factors;
@@ -17,7 +16,6 @@ Check the printed load: torch runs 2 threads on 2 cores here, so another tenant 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -126,23 +124,8 @@ def providers(case: harness.Case, mode: str) -> dict:
     else:
         out = {name: step(fn, leaves) for name, (fn, leaves) in nets.items()}
     if device == "cpu":
-        out["ours-blas"] = on_blas_path(out["ours"])
+        out["ours-blas"] = harness.on_blas_path(out["ours"])
     return out
-
-
-def on_blas_path(run):
-    """``run`` with the CPU kernels capped below AVX-512 (PEFT_KERNELS_CPU_ISA is read on every call)."""
-    def capped():
-        before = os.environ.get("PEFT_KERNELS_CPU_ISA")
-        os.environ["PEFT_KERNELS_CPU_ISA"] = "avx2"
-        try:
-            return run()
-        finally:
-            if before is None:
-                del os.environ["PEFT_KERNELS_CPU_ISA"]
-            else:
-                os.environ["PEFT_KERNELS_CPU_ISA"] = before
-    return capped
 
 
 def summary(rows: list[harness.Row]) -> None:

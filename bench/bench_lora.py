@@ -8,7 +8,8 @@ mode. Cases: 1024->1024, M=2048 tokens, r=16, alpha=32, dropout 0 and 0.1, every
 the LLaMA-7B projections 4096->4096 and 4096->11008 at M=4096, "full" only, on CPU bf16 only (a 2-core step
 takes seconds there; the whole run is ~6 min on an idle 2-core machine). ``ref`` is timed at dropout 0 only (on CPU,
 small case only): with dropout its pure-PyTorch Philox mask dominates. It remains the correctness oracle of
-every case. After the table: a ratio summary per case and the bytes each provider saves for backward.
+every case. On CPU with dropout, ``ours-blas`` is ours on its BLAS path (harness.on_blas_path). After the table: a
+ratio summary per case and the bytes each provider saves for backward.
 
 Check the printed load: torch runs 2 threads on 2 cores, so another tenant stalls every parallel region, and
 ours (about eight GEMM calls a step where base has two) pays for it more often.
@@ -135,8 +136,12 @@ def providers(case: harness.Case, mode: str) -> dict:
         return run
 
     if mode == "forward":  # the training forward: autograd records the graph, as in a step
-        return {name: (lambda fn=fn: fn(x)) for name, (fn, _, _) in nets.items()}
-    return {name: step(fn, leaves) for name, (fn, leaves, _) in nets.items()}
+        out = {name: (lambda fn=fn: fn(x)) for name, (fn, _, _) in nets.items()}
+    else:
+        out = {name: step(fn, leaves) for name, (fn, leaves, _) in nets.items()}
+    if device == "cpu" and case.params["p"] > 0:  # p = 0 runs no kernel of ours: every product is a BLAS call
+        out["ours-blas"] = harness.on_blas_path(out["ours"])
+    return out
 
 
 def check(case: harness.Case, nets: dict, x: torch.Tensor, dy: torch.Tensor) -> None:
@@ -188,6 +193,8 @@ def summary(rows: list[harness.Row]) -> None:
             by_case.setdefault(row.case, {})[row.provider] = row.median_ms
     for name, ms in by_case.items():
         parts = [f"ours/base {ms['ours'] / ms['base']:.2f} ({'met' if ms['ours'] / ms['base'] <= 1.10 else 'MISSED'})"]
+        if "ours-blas" in ms:
+            parts.append(f"ours-blas/base {ms['ours-blas'] / ms['base']:.2f}")
         if "peft" in ms:
             ours_peft = ms["ours"] / ms["peft"]
             parts += [f"peft/base {ms['peft'] / ms['base']:.2f}",

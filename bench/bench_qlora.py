@@ -6,7 +6,7 @@ PEFT's LoRA on top (``bnb+peft``), 1024->1024, M=2048 tokens, r=16, alpha=32, dr
 
 Targets (issue 4): ours/base <= 1.20 and ours/(bnb+peft) <= 0.75, ratios measured side by side in this process.
 The adapters of ours and bnb+peft are kept in the compute dtype (PEFT: autocast_adapter_dtype=False), so both
-run the same computation.
+run the same computation. On CPU, ``ours-blas`` is ours on its BLAS path (harness.on_blas_path).
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ def providers(case: harness.Case, mode: str) -> dict:
             fn(x).backward(dy)
         return run
 
-    return {name: step(fn, leaves) for name, (fn, leaves) in nets.items()}
+    out = {name: step(fn, leaves) for name, (fn, leaves) in nets.items()}
+    if device == "cpu":
+        out["ours-blas"] = harness.on_blas_path(out["ours"])
+    return out
 
 
 if __name__ == "__main__":
@@ -84,6 +87,8 @@ if __name__ == "__main__":
         by_case.setdefault(row.case, {})[row.provider] = row.median_ms
     for name, ms in by_case.items():
         line = f"  {name}: ours/base {ms['ours'] / ms['base']:.2f}"
+        if "ours-blas" in ms:
+            line += f", ours-blas/base {ms['ours-blas'] / ms['base']:.2f}"
         if "bnb+peft" in ms:
             line += f", bnb+peft/base {ms['bnb+peft'] / ms['base']:.2f}, ours/(bnb+peft) {ms['ours'] / ms['bnb+peft']:.2f}"
         print(line)

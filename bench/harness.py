@@ -99,6 +99,22 @@ def time_interleaved(fns: dict[str, Callable[[], object]], cuda: bool, warmup: i
     return times
 
 
+def on_blas_path(run: Callable[[], object]) -> Callable[[], object]:
+    """``run`` with our CPU kernels capped below AVX-512 (PEFT_KERNELS_CPU_ISA=avx2, read on every call): their
+    BLAS path, what CPUs without AVX-512 run, timed beside the AVX-512 register tiles as provider ``ours-blas``."""
+    def capped():
+        before = os.environ.get("PEFT_KERNELS_CPU_ISA")
+        os.environ["PEFT_KERNELS_CPU_ISA"] = "avx2"
+        try:
+            return run()
+        finally:
+            if before is None:
+                del os.environ["PEFT_KERNELS_CPU_ISA"]
+            else:
+                os.environ["PEFT_KERNELS_CPU_ISA"] = before
+    return capped
+
+
 def memory_bytes(fn: Callable[[], object], cuda: bool) -> int:
     """Memory of one extra, untimed call (the bookkeeping never lands inside a timed region): on CUDA the
     peak allocation above what was allocated before the call (workspace + outputs), on CPU the bytes of the

@@ -86,6 +86,29 @@ def test_dropout_backward_in_waves_matches_reference_whatever_the_threads():
     assert_matches_reference(one, args, dy, 0.5, 0.3, 4, torch.float32)
 
 
+HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("isa", ["avx512", "avx2"], ids=["tiles", "blas"])
+def test_cpu_dropout_paths(isa, dtype, monkeypatch):
+    """Both CPU paths of the dropout kernels: the AVX-512 register tiles (fp32/bf16/fp16 on an AVX-512 CPU) and the
+    BLAS path (other CPUs, fp64, PEFT_KERNELS_CPU_ISA below avx512). in = 67 and r = 19 give every tile a tail, 55
+    rows a partial last block; then the mask, bit for bit, on a row length (37) that starts rows mid-group."""
+    if isa == "avx512" and not HAS_AVX512:
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", isa)
+    args = make((5, 11), 67, 45, 19, dtype, seed=19)
+    dy = torch.randn(5, 11, 45, generator=torch.Generator().manual_seed(3)).to(dtype)
+    assert_matches_reference(grads_of(run_ours(torch.ops.peft_kernels, 0.7, 0.25, seed=6), args, dy), args, dy, 0.7,
+                             0.25, 6, dtype)
+    x = torch.ones(5, 11, 37, dtype=dtype)
+    _, xa = torch.ops.peft_kernels.lora_linear_fwd(x, torch.zeros(3, 37, dtype=dtype), None,
+                                                   torch.eye(37, dtype=dtype), torch.zeros(3, 37, dtype=dtype), 1.0,
+                                                   0.3, torch.tensor(9))
+    assert torch.equal(xa != 0, R.dropout_keep(x.shape, 0.3, 9))
+
+
 def test_philox_known_answer():
     """Random123's known-answer vector for Philox4x32-10 with counter 0 and key 0."""
     assert R.philox_draws(0, torch.arange(4)).tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]

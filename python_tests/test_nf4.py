@@ -49,6 +49,26 @@ def test_decode_every_byte(backend):
     assert out[2].item() == -1.0 and out[3].item() == R.NF4_CODE[1]  # byte 0x01: high nibble first
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("isa", ["avx512", "avx2"], ids=["avx512", "loop"])
+def test_cpu_decode_paths(isa, dtype, monkeypatch):
+    """Both CPU decode paths (AVX-512 whole blocks, and the portable loop that other CPUs and PEFT_KERNELS_CPU_ISA
+    below avx512 run), bit for bit against the reference: every byte value at blocksizes 32, 64 and 4096, with
+    scales from fp16-subnormal to fp16-overflowing levels (the 16-bit rounding of the levels)."""
+    if isa == "avx512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(11)
+    for blocksize in (32, 64, 4096):
+        codes = torch.randperm(256, generator=g).to(torch.uint8).repeat(48)  # 24576 values
+        nblocks = 2 * codes.numel() // blocksize
+        sign = torch.where(torch.rand(nblocks, generator=g) < 0.5, -1.0, 1.0)
+        absmax = torch.exp(torch.randn(nblocks, generator=g) * 4) * sign
+        absmax[0], absmax[-1] = 1e-6, 1e5
+        out = torch.ops.peft_kernels.nf4_dequantize(codes, absmax, None, None, None, blocksize, dtype)
+        assert torch.equal(out, R.nf4_dequantize(codes, absmax, None, None, None, blocksize, dtype)), blocksize
+
+
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "nodq"])
 @pytest.mark.parametrize("blocksize,nblocks", [(32, 7), (64, 301), (128, 37), (4096, 3)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -117,7 +117,7 @@ struct Simd {
       float* t = cpu::scratch<float>(2, d.a_in * d.b_out);
       float* ybuf = cpu::scratch<float>(3, fp32 ? 0 : d.out());
       for (int64_t r = r0; r < r1; ++r) {
-        if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep);
+        if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep, true);
         const float* xr = row_in(x + r * d.in(), d.in(), dropped ? keep : nullptr, xbuf);
         cpu::simd::mm_bcast(d.a_in, d.b_out, d.b_in, xr, d.b_in, 1, bt.data(), d.b_out, t, d.b_out, false);
         if constexpr (fp32) {
@@ -168,7 +168,7 @@ struct Simd {
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t r = r0 + i;
           const float* dyr = dys + i * d.out();
-          if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep);
+          if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep, true);
           if (need_h) cpu::simd::mm_bcast(d.a_in, d.b_out, d.a_out, as.data(), 1, d.a_in, dyr, d.b_out, h, d.b_out, false);
           if (dx != nullptr) {
             bool done = false;

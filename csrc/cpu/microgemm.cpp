@@ -6,19 +6,13 @@
 // tiles of the same template. What it gains over the BLAS for kron_linear: kron_linear.cpp's header.
 #include "microgemm.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <array>
 #include <type_traits>
 #include <utility>
 
-// GCC 12 warns inside its own AVX-512 headers (the `__Y = __Y` idiom of _mm512_undefined_*, inlined here):
-// -Wmaybe-uninitialized / -Wuninitialized false positives, one per intrinsic use.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
+#include "avx512.h"
 
-#define PK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 namespace peft_kernels::cpu::simd {
 namespace {
@@ -144,15 +138,10 @@ PK_AVX512 inline __m512 load16(const c10::Half* src, __mmask16 mask) {
 
 PK_AVX512 inline void store16(float* dst, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, v); }
 PK_AVX512 inline void store16(c10::BFloat16* dst, __m512 v, __mmask16 mask) {
-  // c10's round-to-nearest-even: bits + 0x7FFF + (bit 16), then the high half; NaN becomes 0x7FC0.
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(rounded));
+  _mm256_mask_storeu_epi16(dst, mask, round_bf16(v));
 }
 PK_AVX512 inline void store16(c10::Half* dst, __m512 v, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm256_mask_storeu_epi16(dst, mask, round_fp16(v));
 }
 
 template <class T> PK_AVX512 void widen_avx512(const T* src, int64_t n, const float* keep, float* dst) {
@@ -203,6 +192,16 @@ PK_AVX512 void mm_dot(int64_t m, int64_t n, int64_t batch, int64_t k, const floa
 
 // The public entry points carry no target attribute (GCC would take one on a template's definition for a second
 // version of the function); they call the AVX-512 bodies.
+PK_AVX512 void keep_mask(const uint32_t* draws, int64_t n, uint32_t threshold, float scale, float* out) {
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  const __m512 kept = _mm512_set1_ps(scale);
+  for (int64_t e = 0; e < n; e += 16) {
+    const __mmask16 mask = tail_mask(n - e);
+    const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_maskz_loadu_epi32(mask, draws + e), thr);
+    _mm512_mask_storeu_ps(out + e, mask, _mm512_maskz_mov_ps(keep, kept));
+  }
+}
+
 template <class T> void widen(const T* src, int64_t n, const float* keep, float* dst) { widen_avx512(src, n, keep, dst); }
 template <class T> void narrow(const float* v, int64_t n, const float* keep, bool accumulate, T* out) {
   narrow_avx512(v, n, keep, accumulate, out);

@@ -1,6 +1,7 @@
 // AVX-512 fp32 building blocks for CPU kernels whose products are too small for the platform BLAS to run well:
-// kron_linear's per-row contractions with 32 x 32 factors are 32 x 32 x 32 products, where a call through ATen
-// (view, dispatch, packing) costs as much as the arithmetic. Every matrix here is row-major with explicit
+// kron_linear's per-row contractions with 32 x 32 factors are 32 x 32 x 32 products, and the LoRA dropout
+// kernels' rank-r products of a block of rows have r = 8..64; a call through ATen (view, dispatch, packing) costs
+// as much as their arithmetic. Every matrix here is row-major with explicit
 // strides, so a caller reads its operands in place, transposed or not. Callers check cpu::pick_isa() == kAvx512
 // first: these functions execute AVX-512F instructions unconditionally.
 #pragma once
@@ -22,6 +23,9 @@ void mm_bcast(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int
 // in registers over the whole batch and reduced once.
 void mm_dot(int64_t m, int64_t n, int64_t batch, int64_t k, const float* p, int64_t ldp, int64_t p_bs, const float* q,
             int64_t ldq, int64_t q_bs, float* c, int64_t ldc, bool accumulate);
+
+// out[e] = draws[e] >= threshold ? scale : 0, e < n: a dropout keep mask from Philox draws (dropout.h).
+void keep_mask(const uint32_t* draws, int64_t n, uint32_t threshold, float scale, float* out);
 
 // dst[e] = float(src[e]) * (keep ? keep[e] : 1), e < n.
 template <class T> void widen(const T* src, int64_t n, const float* keep, float* dst);

@@ -54,6 +54,7 @@ void Cpu::quantize8(const Quantize8Params& p) {
 }
 
 void Cpu::decode(const DecodeParams& p) {
+  if (decode_simd(p)) return;
   dispatch(p.dtype, [&]<class T>() {
     T* out = static_cast<T*>(p.out);
     const int bs = p.w.blocksize;
