@@ -83,7 +83,7 @@ def layers(case: harness.Case) -> dict:
     """The four layers on one shared frozen Linear, with the same adapter weights (B non-zero, so the LoRA
     branch really contributes), and per provider the leaves whose grads a step produces: ``{name: (fn,
     leaves, params)}``; ``params`` are the weights, which do not count as activation memory."""
-    (i, o, m), dtype, p, device = case.params["shape"], case.params["dtype"], case.params["p"], case.params["device"]
+    (i, o, _), dtype, p, device = case.params["shape"], case.params["dtype"], case.params["p"], case.params["device"]
     linear = torch.nn.Linear(i, o, dtype=dtype, device=device).requires_grad_(False)
     ours = LoRALinear.from_linear(linear, r=R, alpha=ALPHA, dropout=p).train()
     torch.nn.init.normal_(ours.lora_B, std=0.02)
