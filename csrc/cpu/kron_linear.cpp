@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -145,7 +146,11 @@ struct Simd {
     const Blocks blocks(d, p.m);
     const int64_t wave = cpu::wave_blocks((d.a_out * d.a_in + d.b_out * d.b_in) * static_cast<int64_t>(sizeof(float)));
     const int64_t slots = std::min(blocks.count, wave);
-    std::vector<float> da_part(p.da ? slots * d.a_out * d.a_in : 0), db_part(p.db ? slots * d.b_out * d.b_in : 0);
+    const int64_t da_size = d.a_out * d.a_in, db_size = d.b_out * d.b_in;
+    // Partials uninitialized: each is written whole by its block.
+    const auto parts = std::make_unique_for_overwrite<float[]>(slots * ((p.da ? da_size : 0) + (p.db ? db_size : 0)));
+    float* da_part = parts.get();
+    float* db_part = da_part + (p.da ? slots * da_size : 0);
     std::vector<float> da_sum(p.da ? d.a_out * d.a_in : 0), db_sum(p.db ? d.b_out * d.b_in : 0);
     const auto body = [&](int64_t c0, int64_t c1, int64_t w0) {
       constexpr bool fp32 = std::is_same_v<T, float>;
@@ -164,7 +169,7 @@ struct Simd {
         } else {
           cpu::simd::widen(dy + r0 * d.out(), rows * d.out(), nullptr, dybuf);
         }
-        float* db_slot = p.db ? db_part.data() + (c - w0) * d.b_out * d.b_in : nullptr;
+        float* db_slot = p.db ? db_part + (c - w0) * db_size : nullptr;
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t r = r0 + i;
           const float* dyr = dys + i * d.out();
@@ -196,11 +201,11 @@ struct Simd {
         }
         if (p.da != nullptr && x != nullptr) {
           cpu::simd::mm_dot(d.a_out, d.a_in, rows, d.b_out, dys, d.b_out, d.out(), t, d.b_out, d.a_in * d.b_out,
-                            da_part.data() + (c - w0) * d.a_out * d.a_in, d.a_in, false);
+                            da_part + (c - w0) * da_size, d.a_in, false);
         }
       }
     };
-    const auto reduce = [](std::vector<float>& sum, const std::vector<float>& part, int64_t n) {
+    const auto reduce = [](std::vector<float>& sum, const float* part, int64_t n) {
       const int64_t size = static_cast<int64_t>(sum.size());
       for (int64_t k = 0; k < n; ++k) {
         for (int64_t e = 0; e < size; ++e) sum[e] += part[k * size + e];
