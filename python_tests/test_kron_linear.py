@@ -6,6 +6,8 @@ Tolerance rule: our error against the float64 reference is at most twice the err
 run in the same low dtype, plus a small atol.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -99,24 +101,29 @@ def test_llama_widths_cpu(dtype, shape):
     check_against_reference(torch.ops.peft_kernels, "cpu", shape, dtype, 0.1, weight=True, lead=(3,))
 
 
-# Every tile of the AVX-512 CPU path gets a tail: rows 8 + 1 (a_out), columns 32 + 5 (b_out) and 32 + 13 (b_in),
-# dot tiles 4 + 2 (a_in) with k = 16 + 16 + 5 (b_out).
+# Every tile of the AVX-512 CPU paths gets a tail: rows 8 + 1 or 8 + 2 (a_out), columns 32 + 5 / 32 + 6 (b_out)
+# and 32 + 13 / 32 + 14 (b_in), dot tiles 4 + 2 (a_in) with k = 16 + 16 + 5 values (b_out; 16 + 3 pairs in bf16).
+# The bf16 pair products need even factor dimensions: TAILS (odd) takes the fp32 tiles even in bf16.
 TAILS = (9, 6, 37, 45)
+EVEN_TAILS = (10, 6, 38, 46)
 HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+HAS_AVX512_BF16 = HAS_AVX512 and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p25"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("isa", ["avx512", "avx2"], ids=["tiles", "blas"])
+@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2"], ids=["bf16-pairs", "tiles", "blas"])
 def test_cpu_paths(isa, dtype, p, monkeypatch):
-    """Both CPU paths against the float64 reference: the AVX-512 register tiles (fp32/bf16/fp16 with factors of at
-    most 64K values, on an AVX-512 CPU) and the BLAS path (other CPUs, larger factors, fp64, and whenever
-    PEFT_KERNELS_CPU_ISA caps the instruction set below avx512)."""
-    if isa == "avx512" and not HAS_AVX512:
-        pytest.skip("this CPU has no AVX-512")
+    """Every CPU path against the float64 reference: the AVX-512 register tiles (fp32/bf16/fp16 with factors of at
+    most 64K values, on an AVX-512 CPU), their bf16 pair-product form (bf16 with even factor dimensions, on an
+    AVX512-BF16 CPU) and the BLAS path (other CPUs, larger factors, fp64, and whenever PEFT_KERNELS_CPU_ISA caps
+    the instruction set below avx512)."""
+    if isa == "avx512" and not HAS_AVX512 or isa == "avx512_bf16" and not HAS_AVX512_BF16:
+        pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", isa)
-    for weight in (True, False):
-        check_against_reference(torch.ops.peft_kernels, "cpu", TAILS, dtype, p, weight, lead=(2, 7))
+    for shape in (TAILS, EVEN_TAILS):
+        for weight in (True, False):
+            check_against_reference(torch.ops.peft_kernels, "cpu", shape, dtype, p, weight, lead=(2, 7))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

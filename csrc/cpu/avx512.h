@@ -9,13 +9,14 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-// BW and VL for the 16-bit masked loads and stores.
+// BW and VL for the 16-bit masked loads and stores; BF16 for vdpbf16ps (cpu::Isa::kAvx512Bf16 only).
 #define PK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define PK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 namespace peft_kernels::cpu::simd {
 
 // c10's round-to-nearest-even: bits + 0x7FFF + (bit 16), then the high half; NaN becomes 0x7FC0.
-PK_AVX512 inline __m256i round_bf16(__m512 v) {
+PK_AVX512 inline __m256i to_bf16_bits(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
@@ -23,7 +24,7 @@ PK_AVX512 inline __m256i round_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(rounded);
 }
 
-PK_AVX512 inline __m256i round_fp16(__m512 v) {
+PK_AVX512 inline __m256i to_fp16_bits(__m512 v) {
   return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 

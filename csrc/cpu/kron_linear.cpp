@@ -83,7 +83,7 @@ constexpr int64_t kSimdFactorValues = 65536;
 
 bool use_simd(DType dtype, const Dims& d) {
   return dtype != DType::kFloat64 && d.a_out * d.a_in <= kSimdFactorValues && d.b_out * d.b_in <= kSimdFactorValues &&
-         cpu::pick_isa() == cpu::Isa::kAvx512;
+         cpu::pick_isa() >= cpu::Isa::kAvx512;
 }
 
 // `f` (fp32) of a factor [rows, cols] of dtype T, times `s`, transposed when `transpose` ([cols, rows]).
@@ -229,6 +229,156 @@ struct Simd {
   }
 };
 
+// bf16 on an AVX512-BF16 CPU (cpu::Isa::kAvx512Bf16) with even factor dimensions: Simd's contractions as bf16
+// pair products (vdpbf16ps), x, dy and the factors read as bf16, T_r and H_r rounded to bf16 (with s folded in)
+// before they enter the second product of their chain, as the bf16 reference rounds A (x) B before its GEMM.
+// Operand layouts (microgemm.h): a row-major bf16 matrix gives pairs along its rows as is; the b operands are
+// paired rows: B^T and B once per call, dY_r, X_r, T_r and H_r per row.
+struct SimdBf16 {
+  using bf16 = c10::BFloat16;
+
+  static bool usable(DType dtype, const Dims& d) {
+    return dtype == DType::kBFloat16 && d.a_out % 2 == 0 && d.a_in % 2 == 0 && d.b_out % 2 == 0 && d.b_in % 2 == 0 &&
+           cpu::pick_isa() >= cpu::Isa::kAvx512Bf16;
+  }
+
+  // A bf16 matrix's pairs as words (two neighbours of a row in one 32-bit word).
+  static const uint32_t* words(const bf16* m) { return reinterpret_cast<const uint32_t*>(m); }
+
+  // Paired rows of a factor [rows, cols] (transposed first when `transpose`): exact, the factor is bf16.
+  static std::vector<uint32_t> paired(const void* f, int64_t rows, int64_t cols, bool transpose) {
+    const std::vector<float> m = factor<bf16>(f, rows, cols, 1.0f, transpose);
+    const int64_t r = transpose ? cols : rows, c = transpose ? rows : cols;
+    std::vector<uint32_t> out(r / 2 * c);
+    cpu::simd::round_rows(m.data(), r, c, c, 1.0f, out.data());
+    return out;
+  }
+
+  // x row r (masked by keep when dropped) as bf16: in place, or masked into buf (through fp32, exact).
+  static const bf16* row_x(const bf16* x, int64_t n, const float* keep, float* wide, bf16* buf) {
+    if (keep == nullptr) return x;
+    cpu::simd::widen(x, n, keep, wide);
+    cpu::simd::round_bf16(wide, n, 1.0f, buf);
+    return buf;
+  }
+
+  static void forward(const ForwardParams& p) {
+    const Dims d = p.d;
+    const bf16* x = static_cast<const bf16*>(p.x);
+    bf16* y = static_cast<bf16*>(p.y);
+    const bool dropped = p.drop.threshold != 0;
+    const float s = static_cast<float>(p.drop.scale);
+    const uint32_t* a = words(static_cast<const bf16*>(p.a));
+    const std::vector<uint32_t> btp = paired(p.b, d.b_out, d.b_in, true);  // B^T [b_in / 2][b_out]
+    at::parallel_for(0, p.m, cpu::block_rows(d.in(), p.m), [&](int64_t r0, int64_t r1) {
+      float* keep = cpu::scratch<float>(0, dropped ? d.in() : 0);
+      float* wide = cpu::scratch<float>(1, dropped ? d.in() : 0);
+      float* t = cpu::scratch<float>(2, d.a_in * d.b_out);
+      float* ybuf = cpu::scratch<float>(3, d.out());
+      bf16* xbuf = cpu::scratch<bf16>(0, dropped ? d.in() : 0);
+      uint32_t* tp = cpu::scratch<uint32_t>(0, d.a_in / 2 * d.b_out);
+      for (int64_t r = r0; r < r1; ++r) {
+        if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep, true);
+        const uint32_t* xr = words(row_x(x + r * d.in(), d.in(), dropped ? keep : nullptr, wide, xbuf));
+        cpu::simd::mm_bcast_bf16(d.a_in, d.b_out, d.b_in / 2, xr, d.b_in / 2, 1, btp.data(), d.b_out, t, d.b_out,
+                                 false);
+        cpu::simd::round_rows(t, d.a_in, d.b_out, d.b_out, s, tp);
+        cpu::simd::mm_bcast_bf16(d.a_out, d.b_out, d.a_in / 2, a, d.a_in / 2, 1, tp, d.b_out, ybuf, d.b_out, false);
+        cpu::simd::narrow(ybuf, d.out(), nullptr, p.accumulate, y + r * d.out());
+      }
+    });
+  }
+
+  static void backward(const BackwardParams& p) {
+    const Dims d = p.d;
+    const bf16* x = static_cast<const bf16*>(p.x);
+    const bf16* dy = static_cast<const bf16*>(p.dy);
+    bf16* dx = static_cast<bf16*>(p.dx);
+    const bool dropped = p.drop.threshold != 0;
+    const float s = static_cast<float>(p.drop.scale);
+    // A^T [a_in, a_out] row-major bf16 (its pairs run along a_out), B as paired rows [b_out / 2][b_in], B^T paired.
+    std::vector<bf16> at(d.a_in * d.a_out);
+    {
+      const std::vector<float> a32 = factor<bf16>(p.a, d.a_out, d.a_in, 1.0f, true);
+      cpu::simd::round_bf16(a32.data(), d.a_in * d.a_out, 1.0f, at.data());
+    }
+    const std::vector<uint32_t> bp = paired(p.b, d.b_out, d.b_in, false);
+    const std::vector<uint32_t> btp = p.da ? paired(p.b, d.b_out, d.b_in, true) : std::vector<uint32_t>();
+    const bool need_h = dx != nullptr || p.db != nullptr;
+    const Blocks blocks(d, p.m);
+    const int64_t da_size = d.a_out * d.a_in, db_size = d.b_out * d.b_in;
+    const int64_t wave = cpu::wave_blocks((da_size + db_size) * static_cast<int64_t>(sizeof(float)));
+    const int64_t slots = std::min(blocks.count, wave);
+    // Partials uninitialized: each is written whole by its block.
+    const auto parts = std::make_unique_for_overwrite<float[]>(slots * ((p.da ? da_size : 0) + (p.db ? db_size : 0)));
+    float* da_part = parts.get();
+    float* db_part = da_part + (p.da ? slots * da_size : 0);
+    std::vector<float> da_sum(p.da ? da_size : 0), db_sum(p.db ? db_size : 0);
+    const auto body = [&](int64_t c0, int64_t c1, int64_t w0) {
+      const int64_t most = blocks.rows;
+      float* keep = cpu::scratch<float>(0, dropped ? d.in() : 0);
+      float* wide = cpu::scratch<float>(1, x && dropped ? d.in() : 0);
+      float* h = cpu::scratch<float>(2, need_h ? d.a_in * d.b_out : 0);
+      float* dxbuf = cpu::scratch<float>(3, dx ? d.in() : 0);
+      float* t = cpu::scratch<float>(4, p.da ? d.a_in * d.b_out : 0);
+      bf16* xbuf = cpu::scratch<bf16>(0, x && dropped ? d.in() : 0);
+      bf16* hb = cpu::scratch<bf16>(1, dx ? d.a_in * d.b_out : 0);
+      bf16* tb = cpu::scratch<bf16>(2, p.da ? most * d.a_in * d.b_out : 0);
+      uint32_t* dyp = cpu::scratch<uint32_t>(0, need_h ? d.a_out / 2 * d.b_out : 0);
+      uint32_t* hp = cpu::scratch<uint32_t>(1, p.db ? d.a_in / 2 * d.b_out : 0);
+      uint32_t* xp = cpu::scratch<uint32_t>(2, p.db ? d.a_in / 2 * d.b_in : 0);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t r0 = c * blocks.rows, rows = std::min(blocks.rows, p.m - r0);
+        float* db_slot = p.db ? db_part + (c - w0) * db_size : nullptr;
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t r = r0 + i;
+          if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep, true);
+          if (need_h) {
+            cpu::simd::pack_rows(dy + r * d.out(), d.a_out, d.b_out, d.b_out, nullptr, dyp);
+            cpu::simd::mm_bcast_bf16(d.a_in, d.b_out, d.a_out / 2, words(at.data()), d.a_out / 2, 1, dyp, d.b_out, h,
+                                     d.b_out, false);
+          }
+          if (dx != nullptr) {
+            cpu::simd::round_bf16(h, d.a_in * d.b_out, s, hb);
+            cpu::simd::mm_bcast_bf16(d.a_in, d.b_in, d.b_out / 2, words(hb), d.b_out / 2, 1, bp.data(), d.b_in, dxbuf,
+                                     d.b_in, false);
+            cpu::simd::narrow(dxbuf, d.in(), dropped ? keep : nullptr, p.accumulate_dx, dx + r * d.in());
+          }
+          if (x == nullptr) continue;
+          const bf16* xr = row_x(x + r * d.in(), d.in(), dropped ? keep : nullptr, wide, xbuf);
+          if (p.db != nullptr) {
+            cpu::simd::round_rows(h, d.a_in, d.b_out, d.b_out, s, hp);
+            cpu::simd::pack_rows(xr, d.a_in, d.b_in, d.b_in, nullptr, xp);
+            cpu::simd::mm_bcast_bf16(d.b_out, d.b_in, d.a_in / 2, hp, 1, d.b_out, xp, d.b_in, db_slot, d.b_in, i != 0);
+          }
+          if (p.da != nullptr) {
+            cpu::simd::mm_bcast_bf16(d.a_in, d.b_out, d.b_in / 2, words(xr), d.b_in / 2, 1, btp.data(), d.b_out, t,
+                                     d.b_out, false);
+            cpu::simd::round_bf16(t, d.a_in * d.b_out, s, tb + i * d.a_in * d.b_out);
+          }
+        }
+        if (p.da != nullptr && x != nullptr) {
+          cpu::simd::mm_dot_bf16(d.a_out, d.a_in, rows, d.b_out / 2, words(dy + r0 * d.out()), d.b_out / 2,
+                                 d.out() / 2, words(tb), d.b_out / 2, d.a_in * d.b_out / 2,
+                                 da_part + (c - w0) * da_size, d.a_in, false);
+        }
+      }
+    };
+    const auto reduce = [](std::vector<float>& sum, const float* part, int64_t n) {
+      const int64_t size = static_cast<int64_t>(sum.size());
+      for (int64_t k = 0; k < n; ++k) {
+        for (int64_t e = 0; e < size; ++e) sum[e] += part[k * size + e];
+      }
+    };
+    cpu::in_waves(blocks.count, wave, body, [&](int64_t n) {
+      if (p.da != nullptr) reduce(da_sum, da_part, n);
+      if (p.db != nullptr) reduce(db_sum, db_part, n);
+    });
+    if (p.da != nullptr) cpu::simd::narrow(da_sum.data(), da_size, nullptr, false, static_cast<bf16*>(p.da));
+    if (p.db != nullptr) cpu::simd::narrow(db_sum.data(), db_size, nullptr, false, static_cast<bf16*>(p.db));
+  }
+};
+
 struct Cpu {
   struct Guard {
     explicit Guard(at::Device) {}
@@ -237,6 +387,7 @@ struct Cpu {
   static constexpr bool kWorkspace = false;
 
   static void forward(const ForwardParams& p) {
+    if (use_simd(p.dtype, p.d) && SimdBf16::usable(p.dtype, p.d)) return SimdBf16::forward(p);
     if (use_simd(p.dtype, p.d)) {
       dispatch(p.dtype, [&]<class T>() {
         if constexpr (!std::is_same_v<T, double>) Simd::forward<T>(p);
@@ -287,6 +438,7 @@ struct Cpu {
 
   // dA and dB are summed per block, then in waves of blocks (blocks.h): the same whatever the thread count.
   static void backward(const BackwardParams& p) {
+    if (use_simd(p.dtype, p.d) && SimdBf16::usable(p.dtype, p.d)) return SimdBf16::backward(p);
     if (use_simd(p.dtype, p.d)) {
       dispatch(p.dtype, [&]<class T>() {
         if constexpr (!std::is_same_v<T, double>) Simd::backward<T>(p);

@@ -46,7 +46,7 @@ template <class T, class Acc> void dropped(const Dropout& drop, const T* x, int6
 // fp32/bf16/fp16 on an AVX-512 CPU: the same blocks, the mask drawn into keep 16 lanes at a time, x widened and
 // masked by microgemm.h's widen, the rank-r products in its register tiles (down: mm_dot along in; dx: mm_bcast
 // with dxa broadcast; dA: mm_bcast over the block's rows with dxa^T broadcast), dx rounded once by narrow.
-bool use_simd(DType dtype) { return dtype != DType::kFloat64 && cpu::pick_isa() == cpu::Isa::kAvx512; }
+bool use_simd(DType dtype) { return dtype != DType::kFloat64 && cpu::pick_isa() >= cpu::Isa::kAvx512; }
 
 std::vector<float> widened(const void* src, int64_t n, DType dtype) {
   std::vector<float> out(n);

@@ -109,6 +109,77 @@ PK_AVX512 void tile_dot(int64_t batch, int64_t k, const float* p, int64_t ldp, i
 #undef PK_SUM
 #undef PK_SUM_ROW
 
+// The bf16 tiles: the same shapes, a step being a pair of k (vdpbf16ps adds both products into each lane).
+#define PK_DP_ROW(i)                                                                              \
+  if constexpr (MR > i) {                                                                         \
+    const __m512bh s = (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[i * a_rs]));              \
+    c##i##0 = _mm512_dpbf16_ps(c##i##0, s, b0);                                                   \
+    if constexpr (NV > 1) c##i##1 = _mm512_dpbf16_ps(c##i##1, s, b1);                             \
+  }
+#define PK_ZERO2(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
+#define PK_STORE_ROW(i)                                                   \
+  if constexpr (MR > i) {                                                 \
+    store_row(c + i * ldc, c##i##0, c##i##1, NV > 1, last, accumulate);   \
+  }
+
+template <int MR, int NV>
+PK_AVX512_BF16 void tile_bcast_bf16(int64_t k2, const uint32_t* a, int64_t a_rs, int64_t a_cs, const uint32_t* b,
+                                    int64_t ldb, float* c, int64_t ldc, __mmask16 last, bool accumulate) {
+  static_assert(MR >= 1 && MR <= 8 && NV >= 1 && NV <= 2);
+  PK_ZERO2(0) PK_ZERO2(1) PK_ZERO2(2) PK_ZERO2(3) PK_ZERO2(4) PK_ZERO2(5) PK_ZERO2(6) PK_ZERO2(7)
+  for (int64_t p = 0; p < k2; ++p) {
+    const uint32_t* bp = b + p * ldb;
+    const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi32(NV == 1 ? last : __mmask16(0xFFFF), bp);
+    const __m512bh b1 = (__m512bh)(NV > 1 ? _mm512_maskz_loadu_epi32(last, bp + 16) : _mm512_setzero_si512());
+    const uint32_t* ap = a + p * a_cs;
+    PK_DP_ROW(0) PK_DP_ROW(1) PK_DP_ROW(2) PK_DP_ROW(3) PK_DP_ROW(4) PK_DP_ROW(5) PK_DP_ROW(6) PK_DP_ROW(7)
+  }
+  PK_STORE_ROW(0) PK_STORE_ROW(1) PK_STORE_ROW(2) PK_STORE_ROW(3)
+  PK_STORE_ROW(4) PK_STORE_ROW(5) PK_STORE_ROW(6) PK_STORE_ROW(7)
+}
+
+#define PK_ZERO4(i) __m512 d##i##0 = _mm512_setzero_ps(), d##i##1 = d##i##0, d##i##2 = d##i##0, d##i##3 = d##i##0;
+#define PK_DOT(i, j) \
+  if constexpr (MI > i && MJ > j) d##i##j = _mm512_dpbf16_ps(d##i##j, P##i, Q##j);
+#define PK_DOT_ROW(i) PK_DOT(i, 0) PK_DOT(i, 1) PK_DOT(i, 2) PK_DOT(i, 3)
+#define PK_LOAD(v, n, src, ld) \
+  const __m512bh v##n = (__m512bh)((M##v > n) ? _mm512_maskz_loadu_epi32(mask, src + n * ld + e) : _mm512_setzero_si512());
+#define PK_SUM(i, j)                                                        \
+  if constexpr (MI > i && MJ > j) {                                         \
+    const float sum = _mm512_reduce_add_ps(d##i##j);                        \
+    c[i * ldc + j] = accumulate ? c[i * ldc + j] + sum : sum;               \
+  }
+#define PK_SUM_ROW(i) PK_SUM(i, 0) PK_SUM(i, 1) PK_SUM(i, 2) PK_SUM(i, 3)
+
+template <int MI, int MJ>
+PK_AVX512_BF16 void tile_dot_bf16(int64_t batch, int64_t k2, const uint32_t* p, int64_t ldp, int64_t p_bs,
+                                  const uint32_t* q, int64_t ldq, int64_t q_bs, float* c, int64_t ldc, bool accumulate) {
+  static_assert(MI >= 1 && MI <= 4 && MJ >= 1 && MJ <= 4);
+  constexpr int MP = MI, MQ = MJ;
+  PK_ZERO4(0) PK_ZERO4(1) PK_ZERO4(2) PK_ZERO4(3)
+  for (int64_t r = 0; r < batch; ++r) {
+    const uint32_t* pr = p + r * p_bs;
+    const uint32_t* qr = q + r * q_bs;
+    for (int64_t e = 0; e < k2; e += 16) {
+      const __mmask16 mask = tail_mask(k2 - e);
+      PK_LOAD(P, 0, pr, ldp) PK_LOAD(P, 1, pr, ldp) PK_LOAD(P, 2, pr, ldp) PK_LOAD(P, 3, pr, ldp)
+      PK_LOAD(Q, 0, qr, ldq) PK_LOAD(Q, 1, qr, ldq) PK_LOAD(Q, 2, qr, ldq) PK_LOAD(Q, 3, qr, ldq)
+      PK_DOT_ROW(0) PK_DOT_ROW(1) PK_DOT_ROW(2) PK_DOT_ROW(3)
+    }
+  }
+  PK_SUM_ROW(0) PK_SUM_ROW(1) PK_SUM_ROW(2) PK_SUM_ROW(3)
+}
+
+#undef PK_DP_ROW
+#undef PK_ZERO2
+#undef PK_STORE_ROW
+#undef PK_ZERO4
+#undef PK_DOT
+#undef PK_DOT_ROW
+#undef PK_LOAD
+#undef PK_SUM
+#undef PK_SUM_ROW
+
 using BcastFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, __mmask16,
                          bool);
 using DotFn = void (*)(int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*,
@@ -127,6 +198,22 @@ constexpr std::array<std::array<BcastFn, kTileRows>, kTileVectors> kBcast = {bca
 constexpr std::array<std::array<DotFn, kDotTile>, kDotTile> kDot = {dot_col<1>(kDotRows), dot_col<2>(kDotRows),
                                                                      dot_col<3>(kDotRows), dot_col<4>(kDotRows)};
 
+using BcastBf16Fn = void (*)(int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, float*, int64_t,
+                             __mmask16, bool);
+using DotBf16Fn = void (*)(int64_t, int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, int64_t,
+                           float*, int64_t, bool);
+template <int NV, int... R>
+constexpr std::array<BcastBf16Fn, sizeof...(R)> bcast_bf16_row(std::integer_sequence<int, R...>) {
+  return {&tile_bcast_bf16<R + 1, NV>...};
+}
+template <int MJ, int... I> constexpr std::array<DotBf16Fn, sizeof...(I)> dot_bf16_col(std::integer_sequence<int, I...>) {
+  return {&tile_dot_bf16<I + 1, MJ>...};
+}
+constexpr std::array<std::array<BcastBf16Fn, kTileRows>, kTileVectors> kBcastBf16 = {bcast_bf16_row<1>(kRows),
+                                                                                     bcast_bf16_row<2>(kRows)};
+constexpr std::array<std::array<DotBf16Fn, kDotTile>, kDotTile> kDotBf16 = {
+    dot_bf16_col<1>(kDotRows), dot_bf16_col<2>(kDotRows), dot_bf16_col<3>(kDotRows), dot_bf16_col<4>(kDotRows)};
+
 PK_AVX512 inline __m512 load16(const float* src, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, src); }
 PK_AVX512 inline __m512 load16(const c10::BFloat16* src, __mmask16 mask) {
   const __m256i bits = _mm256_maskz_loadu_epi16(mask, src);
@@ -138,10 +225,10 @@ PK_AVX512 inline __m512 load16(const c10::Half* src, __mmask16 mask) {
 
 PK_AVX512 inline void store16(float* dst, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, v); }
 PK_AVX512 inline void store16(c10::BFloat16* dst, __m512 v, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(dst, mask, round_bf16(v));
+  _mm256_mask_storeu_epi16(dst, mask, to_bf16_bits(v));
 }
 PK_AVX512 inline void store16(c10::Half* dst, __m512 v, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(dst, mask, round_fp16(v));
+  _mm256_mask_storeu_epi16(dst, mask, to_fp16_bits(v));
 }
 
 template <class T> PK_AVX512 void widen_avx512(const T* src, int64_t n, const float* keep, float* dst) {
@@ -192,6 +279,78 @@ PK_AVX512 void mm_dot(int64_t m, int64_t n, int64_t batch, int64_t k, const floa
 
 // The public entry points carry no target attribute (GCC would take one on a template's definition for a second
 // version of the function); they call the AVX-512 bodies.
+PK_AVX512_BF16 void mm_bcast_bf16(int64_t m, int64_t n, int64_t k2, const uint32_t* a, int64_t a_rs, int64_t a_cs,
+                                  const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16 * kTileVectors) {
+    const int64_t cols = std::min<int64_t>(16 * kTileVectors, n - j0);
+    const int64_t nv = (cols + 15) / 16;
+    const __mmask16 last = tail_mask(cols - 16 * (nv - 1));
+    for (int64_t i0 = 0; i0 < m; i0 += kTileRows) {
+      const int64_t mr = std::min<int64_t>(kTileRows, m - i0);
+      kBcastBf16[nv - 1][mr - 1](k2, a + i0 * a_rs, a_rs, a_cs, b + j0, ldb, c + i0 * ldc + j0, ldc, last, accumulate);
+    }
+  }
+}
+
+PK_AVX512_BF16 void mm_dot_bf16(int64_t m, int64_t n, int64_t batch, int64_t k2, const uint32_t* p, int64_t ldp,
+                                int64_t p_bs, const uint32_t* q, int64_t ldq, int64_t q_bs, float* c, int64_t ldc,
+                                bool accumulate) {
+  for (int64_t i0 = 0; i0 < m; i0 += kDotTile) {
+    const int64_t mi = std::min<int64_t>(kDotTile, m - i0);
+    for (int64_t j0 = 0; j0 < n; j0 += kDotTile) {
+      const int64_t mj = std::min<int64_t>(kDotTile, n - j0);
+      kDotBf16[mj - 1][mi - 1](batch, k2, p + i0 * ldp, ldp, p_bs, q + j0 * ldq, ldq, q_bs, c + i0 * ldc + j0, ldc,
+                               accumulate);
+    }
+  }
+}
+
+PK_AVX512 void round_bf16(const float* src, int64_t n, float scale, c10::BFloat16* dst) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t e = 0; e < n; e += 16) {
+    const __mmask16 mask = tail_mask(n - e);
+    _mm256_mask_storeu_epi16(dst + e, mask, to_bf16_bits(_mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, src + e))));
+  }
+}
+
+// Words of two rows of 16-bit values: row i in the low half, row i + 1 in the high half.
+PK_AVX512 inline __m512i pair_words(__m256i lo, __m256i hi) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+}
+
+PK_AVX512 void round_rows(const float* src, int64_t rows, int64_t n, int64_t lds, float scale, uint32_t* dst) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < rows; i += 2) {
+    const float* r0 = src + i * lds;
+    const float* r1 = r0 + lds;
+    uint32_t* d = dst + (i / 2) * n;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 mask = tail_mask(n - j);
+      const __m256i lo = to_bf16_bits(_mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, r0 + j)));
+      const __m256i hi = to_bf16_bits(_mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, r1 + j)));
+      _mm512_mask_storeu_epi32(d + j, mask, pair_words(lo, hi));
+    }
+  }
+}
+
+PK_AVX512 void pack_rows(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t lds, const float* keep,
+                         uint32_t* dst) {
+  for (int64_t i = 0; i < rows; i += 2) {
+    const c10::BFloat16* r0 = src + i * lds;
+    const c10::BFloat16* r1 = r0 + lds;
+    uint32_t* d = dst + (i / 2) * n;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 mask = tail_mask(n - j);
+      __mmask16 m0 = mask, m1 = mask;
+      if (keep != nullptr) {  // a dropped element loads as 0 (keep is 0 or 1)
+        m0 &= _mm512_cmpneq_ps_mask(_mm512_maskz_loadu_ps(mask, keep + i * n + j), _mm512_setzero_ps());
+        m1 &= _mm512_cmpneq_ps_mask(_mm512_maskz_loadu_ps(mask, keep + (i + 1) * n + j), _mm512_setzero_ps());
+      }
+      _mm512_mask_storeu_epi32(d + j, mask, pair_words(_mm256_maskz_loadu_epi16(m0, r0 + j), _mm256_maskz_loadu_epi16(m1, r1 + j)));
+    }
+  }
+}
+
 PK_AVX512 void keep_mask(const uint32_t* draws, int64_t n, uint32_t threshold, float scale, float* out) {
   const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
   const __m512 kept = _mm512_set1_ps(scale);

@@ -24,6 +24,23 @@ void mm_bcast(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int
 void mm_dot(int64_t m, int64_t n, int64_t batch, int64_t k, const float* p, int64_t ldp, int64_t p_bs, const float* q,
             int64_t ldq, int64_t q_bs, float* c, int64_t ldc, bool accumulate);
 
+// The bf16 forms (cpu::Isa::kAvx512Bf16: vdpbf16ps, two bf16 products per fp32 lane and instruction, twice the
+// fp32 FMA rate). Operands are bf16 pairs along the reduction as 32-bit words: a pair of a row-major bf16 matrix
+// is two neighbours in its row; "paired rows" [k / 2][n] hold rows 2p and 2p + 1 of a [k, n] matrix interleaved,
+// element (2p + h, j) at word p * n + j, half h (pack_rows, round_rows make them).
+// C[i, 0:n] (+)= sum_{p < k2} a_p(i) . b_p(0:n), a_p(i) the pair at a[i * a_rs + p * a_cs], b_p(j) at b[p * ldb + j].
+void mm_bcast_bf16(int64_t m, int64_t n, int64_t k2, const uint32_t* a, int64_t a_rs, int64_t a_cs, const uint32_t* b,
+                   int64_t ldb, float* c, int64_t ldc, bool accumulate);
+// mm_dot with pairs: P_r[i, q], Q_r[j, q] pairs at p[r * p_bs + i * ldp + q], q < k2 (all in words).
+void mm_dot_bf16(int64_t m, int64_t n, int64_t batch, int64_t k2, const uint32_t* p, int64_t ldp, int64_t p_bs,
+                 const uint32_t* q, int64_t ldq, int64_t q_bs, float* c, int64_t ldc, bool accumulate);
+// dst[e] = bf16(scale * src[e]), e < n, rounded to nearest even.
+void round_bf16(const float* src, int64_t n, float scale, c10::BFloat16* dst);
+// Paired rows of bf16(scale * src) for src [rows, n] (row stride lds, rows even): dst [rows / 2, n] words.
+void round_rows(const float* src, int64_t rows, int64_t n, int64_t lds, float scale, uint32_t* dst);
+// Paired rows of a bf16 matrix src [rows, n] (row stride lds, rows even), times keep[i * n + j] (0 or 1) if given.
+void pack_rows(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t lds, const float* keep, uint32_t* dst);
+
 // out[e] = draws[e] >= threshold ? scale : 0, e < n: a dropout keep mask from Philox draws (dropout.h).
 void keep_mask(const uint32_t* draws, int64_t n, uint32_t threshold, float scale, float* out);
 

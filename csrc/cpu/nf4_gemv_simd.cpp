@@ -178,8 +178,8 @@ PK_AVX512 void decode_blocks(const DecodeParams& p, int64_t b0, int64_t b1) {
     const int64_t block = p.first_block + b;
     const __m512 levels = _mm512_mul_ps(table, _mm512_set1_ps(block_scale(p.w, block)));
     __m512i levels16 = _mm512_setzero_si512();
-    if constexpr (std::is_same_v<T, c10::BFloat16>) levels16 = _mm512_castsi256_si512(cpu::simd::round_bf16(levels));
-    if constexpr (std::is_same_v<T, c10::Half>) levels16 = _mm512_castsi256_si512(cpu::simd::round_fp16(levels));
+    if constexpr (std::is_same_v<T, c10::BFloat16>) levels16 = _mm512_castsi256_si512(cpu::simd::to_bf16_bits(levels));
+    if constexpr (std::is_same_v<T, c10::Half>) levels16 = _mm512_castsi256_si512(cpu::simd::to_fp16_bits(levels));
     const uint8_t* codes = p.w.codes + block * bs / 2;
     T* o = out + b * bs;
     for (int64_t i = 0; i < bs / 2; i += 16) {
@@ -200,7 +200,7 @@ PK_AVX512 void decode_blocks(const DecodeParams& p, int64_t b0, int64_t b1) {
 }
 
 bool decode_simd(const DecodeParams& p) {
-  if (p.dtype == DType::kFloat64 || p.w.blocksize % 32 != 0 || pick_isa() != Isa::kAvx512) return false;
+  if (p.dtype == DType::kFloat64 || p.w.blocksize % 32 != 0 || pick_isa() < Isa::kAvx512) return false;
   // ~16K elements per task, as the scalar loop.
   const int64_t grain = std::max<int64_t>(1, 16384 / p.w.blocksize);
   typed(p.dtype, [&]<class T>() {
@@ -220,7 +220,7 @@ bool gemv_simd(const GemvParams& p) {
   at::parallel_for(0, p.out, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t i0 = 0; i0 < p.m; i0 += kRowsPerPass) {
       const int rows = static_cast<int>(std::min<int64_t>(kRowsPerPass, p.m - i0));
-      const RowsFn fn = isa == Isa::kAvx512 ? kAvx512Rows[rows - 1] : kAvx2Rows[rows - 1];
+      const RowsFn fn = isa >= Isa::kAvx512 ? kAvx512Rows[rows - 1] : kAvx2Rows[rows - 1];
       fn(p, xp.data() + i0 * p.in, n0, n1, yf.data() + i0 * p.out);
     }
   });
