@@ -58,6 +58,13 @@ template <class Acc> Acc* scratch(int slot, int64_t n) {
   return b.data();
 }
 
+// The partials of a wave as one buffer of n values, owned by the calling thread and written by the workers of
+// each wave: its scratch slot kScratchSlots - 1, which no worker body uses. Kept like the block buffers (at most
+// kWaveBytes, or kMinWave partials when these are larger); contents undefined on entry, every partial of a wave
+// is written whole before it is read. Allocated per call (2 MiB for LoRA's dA at in = 1024, r = 16) they were
+// handed back to the OS by glibc and faulted in again on the next call.
+template <class Acc> Acc* wave_partials(int64_t n) { return scratch<Acc>(kScratchSlots - 1, n); }
+
 // A kernel's buffer (Acc = float or double) as a tensor, no copy.
 template <class Acc> at::Tensor view(const Acc* data, at::IntArrayRef sizes) {
   return at::from_blob(const_cast<Acc*>(data), sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value));

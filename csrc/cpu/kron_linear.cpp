@@ -26,7 +26,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -147,9 +146,7 @@ struct Simd {
     const int64_t wave = cpu::wave_blocks((d.a_out * d.a_in + d.b_out * d.b_in) * static_cast<int64_t>(sizeof(float)));
     const int64_t slots = std::min(blocks.count, wave);
     const int64_t da_size = d.a_out * d.a_in, db_size = d.b_out * d.b_in;
-    // Partials uninitialized: each is written whole by its block.
-    const auto parts = std::make_unique_for_overwrite<float[]>(slots * ((p.da ? da_size : 0) + (p.db ? db_size : 0)));
-    float* da_part = parts.get();
+    float* da_part = cpu::wave_partials<float>(slots * ((p.da ? da_size : 0) + (p.db ? db_size : 0)));
     float* db_part = da_part + (p.da ? slots * da_size : 0);
     std::vector<float> da_sum(p.da ? d.a_out * d.a_in : 0), db_sum(p.db ? d.b_out * d.b_in : 0);
     const auto body = [&](int64_t c0, int64_t c1, int64_t w0) {
@@ -309,9 +306,7 @@ struct SimdBf16 {
     const int64_t da_size = d.a_out * d.a_in, db_size = d.b_out * d.b_in;
     const int64_t wave = cpu::wave_blocks((da_size + db_size) * static_cast<int64_t>(sizeof(float)));
     const int64_t slots = std::min(blocks.count, wave);
-    // Partials uninitialized: each is written whole by its block.
-    const auto parts = std::make_unique_for_overwrite<float[]>(slots * ((p.da ? da_size : 0) + (p.db ? db_size : 0)));
-    float* da_part = parts.get();
+    float* da_part = cpu::wave_partials<float>(slots * ((p.da ? da_size : 0) + (p.db ? db_size : 0)));
     float* db_part = da_part + (p.da ? slots * da_size : 0);
     std::vector<float> da_sum(p.da ? da_size : 0), db_sum(p.db ? db_size : 0);
     const auto body = [&](int64_t c0, int64_t c1, int64_t w0) {

@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -82,10 +81,7 @@ template <class T> void backward_simd(const BackwardParams& p) {
   const std::vector<float> dxa = widened(p.dxa, p.m * p.r, p.dtype);
   const int64_t rows = block_rows(p.in, p.m), blocks = (p.m + rows - 1) / rows;
   const int64_t wave = cpu::wave_blocks(p.r * p.in * static_cast<int64_t>(sizeof(float)));
-  // Partials uninitialized (each is written whole by its block): a zero-filled vector cost a 2 MiB memset per call at
-  // in = 1024, r = 16.
-  const auto parts = std::make_unique_for_overwrite<float[]>(p.da ? std::min(blocks, wave) * p.r * p.in : 0);
-  float* da_part = parts.get();
+  float* da_part = cpu::wave_partials<float>(p.da ? std::min(blocks, wave) * p.r * p.in : 0);
   std::vector<float> da_sum(p.da ? p.r * p.in : 0);
   cpu::in_waves(
       blocks, wave,

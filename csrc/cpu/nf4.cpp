@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstddef>
 #include <vector>
 
 #include "backends.h"
@@ -51,6 +52,13 @@ void Cpu::quantize8(const Quantize8Params& p) {
       p.absmax[b] = m;
     }
   });
+}
+
+at::Tensor Cpu::workspace(int64_t numel, const at::TensorOptions& opts) {
+  thread_local std::vector<std::byte> buffer;
+  const size_t bytes = static_cast<size_t>(numel) * opts.dtype().itemsize();
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  return at::from_blob(buffer.data(), {numel}, opts);
 }
 
 void Cpu::decode(const DecodeParams& p) {

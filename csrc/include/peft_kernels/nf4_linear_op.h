@@ -5,7 +5,9 @@
 //   static void gemv(const nf4::GemvParams&);       // m <= kGemvMaxRows: one streaming pass over the packed weight
 // Larger m (training, prefill) decodes W in row tiles into one workspace of at most workspace_bytes() and
 // multiplies each tile through the platform BLAS: no full-precision copy of the weight is kept, and the peak
-// extra memory is min(W in x's dtype, workspace_bytes()) plus two NF4 blocks.
+// extra memory is min(W in x's dtype, workspace_bytes()) plus two NF4 blocks. A Backend may provide
+//   static at::Tensor workspace(int64_t numel, const at::TensorOptions&);   // the workspace, reused across calls
+// (the CPU's: one per calling thread, kept); otherwise each call allocates it (CUDA: the caching allocator).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -46,7 +48,12 @@ void for_each_tile(const Weight& w, DType dtype, const at::TensorOptions& opts, 
   const int64_t bs = w.w.blocksize;
   const int64_t row_bytes = w.in * static_cast<int64_t>(opts.dtype().itemsize());
   const int64_t rows = std::min(w.out, std::max<int64_t>(1, workspace_bytes() / row_bytes));
-  const at::Tensor ws = at::empty({rows * w.in + 2 * bs}, opts);
+  at::Tensor ws;
+  if constexpr (requires { Backend::workspace(int64_t{}, opts); }) {
+    ws = Backend::workspace(rows * w.in + 2 * bs, opts);
+  } else {
+    ws = at::empty({rows * w.in + 2 * bs}, opts);
+  }
   for (int64_t n0 = 0; n0 < w.out; n0 += rows) {
     const int64_t n1 = std::min(w.out, n0 + rows);
     const int64_t b0 = n0 * w.in / bs, b1 = (n1 * w.in + bs - 1) / bs;
