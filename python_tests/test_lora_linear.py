@@ -6,6 +6,8 @@ Tolerance rule: our error against the float64 reference is at most twice the err
 run in the same low dtype, plus a small atol.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,26 +89,30 @@ def test_dropout_backward_in_waves_matches_reference_whatever_the_threads():
 
 
 HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+HAS_AVX512_BF16 = HAS_AVX512 and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("isa", ["avx512", "avx2"], ids=["tiles", "blas"])
+@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2"], ids=["bf16-pairs", "tiles", "blas"])
 def test_cpu_dropout_paths(isa, dtype, monkeypatch):
-    """Both CPU paths of the dropout kernels: the AVX-512 register tiles (fp32/bf16/fp16 on an AVX-512 CPU) and the
-    BLAS path (other CPUs, fp64, PEFT_KERNELS_CPU_ISA below avx512). in = 67 and r = 19 give every tile a tail, 55
-    rows a partial last block; then the mask, bit for bit, on a row length (37) that starts rows mid-group."""
-    if isa == "avx512" and not HAS_AVX512:
-        pytest.skip("this CPU has no AVX-512")
+    """Every CPU path of the dropout kernels: the AVX-512 register tiles (fp32/bf16/fp16 on an AVX-512 CPU), their
+    bf16 pair-product form (bf16 with even in and r, on an AVX512-BF16 CPU) and the BLAS path (other CPUs, fp64,
+    PEFT_KERNELS_CPU_ISA below avx512). in = 67, r = 19 and in = 66, r = 18 give every tile a tail, 55 rows an odd
+    block (a row paired with zeros); then the mask, bit for bit, on row lengths (37, 38) that start rows mid-group."""
+    if isa == "avx512" and not HAS_AVX512 or isa == "avx512_bf16" and not HAS_AVX512_BF16:
+        pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", isa)
-    args = make((5, 11), 67, 45, 19, dtype, seed=19)
-    dy = torch.randn(5, 11, 45, generator=torch.Generator().manual_seed(3)).to(dtype)
-    assert_matches_reference(grads_of(run_ours(torch.ops.peft_kernels, 0.7, 0.25, seed=6), args, dy), args, dy, 0.7,
-                             0.25, 6, dtype)
-    x = torch.ones(5, 11, 37, dtype=dtype)
-    _, xa = torch.ops.peft_kernels.lora_linear_fwd(x, torch.zeros(3, 37, dtype=dtype), None,
-                                                   torch.eye(37, dtype=dtype), torch.zeros(3, 37, dtype=dtype), 1.0,
-                                                   0.3, torch.tensor(9))
-    assert torch.equal(xa != 0, R.dropout_keep(x.shape, 0.3, 9))
+    for n_in, r in [(67, 19), (66, 18)]:
+        args = make((5, 11), n_in, 45, r, dtype, seed=r)
+        dy = torch.randn(5, 11, 45, generator=torch.Generator().manual_seed(3)).to(dtype)
+        assert_matches_reference(grads_of(run_ours(torch.ops.peft_kernels, 0.7, 0.25, seed=6), args, dy), args, dy,
+                                 0.7, 0.25, 6, dtype)
+    for n in (37, 38):  # 38: the bf16 pair path's mask
+        x = torch.ones(5, 11, n, dtype=dtype)
+        _, xa = torch.ops.peft_kernels.lora_linear_fwd(x, torch.zeros(3, n, dtype=dtype), None,
+                                                       torch.eye(n, dtype=dtype), torch.zeros(3, n, dtype=dtype), 1.0,
+                                                       0.3, torch.tensor(9))
+        assert torch.equal(xa != 0, R.dropout_keep(x.shape, 0.3, 9)), n
 
 
 def test_philox_known_answer():

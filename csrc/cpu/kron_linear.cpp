@@ -251,11 +251,10 @@ struct SimdBf16 {
     return out;
   }
 
-  // x row r (masked by keep when dropped) as bf16: in place, or masked into buf (through fp32, exact).
-  static const bf16* row_x(const bf16* x, int64_t n, const float* keep, float* wide, bf16* buf) {
+  // x row r (masked by keep when dropped) as bf16: in place, or masked into buf.
+  static const bf16* row_x(const bf16* x, int64_t n, const float* keep, bf16* buf) {
     if (keep == nullptr) return x;
-    cpu::simd::widen(x, n, keep, wide);
-    cpu::simd::round_bf16(wide, n, 1.0f, buf);
+    cpu::simd::mask_bf16(x, n, keep, buf);
     return buf;
   }
 
@@ -269,14 +268,13 @@ struct SimdBf16 {
     const std::vector<uint32_t> btp = paired(p.b, d.b_out, d.b_in, true);  // B^T [b_in / 2][b_out]
     at::parallel_for(0, p.m, cpu::block_rows(d.in(), p.m), [&](int64_t r0, int64_t r1) {
       float* keep = cpu::scratch<float>(0, dropped ? d.in() : 0);
-      float* wide = cpu::scratch<float>(1, dropped ? d.in() : 0);
       float* t = cpu::scratch<float>(2, d.a_in * d.b_out);
       float* ybuf = cpu::scratch<float>(3, d.out());
       bf16* xbuf = cpu::scratch<bf16>(0, dropped ? d.in() : 0);
       uint32_t* tp = cpu::scratch<uint32_t>(0, d.a_in / 2 * d.b_out);
       for (int64_t r = r0; r < r1; ++r) {
         if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep, true);
-        const uint32_t* xr = words(row_x(x + r * d.in(), d.in(), dropped ? keep : nullptr, wide, xbuf));
+        const uint32_t* xr = words(row_x(x + r * d.in(), d.in(), dropped ? keep : nullptr, xbuf));
         cpu::simd::mm_bcast_bf16(d.a_in, d.b_out, d.b_in / 2, xr, d.b_in / 2, 1, btp.data(), d.b_out, t, d.b_out,
                                  false);
         cpu::simd::round_rows(t, d.a_in, d.b_out, d.b_out, s, tp);
@@ -312,7 +310,6 @@ struct SimdBf16 {
     const auto body = [&](int64_t c0, int64_t c1, int64_t w0) {
       const int64_t most = blocks.rows;
       float* keep = cpu::scratch<float>(0, dropped ? d.in() : 0);
-      float* wide = cpu::scratch<float>(1, x && dropped ? d.in() : 0);
       float* h = cpu::scratch<float>(2, need_h ? d.a_in * d.b_out : 0);
       float* dxbuf = cpu::scratch<float>(3, dx ? d.in() : 0);
       float* t = cpu::scratch<float>(4, p.da ? d.a_in * d.b_out : 0);
@@ -340,7 +337,7 @@ struct SimdBf16 {
             cpu::simd::narrow(dxbuf, d.in(), dropped ? keep : nullptr, p.accumulate_dx, dx + r * d.in());
           }
           if (x == nullptr) continue;
-          const bf16* xr = row_x(x + r * d.in(), d.in(), dropped ? keep : nullptr, wide, xbuf);
+          const bf16* xr = row_x(x + r * d.in(), d.in(), dropped ? keep : nullptr, xbuf);
           if (p.db != nullptr) {
             cpu::simd::round_rows(h, d.a_in, d.b_out, d.b_out, s, hp);
             cpu::simd::pack_rows(xr, d.a_in, d.b_in, d.b_in, nullptr, xp);

@@ -111,9 +111,87 @@ template <class T> void backward_simd(const BackwardParams& p) {
   if (p.da != nullptr) cpu::simd::narrow(da_sum.data(), p.r * p.in, nullptr, false, static_cast<T*>(p.da));
 }
 
+// bf16 with even r and in on an AVX512-BF16 CPU: the same products as bf16 pair products (vdpbf16ps, microgemm.h).
+// x, A and dxa are bf16 already, so this rounds nothing the fp32 tiles do not: exact products, fp32 sums. The mask
+// zeroes dropped elements of x (copied in bf16, or packed as paired rows for dA) and its scale is applied to the
+// fp32 results instead.
+bool use_bf16(const DType dtype, int64_t in, int r) {
+  return dtype == DType::kBFloat16 && in % 2 == 0 && r % 2 == 0 && cpu::pick_isa() >= cpu::Isa::kAvx512Bf16;
+}
+
+using bf16 = c10::BFloat16;
+const uint32_t* words(const void* m) { return static_cast<const uint32_t*>(m); }
+
+void down_bf16(const DownParams& p) {
+  const bf16* x = static_cast<const bf16*>(p.x);
+  bf16* xa = static_cast<bf16*>(p.xa);
+  const float scale = static_cast<float>(p.drop.scale);
+  const int64_t rows = block_rows(p.in, p.m), blocks = (p.m + rows - 1) / rows;
+  at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
+    float* keep = cpu::scratch<float>(0, rows * p.in);
+    float* out = cpu::scratch<float>(1, rows * p.r);
+    bf16* xm = cpu::scratch<bf16>(0, rows * p.in);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i0 = c * rows, n = std::min(rows, p.m - i0);
+      mask_row(p.drop, i0 * p.in, n * p.in, keep, true);
+      cpu::simd::mask_bf16(x + i0 * p.in, n * p.in, keep, xm);
+      cpu::simd::mm_dot_bf16(n, p.r, 1, p.in / 2, words(xm), p.in / 2, 0, words(p.a), p.in / 2, 0, out, p.r, false);
+      for (int64_t e = 0; e < n * p.r; ++e) out[e] *= scale;
+      cpu::simd::narrow(out, n * p.r, nullptr, false, xa + i0 * p.r);
+    }
+  });
+}
+
+void backward_bf16(const BackwardParams& p) {
+  const bf16* x = static_cast<const bf16*>(p.x);
+  const bf16* dxa = static_cast<const bf16*>(p.dxa);
+  bf16* dx = static_cast<bf16*>(p.dx);
+  const float scale = static_cast<float>(p.drop.scale);
+  std::vector<uint32_t> ap(p.r / 2 * p.in);  // A as paired rows [r / 2][in]
+  cpu::simd::pack_rows(static_cast<const bf16*>(p.a), p.r, p.in, p.in, nullptr, ap.data());
+  const int64_t rows = block_rows(p.in, p.m), blocks = (p.m + rows - 1) / rows;
+  const int64_t wave = cpu::wave_blocks(p.r * p.in * static_cast<int64_t>(sizeof(float)));
+  float* da_part = cpu::wave_partials<float>(p.da ? std::min(blocks, wave) * p.r * p.in : 0);
+  std::vector<float> da_sum(p.da ? p.r * p.in : 0);
+  cpu::in_waves(
+      blocks, wave,
+      [&](int64_t c0, int64_t c1, int64_t w0) {
+        float* keep = cpu::scratch<float>(0, rows * p.in);
+        float* buf = cpu::scratch<float>(1, p.dx ? rows * p.in : 0);
+        uint32_t* xp = cpu::scratch<uint32_t>(0, p.da ? (rows + 1) / 2 * p.in : 0);
+        uint32_t* gp = cpu::scratch<uint32_t>(1, p.da ? (rows + 1) / 2 * p.r : 0);
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t i0 = c * rows, n = std::min(rows, p.m - i0);
+          const bf16* g = dxa + i0 * p.r;
+          mask_row(p.drop, i0 * p.in, n * p.in, keep, true);  // 0 or s
+          if (dx != nullptr) {
+            cpu::simd::mm_bcast_bf16(n, p.in, p.r / 2, words(g), p.r / 2, 1, ap.data(), p.in, buf, p.in, false);
+            cpu::simd::narrow(buf, n * p.in, keep, true, dx + i0 * p.in);
+          }
+          if (p.da != nullptr) {
+            cpu::simd::pack_rows(x + i0 * p.in, n, p.in, p.in, keep, xp);
+            cpu::simd::pack_rows(g, n, p.r, p.r, nullptr, gp);
+            cpu::simd::mm_bcast_bf16(p.r, p.in, (n + 1) / 2, gp, 1, p.r, xp, p.in, da_part + (c - w0) * p.r * p.in,
+                                     p.in, false);
+          }
+        }
+      },
+      [&](int64_t n) {
+        const int64_t size = p.r * p.in;
+        for (int64_t k = 0; k < n; ++k) {
+          for (int64_t e = 0; e < size; ++e) da_sum[e] += da_part[k * size + e];
+        }
+      });
+  if (p.da != nullptr) {
+    for (float& v : da_sum) v *= scale;
+    cpu::simd::narrow(da_sum.data(), p.r * p.in, nullptr, false, static_cast<bf16*>(p.da));
+  }
+}
+
 }  // namespace
 
 void Cpu::down(const DownParams& p) {
+  if (use_bf16(p.dtype, p.in, p.r)) return down_bf16(p);
   if (use_simd(p.dtype)) {
     dispatch(p.dtype, [&]<class T>() {
       if constexpr (!std::is_same_v<T, double>) down_simd<T>(p);
@@ -147,6 +225,7 @@ void Cpu::down(const DownParams& p) {
 
 // dA: per-block partials summed in waves (blocks.h), the same whatever the thread count.
 void Cpu::backward(const BackwardParams& p) {
+  if (use_bf16(p.dtype, p.in, p.r)) return backward_bf16(p);
   if (use_simd(p.dtype)) {
     dispatch(p.dtype, [&]<class T>() {
       if constexpr (!std::is_same_v<T, double>) backward_simd<T>(p);

@@ -333,21 +333,33 @@ PK_AVX512 void round_rows(const float* src, int64_t rows, int64_t n, int64_t lds
   }
 }
 
+// Lanes of keep[0:16] (masked by `mask`) that are not 0.
+PK_AVX512 inline __mmask16 kept(const float* keep, __mmask16 mask) {
+  return keep == nullptr ? mask : mask & _mm512_cmpneq_ps_mask(_mm512_maskz_loadu_ps(mask, keep), _mm512_setzero_ps());
+}
+
 PK_AVX512 void pack_rows(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t lds, const float* keep,
                          uint32_t* dst) {
   for (int64_t i = 0; i < rows; i += 2) {
+    const bool pair = i + 1 < rows;  // an odd last row pairs with zeros
     const c10::BFloat16* r0 = src + i * lds;
-    const c10::BFloat16* r1 = r0 + lds;
+    const c10::BFloat16* r1 = pair ? r0 + lds : r0;
     uint32_t* d = dst + (i / 2) * n;
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 mask = tail_mask(n - j);
-      __mmask16 m0 = mask, m1 = mask;
-      if (keep != nullptr) {  // a dropped element loads as 0 (keep is 0 or 1)
-        m0 &= _mm512_cmpneq_ps_mask(_mm512_maskz_loadu_ps(mask, keep + i * n + j), _mm512_setzero_ps());
-        m1 &= _mm512_cmpneq_ps_mask(_mm512_maskz_loadu_ps(mask, keep + (i + 1) * n + j), _mm512_setzero_ps());
-      }
-      _mm512_mask_storeu_epi32(d + j, mask, pair_words(_mm256_maskz_loadu_epi16(m0, r0 + j), _mm256_maskz_loadu_epi16(m1, r1 + j)));
+      // A dropped element loads as 0.
+      const __mmask16 m0 = kept(keep ? keep + i * n + j : nullptr, mask);
+      const __mmask16 m1 = pair ? kept(keep ? keep + (i + 1) * n + j : nullptr, mask) : __mmask16(0);
+      _mm512_mask_storeu_epi32(d + j, mask,
+                               pair_words(_mm256_maskz_loadu_epi16(m0, r0 + j), _mm256_maskz_loadu_epi16(m1, r1 + j)));
     }
+  }
+}
+
+PK_AVX512 void mask_bf16(const c10::BFloat16* src, int64_t n, const float* keep, c10::BFloat16* dst) {
+  for (int64_t e = 0; e < n; e += 16) {
+    const __mmask16 mask = tail_mask(n - e);
+    _mm256_mask_storeu_epi16(dst + e, mask, _mm256_maskz_loadu_epi16(kept(keep + e, mask), src + e));
   }
 }
 

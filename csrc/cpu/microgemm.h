@@ -38,8 +38,11 @@ void mm_dot_bf16(int64_t m, int64_t n, int64_t batch, int64_t k2, const uint32_t
 void round_bf16(const float* src, int64_t n, float scale, c10::BFloat16* dst);
 // Paired rows of bf16(scale * src) for src [rows, n] (row stride lds, rows even): dst [rows / 2, n] words.
 void round_rows(const float* src, int64_t rows, int64_t n, int64_t lds, float scale, uint32_t* dst);
-// Paired rows of a bf16 matrix src [rows, n] (row stride lds, rows even), times keep[i * n + j] (0 or 1) if given.
+// Paired rows of a bf16 matrix src [rows, n] (row stride lds; an odd last row pairs with zeros), its element
+// (i, j) zero where keep[i * n + j] == 0 (when keep is given; other values of keep do not scale it).
 void pack_rows(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t lds, const float* keep, uint32_t* dst);
+// dst[e] = keep[e] != 0 ? src[e] : 0, e < n (bf16, exact).
+void mask_bf16(const c10::BFloat16* src, int64_t n, const float* keep, c10::BFloat16* dst);
 
 // out[e] = draws[e] >= threshold ? scale : 0, e < n: a dropout keep mask from Philox draws (dropout.h).
 void keep_mask(const uint32_t* draws, int64_t n, uint32_t threshold, float scale, float* out);
