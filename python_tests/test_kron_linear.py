@@ -78,8 +78,10 @@ def assert_matches_reference(ours, args, dy, scaling, p, seed, dtype):
         assert err <= 2 * ref_err + ATOL[dtype], f"{name}: error {err:.3g} vs reference-in-{dtype} {ref_err:.3g}"
 
 
-def check_against_reference(ops, device, shape, dtype, p, weight, lead=(3, 13)):
+def check_against_reference(ops, device, shape, dtype, p, weight, lead=(3, 13), frozen=()):
     args = make(lead, shape, dtype, device, weight=weight, seed=sum(shape))
+    for name in frozen:
+        args[name].requires_grad_(False)
     n_out = shape[0] * shape[2]
     dy = torch.randn(*lead, n_out, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
     assert_matches_reference(grads_of(run_ours(ops, 0.7, p, seed=99), args, dy), args, dy, 0.7, p, 99, dtype)
@@ -124,6 +126,8 @@ def test_cpu_paths(isa, dtype, p, monkeypatch):
     for shape in (TAILS, EVEN_TAILS):
         for weight in (True, False):
             check_against_reference(torch.ops.peft_kernels, "cpu", shape, dtype, p, weight, lead=(2, 7))
+        for frozen in (("A",), ("B",), ("A", "B")):  # the kernels skip the frozen factor's gradient
+            check_against_reference(torch.ops.peft_kernels, "cpu", shape, dtype, p, True, lead=(2, 7), frozen=frozen)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -6,6 +6,7 @@ Tolerance rule: our error against the float64 reference is at most twice the err
 run in the same low dtype, plus a small atol.
 """
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -102,8 +103,10 @@ def test_cpu_dropout_paths(isa, dtype, monkeypatch):
     if isa == "avx512" and not HAS_AVX512 or isa == "avx512_bf16" and not HAS_AVX512_BF16:
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", isa)
-    for n_in, r in [(67, 19), (66, 18)]:
+    for (n_in, r), frozen in itertools.product([(67, 19), (66, 18)], [(), ("lora_A",), ("lora_A", "lora_B")]):
         args = make((5, 11), n_in, 45, r, dtype, seed=r)
+        for name in frozen:  # LoRA-FA, and dx alone: the kernels skip dA (and the whole adapter gradient)
+            args[name].requires_grad_(False)
         dy = torch.randn(5, 11, 45, generator=torch.Generator().manual_seed(3)).to(dtype)
         assert_matches_reference(grads_of(run_ours(torch.ops.peft_kernels, 0.7, 0.25, seed=6), args, dy), args, dy,
                                  0.7, 0.25, 6, dtype)

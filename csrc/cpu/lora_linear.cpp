@@ -103,6 +103,7 @@ template <class T> void backward_simd(const BackwardParams& p) {
         }
       },
       [&](int64_t n) {
+        if (p.da == nullptr) return;
         const int64_t size = p.r * p.in;
         for (int64_t k = 0; k < n; ++k) {
           for (int64_t e = 0; e < size; ++e) da_sum[e] += da_part[k * size + e];
@@ -177,6 +178,7 @@ void backward_bf16(const BackwardParams& p) {
         }
       },
       [&](int64_t n) {
+        if (p.da == nullptr) return;
         const int64_t size = p.r * p.in;
         for (int64_t k = 0; k < n; ++k) {
           for (int64_t e = 0; e < size; ++e) da_sum[e] += da_part[k * size + e];
