@@ -130,6 +130,18 @@ def test_cpu_paths(isa, dtype, p, monkeypatch):
             check_against_reference(torch.ops.peft_kernels, "cpu", shape, dtype, p, True, lead=(2, 7), frozen=frozen)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tile_paths_are_the_same_whatever_the_threads(dtype):
+    """The AVX-512 paths sum dA and dB per block of rows, then block by block: 600 rows of in = 256 are three
+    blocks (the last partial), run on 1 and 2 threads with bit-identical results."""
+    args = make((600,), (8, 8, 32, 32), dtype, seed=2)
+    dy = torch.randn(600, 256, generator=torch.Generator().manual_seed(4)).to(dtype)
+    one, two = on_thread_counts(lambda: grads_of(run_ours(torch.ops.peft_kernels, 0.7, 0.2, seed=8), args, dy))
+    for name, a, b in zip(GRAD_NAMES, one, two):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+    assert_matches_reference(one, args, dy, 0.7, 0.2, 8, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("isa", ["avx512", "avx2"], ids=["tiles", "blas"])
 def test_cpu_output_is_rounded_once_to_nearest_even(isa, dtype, monkeypatch):

@@ -77,16 +77,17 @@ def test_values_and_grads(backend, dtype, r, p):
     assert_matches_reference(grads_of(run_ours(backend.ops, 0.7, p, seed=99), args, dy), args, dy, 0.7, p, 99, dtype)
 
 
-def test_dropout_backward_in_waves_matches_reference_whatever_the_threads():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dropout_backward_in_waves_matches_reference_whatever_the_threads(dtype):
     """The CPU dropout backward sums dA in waves of row blocks (16 blocks of 16 rows at in=4096, r=64): 600 rows
     take three waves, the last one partial. dA must match the float64 reference and be bit-identical on 1 and 2
-    threads (per-thread partial sums would not be)."""
-    args = make((600,), 4096, 33, 64, torch.float32, seed=5)
-    dy = torch.randn(600, 33, generator=torch.Generator().manual_seed(2))
+    threads (per-thread partial sums would not be). bf16 runs the pair products where the CPU has them."""
+    args = make((600,), 4096, 33, 64, dtype, seed=5)
+    dy = torch.randn(600, 33, generator=torch.Generator().manual_seed(2)).to(dtype)
     one, two = on_thread_counts(lambda: grads_of(run_ours(torch.ops.peft_kernels, 0.5, 0.3, seed=4), args, dy))
     for name, a, b in zip(GRAD_NAMES, one, two):
         assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
-    assert_matches_reference(one, args, dy, 0.5, 0.3, 4, torch.float32)
+    assert_matches_reference(one, args, dy, 0.5, 0.3, 4, dtype)
 
 
 HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
