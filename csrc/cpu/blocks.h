@@ -48,7 +48,8 @@ template <class Body, class Reduce> void in_waves(int64_t blocks, int64_t wave, 
 // buffer on every call: up to 1.75 MiB per thread for a KronA backward, zero-filled, freed, and often handed back to
 // the kernel by glibc and faulted in again on the next call. bench_kron_linear.py, bf16, ours / base: 1.56 -> 1.40
 // (runs minutes apart, same load). What stays: at most kScratchSlots x kBlockValues values per thread and Acc type
-// (2 MiB in fp32) while in <= kBlockValues, only in the slots a kernel used.
+// (2 MiB in fp32) while in <= kBlockValues, only in the slots a kernel used, and on a calling thread its wave
+// partials (wave_partials, below: up to kWaveBytes).
 constexpr int kScratchSlots = 8;
 
 template <class Acc> Acc* scratch(int slot, int64_t n) {

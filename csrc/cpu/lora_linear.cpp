@@ -4,12 +4,13 @@
 //   down:      xa[block] = (mask * x[block]) A^T                       [R, r]
 //   backward:  dx[block] += mask * s * (dxa[block] A)                  (into a block buffer, then a masked add)
 //              dA = sum over blocks, in fixed waves (blocks.h), of s * dxa[block]^T (mask * x[block])
-// on an AVX-512 CPU (fp32/bf16/fp16) by microgemm.h's register tiles and vector mask/widen/narrow loops, elsewhere
-// (fp64, other CPUs, PEFT_KERNELS_CPU_ISA below avx512) by ATen's BLAS and scalar loops. Backward draws a block's
+// on an AVX-512 CPU (fp32/bf16/fp16) by microgemm.h's register tiles and vector mask/widen/narrow loops (bf16 with
+// even in and r on an AVX512-BF16 CPU: its bf16 pair products, down_bf16 / backward_bf16), elsewhere (fp64, other
+// CPUs, PEFT_KERNELS_CPU_ISA below avx512) by ATen's BLAS and scalar loops. Backward draws a block's
 // mask once for both gradients: one pass of draws over a 2048 x 1024 activation takes 1.17 ms on one core here.
-// Side by side (`python -P bench/bench_qlora.py`, provider ours-blas = the second path, 1024 -> 1024, M = 2048,
-// r = 16, dropout 0.1, the QLoRA layer whose LoRA part this is), ours / frozen Linear: bf16 1.28 (1.40), fp32
-// 1.13 (1.25).
+// Side by side (`python -P bench/bench_qlora.py`, provider ours-blas = the BLAS path, 1024 -> 1024, M = 2048,
+// r = 16, dropout 0.1, the QLoRA layer whose LoRA part this is), ours / frozen Linear over two runs: bf16 1.24-1.25
+// (1.35-1.38), fp32 1.18-1.19 (1.21-1.24).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
