@@ -242,12 +242,22 @@ struct SimdBf16 {
   // A bf16 matrix's pairs as words (two neighbours of a row in one 32-bit word).
   static const uint32_t* words(const bf16* m) { return reinterpret_cast<const uint32_t*>(m); }
 
-  // Paired rows of a factor [rows, cols] (transposed first when `transpose`): exact, the factor is bf16.
+  // A bf16 factor [rows, cols], transposed ([cols, rows]) when `transpose`: bf16 values moved, none converted.
+  static std::vector<bf16> copied(const void* src, int64_t rows, int64_t cols, bool transpose) {
+    const bf16* f = static_cast<const bf16*>(src);
+    std::vector<bf16> out(rows * cols);
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = 0; j < cols; ++j) out[transpose ? j * rows + i : i * cols + j] = f[i * cols + j];
+    }
+    return out;
+  }
+
+  // Paired rows of a factor [rows, cols] (transposed first when `transpose`).
   static std::vector<uint32_t> paired(const void* f, int64_t rows, int64_t cols, bool transpose) {
-    const std::vector<float> m = factor<bf16>(f, rows, cols, 1.0f, transpose);
+    const std::vector<bf16> m = copied(f, rows, cols, transpose);
     const int64_t r = transpose ? cols : rows, c = transpose ? rows : cols;
     std::vector<uint32_t> out(r / 2 * c);
-    cpu::simd::round_rows(m.data(), r, c, c, 1.0f, out.data());
+    cpu::simd::pack_rows(m.data(), r, c, c, nullptr, out.data());
     return out;
   }
 
@@ -292,11 +302,7 @@ struct SimdBf16 {
     const bool dropped = p.drop.threshold != 0;
     const float s = static_cast<float>(p.drop.scale);
     // A^T [a_in, a_out] row-major bf16 (its pairs run along a_out), B as paired rows [b_out / 2][b_in], B^T paired.
-    std::vector<bf16> at(d.a_in * d.a_out);
-    {
-      const std::vector<float> a32 = factor<bf16>(p.a, d.a_out, d.a_in, 1.0f, true);
-      cpu::simd::round_bf16(a32.data(), d.a_in * d.a_out, 1.0f, at.data());
-    }
+    const std::vector<bf16> at = copied(p.a, d.a_out, d.a_in, true);
     const std::vector<uint32_t> bp = paired(p.b, d.b_out, d.b_in, false);
     const std::vector<uint32_t> btp = p.da ? paired(p.b, d.b_out, d.b_in, true) : std::vector<uint32_t>();
     const bool need_h = dx != nullptr || p.db != nullptr;

@@ -305,11 +305,17 @@ PK_AVX512_BF16 void mm_dot_bf16(int64_t m, int64_t n, int64_t batch, int64_t k2,
   }
 }
 
-PK_AVX512 void round_bf16(const float* src, int64_t n, float scale, c10::BFloat16* dst) {
+PK_AVX512_BF16 void round_bf16(const float* src, int64_t n, float scale, c10::BFloat16* dst) {
   const __m512 s = _mm512_set1_ps(scale);
-  for (int64_t e = 0; e < n; e += 16) {
+  int64_t e = 0;
+  for (; e + 32 <= n; e += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_mul_ps(s, _mm512_loadu_ps(src + e + 16)),
+                                           _mm512_mul_ps(s, _mm512_loadu_ps(src + e)));
+    _mm512_storeu_si512(dst + e, (__m512i)v);
+  }
+  for (; e < n; e += 16) {
     const __mmask16 mask = tail_mask(n - e);
-    _mm256_mask_storeu_epi16(dst + e, mask, to_bf16_bits(_mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, src + e))));
+    _mm256_mask_storeu_epi16(dst + e, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, src + e))));
   }
 }
 
@@ -318,17 +324,22 @@ PK_AVX512 inline __m512i pair_words(__m256i lo, __m256i hi) {
   return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
 }
 
-PK_AVX512 void round_rows(const float* src, int64_t rows, int64_t n, int64_t lds, float scale, uint32_t* dst) {
+PK_AVX512_BF16 void round_rows(const float* src, int64_t rows, int64_t n, int64_t lds, float scale, uint32_t* dst) {
   const __m512 s = _mm512_set1_ps(scale);
+  // After vcvtne2ps2bf16 the 16-bit lanes hold row i's 16 values, then row i + 1's: interleave them as words.
+  const __m512i interleave = _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004,
+                                                0x00150005, 0x00160006, 0x00170007, 0x00180008, 0x00190009,
+                                                0x001A000A, 0x001B000B, 0x001C000C, 0x001D000D, 0x001E000E,
+                                                0x001F000F);
   for (int64_t i = 0; i < rows; i += 2) {
     const float* r0 = src + i * lds;
     const float* r1 = r0 + lds;
     uint32_t* d = dst + (i / 2) * n;
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 mask = tail_mask(n - j);
-      const __m256i lo = to_bf16_bits(_mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, r0 + j)));
-      const __m256i hi = to_bf16_bits(_mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, r1 + j)));
-      _mm512_mask_storeu_epi32(d + j, mask, pair_words(lo, hi));
+      const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, r1 + j)),
+                                                _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, r0 + j)));
+      _mm512_mask_storeu_epi32(d + j, mask, _mm512_permutexvar_epi16(interleave, (__m512i)both));
     }
   }
 }

@@ -34,9 +34,11 @@ void mm_bcast_bf16(int64_t m, int64_t n, int64_t k2, const uint32_t* a, int64_t 
 // mm_dot with pairs: P_r[i, q], Q_r[j, q] pairs at p[r * p_bs + i * ldp + q], q < k2 (all in words).
 void mm_dot_bf16(int64_t m, int64_t n, int64_t batch, int64_t k2, const uint32_t* p, int64_t ldp, int64_t p_bs,
                  const uint32_t* q, int64_t ldq, int64_t q_bs, float* c, int64_t ldc, bool accumulate);
-// dst[e] = bf16(scale * src[e]), e < n, rounded to nearest even.
+// dst[e] = bf16(scale * src[e]), e < n, by the CPU's own conversion (vcvtne2ps2bf16: to nearest even, denormal
+// inputs as zero): for intermediates, not for outputs, which narrow rounds exactly as c10 does.
 void round_bf16(const float* src, int64_t n, float scale, c10::BFloat16* dst);
-// Paired rows of bf16(scale * src) for src [rows, n] (row stride lds, rows even): dst [rows / 2, n] words.
+// Paired rows of bf16(scale * src), converted as round_bf16, for src [rows, n] (row stride lds, rows even):
+// dst [rows / 2, n] words.
 void round_rows(const float* src, int64_t rows, int64_t n, int64_t lds, float scale, uint32_t* dst);
 // Paired rows of a bf16 matrix src [rows, n] (row stride lds; an odd last row pairs with zeros), its element
 // (i, j) zero where keep[i * n + j] == 0 (when keep is given; other values of keep do not scale it).
