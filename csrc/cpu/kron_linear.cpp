@@ -4,7 +4,7 @@
 // tiles, a row of x at a time (see `struct Simd`). A 32 x 32 x 32 product is too small for a BLAS call to pay off
 // (view, dispatch and packing per call): `python -P bench/bench_kron_linear.py` runs both paths side by side
 // (provider ours-blas is the BLAS path), 1024 -> 1024, M = 2048, 32 x 32 factors, forward + backward, ours /
-// frozen Linear over two runs: bf16 1.20-1.24 (SimdBf16; BLAS path 1.43-1.44), fp32 1.13-1.18 (1.19-1.21).
+// frozen Linear over two runs: bf16 1.19-1.23 (SimdBf16; BLAS path 1.44-1.52), fp32 1.12-1.19 (1.18-1.25).
 //
 // BLAS (fp64, CPUs without AVX-512, larger factors, PEFT_KERNELS_CPU_ISA below avx512). Rows are taken in blocks
 // of R rows (about 64K values of x, 256 KiB in fp32: the block's buffers stay in this Zen 4's 1 MiB L2). Row-major, a block of x is already X [R * a_in, b_in] (row
