@@ -3,7 +3,8 @@
 
     python bench/bench_nf4.py [--quick] [--device cpu|cuda] [--dtype bf16,fp32] [--repeats N] [--out DIR]
 
-Absolute times on a shared 2-core machine are noise (other tenants, frequency scaling); the claims are the
+On the CPU, ``ours-blas`` is ours capped below AVX-512 (harness.on_blas_path): for dequantize, the portable
+decode loop. Absolute times on a shared 2-core machine are noise (other tenants, frequency scaling); the claims are the
 ratios to ``ref``, measured side by side in one process.
 """
 
@@ -67,6 +68,8 @@ def providers(case: harness.Case, mode: str) -> dict:
     if bnbf is not None:
         packed, state = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
         fns["bnb"] = lambda: bnbf.dequantize_4bit(packed, state)
+    if case.params["device"] == "cpu":  # the portable decode loop beside the AVX-512 one
+        fns["ours-blas"] = harness.on_blas_path(fns["ours"])
     check_same_output(case, fns)
     return fns
 

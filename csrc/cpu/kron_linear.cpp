@@ -7,8 +7,9 @@
 // frozen Linear over two runs: bf16 1.19-1.23 (SimdBf16; BLAS path 1.44-1.52), fp32 1.12-1.19 (1.18-1.25).
 //
 // BLAS (fp64, CPUs without AVX-512, larger factors, PEFT_KERNELS_CPU_ISA below avx512). Rows are taken in blocks
-// of R rows (about 64K values of x, 256 KiB in fp32: the block's buffers stay in this Zen 4's 1 MiB L2). Row-major, a block of x is already X [R * a_in, b_in] (row
-// (r, i) of it is X_r[i, :]) and a block of y is Y [R, a_out, b_out], so with no data movement:
+// of R rows (about 64K values of x, 256 KiB in fp32: the block's buffers stay in this Zen 4's 1 MiB L2).
+// Row-major, a block of x is already X [R * a_in, b_in] (row (r, i) of it is X_r[i, :]) and a block of y is
+// Y [R, a_out, b_out], so with no data movement:
 //   T  = X B^T          [R * a_in, b_out]   (one GEMM, K = b_in)
 //   Y += s * A T_r      per row r           (one batched GEMM with A broadcast, K = a_in, accumulated into y)
 // and in backward, with dY [R, a_out, b_out] the block of dy:
@@ -90,7 +91,9 @@ template <class T> std::vector<float> factor(const void* src, int64_t rows, int6
   const T* f = static_cast<const T*>(src);
   std::vector<float> out(rows * cols);
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) out[transpose ? j * rows + i : i * cols + j] = s * static_cast<float>(f[i * cols + j]);
+    for (int64_t j = 0; j < cols; ++j) {
+      out[transpose ? j * rows + i : i * cols + j] = s * static_cast<float>(f[i * cols + j]);
+    }
   }
   return out;
 }
