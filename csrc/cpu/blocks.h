@@ -43,6 +43,13 @@ template <class Body, class Reduce> void in_waves(int64_t blocks, int64_t wave, 
   }
 }
 
+// sum[e] += parts[k * size + e] for the n partials of a wave, k in order (in_waves' reduce of fp32 partials).
+inline void add_partials(float* sum, const float* parts, int64_t n, int64_t size) {
+  for (int64_t k = 0; k < n; ++k) {
+    for (int64_t e = 0; e < size; ++e) sum[e] += parts[k * size + e];
+  }
+}
+
 // Per-thread block buffers, kept for the thread's lifetime and reused by every call (contents undefined on entry;
 // `slot` < kScratchSlots names one buffer, distinct slots never alias). The kernels used to build a std::vector per
 // buffer on every call: up to 1.75 MiB per thread for a KronA backward, zero-filled, freed, and often handed back to

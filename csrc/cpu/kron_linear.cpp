@@ -205,15 +205,9 @@ struct Simd {
         }
       }
     };
-    const auto reduce = [](std::vector<float>& sum, const float* part, int64_t n) {
-      const int64_t size = static_cast<int64_t>(sum.size());
-      for (int64_t k = 0; k < n; ++k) {
-        for (int64_t e = 0; e < size; ++e) sum[e] += part[k * size + e];
-      }
-    };
     cpu::in_waves(blocks.count, wave, body, [&](int64_t n) {
-      if (p.da != nullptr) reduce(da_sum, da_part, n);
-      if (p.db != nullptr) reduce(db_sum, db_part, n);
+      if (p.da != nullptr) cpu::add_partials(da_sum.data(), da_part, n, da_size);
+      if (p.db != nullptr) cpu::add_partials(db_sum.data(), db_part, n, db_size);
     });
     if (p.da != nullptr) cpu::simd::narrow(da_sum.data(), d.a_out * d.a_in, nullptr, false, static_cast<T*>(p.da));
     if (p.db != nullptr) cpu::simd::narrow(db_sum.data(), d.b_out * d.b_in, nullptr, false, static_cast<T*>(p.db));
@@ -365,15 +359,9 @@ struct SimdBf16 {
         }
       }
     };
-    const auto reduce = [](std::vector<float>& sum, const float* part, int64_t n) {
-      const int64_t size = static_cast<int64_t>(sum.size());
-      for (int64_t k = 0; k < n; ++k) {
-        for (int64_t e = 0; e < size; ++e) sum[e] += part[k * size + e];
-      }
-    };
     cpu::in_waves(blocks.count, wave, body, [&](int64_t n) {
-      if (p.da != nullptr) reduce(da_sum, da_part, n);
-      if (p.db != nullptr) reduce(db_sum, db_part, n);
+      if (p.da != nullptr) cpu::add_partials(da_sum.data(), da_part, n, da_size);
+      if (p.db != nullptr) cpu::add_partials(db_sum.data(), db_part, n, db_size);
     });
     if (p.da != nullptr) cpu::simd::narrow(da_sum.data(), da_size, nullptr, false, static_cast<bf16*>(p.da));
     if (p.db != nullptr) cpu::simd::narrow(db_sum.data(), db_size, nullptr, false, static_cast<bf16*>(p.db));

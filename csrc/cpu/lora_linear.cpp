@@ -104,11 +104,7 @@ template <class T> void backward_simd(const BackwardParams& p) {
         }
       },
       [&](int64_t n) {
-        if (p.da == nullptr) return;
-        const int64_t size = p.r * p.in;
-        for (int64_t k = 0; k < n; ++k) {
-          for (int64_t e = 0; e < size; ++e) da_sum[e] += da_part[k * size + e];
-        }
+        if (p.da != nullptr) cpu::add_partials(da_sum.data(), da_part, n, p.r * p.in);
       });
   if (p.da != nullptr) cpu::simd::narrow(da_sum.data(), p.r * p.in, nullptr, false, static_cast<T*>(p.da));
 }
@@ -179,11 +175,7 @@ void backward_bf16(const BackwardParams& p) {
         }
       },
       [&](int64_t n) {
-        if (p.da == nullptr) return;
-        const int64_t size = p.r * p.in;
-        for (int64_t k = 0; k < n; ++k) {
-          for (int64_t e = 0; e < size; ++e) da_sum[e] += da_part[k * size + e];
-        }
+        if (p.da != nullptr) cpu::add_partials(da_sum.data(), da_part, n, p.r * p.in);
       });
   if (p.da != nullptr) {
     for (float& v : da_sum) v *= scale;
