@@ -124,10 +124,9 @@ def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (hh + (lh >> 16) + (hl >> 16) + (mid >> 16)) & _U32, ((mid & 0xFFFF) << 16) | (ll & 0xFFFF)
 
 
-def philox_draws(seed: int, index: torch.Tensor, stream: int = 0) -> torch.Tensor:
-    """The 32-bit draw (as int64) of each flat element index: word ``index & 3`` of Philox4x32-10 with counter
-    ``(index >> 2, stream)`` and key ``seed`` (each split into 32-bit halves, low first)."""
-    group = index >> 2
+def _philox_words(seed: int, group: torch.Tensor, stream: int) -> list[torch.Tensor]:
+    """The four 32-bit words (as int64) of Philox4x32-10 with counter ``(group, stream)`` and key ``seed`` (each
+    split into 32-bit halves, low first)."""
     c0, c1 = group & _U32, group >> 32
     c2, c3 = torch.full_like(group, stream & _U32), torch.full_like(group, (stream >> 32) & _U32)
     k0, k1 = seed & _U32, (seed >> 32) & _U32
@@ -136,14 +135,32 @@ def philox_draws(seed: int, index: torch.Tensor, stream: int = 0) -> torch.Tenso
         hi1, lo1 = _mulhilo(c2, _PHILOX_MUL[1])
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0, k1 = (k0 + _PHILOX_WEYL[0]) & _U32, (k1 + _PHILOX_WEYL[1]) & _U32
-    return torch.stack([c0, c1, c2, c3], dim=-1).gather(-1, (index & 3).unsqueeze(-1)).squeeze(-1)
+    return [c0, c1, c2, c3]
+
+
+def _pick(words: list[torch.Tensor], which: torch.Tensor) -> torch.Tensor:
+    return torch.stack(words, dim=-1).gather(-1, which.unsqueeze(-1)).squeeze(-1)
+
+
+def philox_draws(seed: int, index: torch.Tensor, stream: int = 0) -> torch.Tensor:
+    """The 32-bit draw (as int64) of each flat element index (Child-Tuning_F's mask): word ``index & 3`` of
+    group ``index >> 2`` of ``stream``."""
+    return _pick(_philox_words(seed, index >> 2, stream), index & 3)
+
+
+def dropout_draws(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """The 16-bit dropout draw (as int64) of each flat element index: half ``index & 1`` (low first) of word
+    ``(index >> 1) & 3`` of group ``index >> 3`` of stream 0."""
+    word = _pick(_philox_words(seed, index >> 3, 0), (index >> 1) & 3)
+    return (word >> (16 * (index & 1))) & 0xFFFF
 
 
 def dropout_keep(shape: torch.Size, p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bool mask of the elements dropout keeps, for a tensor of ``shape`` indexed flat in row-major order."""
-    threshold = min(int(p * 2**32), _U32)
+    """Bool mask of the elements dropout keeps, for a tensor of ``shape`` indexed flat in row-major order: the
+    draw is at least ``round(p * 2**16)`` (half up, at most 65535), so P(drop) is p to within 2**-17."""
+    threshold = min(math.floor(p * 65536 + 0.5), 0xFFFF)
     index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).reshape(shape)
-    return philox_draws(seed, index) >= threshold
+    return dropout_draws(seed, index) >= threshold
 
 
 def lora_linear(

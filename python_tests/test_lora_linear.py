@@ -120,8 +120,28 @@ def test_cpu_dropout_paths(isa, dtype, monkeypatch):
 
 
 def test_philox_known_answer():
-    """Random123's known-answer vector for Philox4x32-10 with counter 0 and key 0."""
-    assert R.philox_draws(0, torch.arange(4)).tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    """Random123's known-answer vector for Philox4x32-10 with counter 0 and key 0; dropout's 16-bit draws are its
+    words' halves, low first."""
+    words = [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert R.philox_draws(0, torch.arange(4)).tolist() == words
+    assert R.dropout_draws(0, torch.arange(8)).tolist() == [h for w in words for h in (w & 0xFFFF, w >> 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_threshold_rounds_half_up(backend, dtype):
+    """p is rounded to a multiple of 2**-16, half up, by the kernels as by the reference: an element whose draw is d
+    is kept at p = (d - 0.5) / 2**16 (threshold d) and dropped at p = (d + 0.5) / 2**16 (threshold d + 1)."""
+    n = 38
+    draws = R.dropout_draws(4, torch.arange(5 * n))
+    e = int(torch.nonzero((draws > 0) & (draws < 0xFFFF))[0])
+    d = int(draws[e])
+    x = torch.ones(5, n, dtype=dtype, device=backend.device)
+    eye = torch.eye(n, dtype=dtype, device=backend.device)
+    zeros = torch.zeros(3, n, dtype=dtype, device=backend.device)
+    for p, kept in (((d - 0.5) / 65536, True), ((d + 0.5) / 65536, False)):
+        _, xa = backend.ops.lora_linear_fwd(x, zeros, None, eye, zeros, 1.0, p, torch.tensor(4))
+        assert bool(xa.reshape(-1)[e] != 0) == kept, (p, d)
+        assert torch.equal((xa != 0).cpu(), R.dropout_keep(x.shape, p, 4)), p
 
 
 @pytest.mark.parametrize("seed", [0, 12345, -7])

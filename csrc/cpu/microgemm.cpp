@@ -374,12 +374,14 @@ PK_AVX512 void mask_bf16(const c10::BFloat16* src, int64_t n, const float* keep,
   }
 }
 
-PK_AVX512 void keep_mask(const uint32_t* draws, int64_t n, uint32_t threshold, float scale, float* out) {
-  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+PK_AVX512 void keep_mask(const uint32_t* words, int64_t first, int64_t n, uint32_t threshold, float scale, float* out) {
+  // The halves of little-endian words are the draws in element order: 16 of them per 256-bit load.
+  const uint16_t* draws = reinterpret_cast<const uint16_t*>(words) + first;
+  const __m256i thr = _mm256_set1_epi16(static_cast<short>(threshold));
   const __m512 kept = _mm512_set1_ps(scale);
   for (int64_t e = 0; e < n; e += 16) {
     const __mmask16 mask = tail_mask(n - e);
-    const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_maskz_loadu_epi32(mask, draws + e), thr);
+    const __mmask16 keep = _mm256_mask_cmpge_epu16_mask(mask, _mm256_maskz_loadu_epi16(mask, draws + e), thr);
     _mm512_mask_storeu_ps(out + e, mask, _mm512_maskz_mov_ps(keep, kept));
   }
 }

@@ -46,8 +46,9 @@ void pack_rows(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t lds, c
 // dst[e] = keep[e] != 0 ? src[e] : 0, e < n (bf16, exact).
 void mask_bf16(const c10::BFloat16* src, int64_t n, const float* keep, c10::BFloat16* dst);
 
-// out[e] = draws[e] >= threshold ? scale : 0, e < n: a dropout keep mask from Philox draws (dropout.h).
-void keep_mask(const uint32_t* draws, int64_t n, uint32_t threshold, float scale, float* out);
+// out[e] = draw(first + e) >= threshold ? scale : 0, e < n, where draw(i) is the 16-bit half i & 1 (low first) of
+// words[i >> 1]: a dropout keep mask from Philox draws (dropout.h).
+void keep_mask(const uint32_t* words, int64_t first, int64_t n, uint32_t threshold, float scale, float* out);
 
 // dst[e] = float(src[e]) * (keep ? keep[e] : 1), e < n.
 template <class T> void widen(const T* src, int64_t n, const float* keep, float* dst);

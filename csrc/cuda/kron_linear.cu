@@ -17,7 +17,7 @@ using kron::Dims;
 // keep(e) as 0 or 1; no draw when there is no dropout. Each element's draw is recomputed by every thread
 // that reads it (a_out times in kron_u_kernel): simple, and identical for any thread layout.
 __device__ __forceinline__ float keep(const kron::Dropout& d, int64_t e) {
-  return d.threshold == 0 || philox::element(d.seed, static_cast<uint64_t>(e)) >= d.threshold ? 1.0f : 0.0f;
+  return d.threshold == 0 || philox::dropout_draw(d.seed, static_cast<uint64_t>(e)) >= d.threshold ? 1.0f : 0.0f;
 }
 
 // The sum of every thread's v, valid in thread 0; all threads of the block must call it.

@@ -9,10 +9,10 @@ namespace {
 
 constexpr int kRankTile = 8;  // rank outputs per pass of down_kernel: 8 fp32 accumulators per lane
 
-// keep(e) * scale: one Philox evaluation per element (4 words drawn, 1 used). Simple and the same for every
-// thread layout; a GPU-tuned version would share each draw among 4 neighbouring elements.
+// keep(e) * scale: one Philox evaluation per element (8 draws made, 1 used). Simple and the same for every
+// thread layout; a GPU-tuned version would share each Philox call among 8 neighbouring elements.
 __device__ __forceinline__ float keep_scale(const lora::Dropout& d, int64_t e) {
-  return philox::element(d.seed, static_cast<uint64_t>(e)) >= d.threshold ? static_cast<float>(d.scale) : 0.0f;
+  return philox::dropout_draw(d.seed, static_cast<uint64_t>(e)) >= d.threshold ? static_cast<float>(d.scale) : 0.0f;
 }
 
 // One warp per row of x: lanes stride over the row (coalesced), each keeps kRankTile partial dot products,

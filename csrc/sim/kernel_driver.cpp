@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
     const int64_t m = n, in = std::atoll(argv[4]);
     const int r = std::atoi(argv[5]);
     const double p = std::atof(argv[7]), scaling = argc > 8 ? std::atof(argv[8]) : 1.0;
-    const lora::Dropout drop{std::strtoull(argv[6], nullptr, 10), philox::drop_threshold(p), scaling / (1.0 - p)};
+    const lora::Dropout drop{std::strtoull(argv[6], nullptr, 10), philox::dropout_threshold(p), scaling / (1.0 - p)};
     const float* x = load<float>(dir, "x.f32", m * in);
     const float* a = load<float>(dir, "a.f32", size_t(r) * in);
     if (kernel == "lora_down") {
@@ -146,7 +146,7 @@ int main(int argc, char** argv) {
     const int64_t m = n;
     const kron::Dims d{std::atoll(argv[4]), std::atoll(argv[5]), std::atoll(argv[6]), std::atoll(argv[7])};
     const double p = std::atof(argv[9]), scaling = std::atof(argv[10]);
-    const lora::Dropout drop{std::strtoull(argv[8], nullptr, 10), philox::drop_threshold(p), scaling / (1.0 - p)};
+    const lora::Dropout drop{std::strtoull(argv[8], nullptr, 10), philox::dropout_threshold(p), scaling / (1.0 - p)};
     const float* x = load<float>(dir, "x.f32", m * d.in());
     const float* a = load<float>(dir, "a.f32", d.a_out * d.a_in);
     const float* b = load<float>(dir, "b.f32", d.b_out * d.b_in);

@@ -73,7 +73,7 @@ struct DenseBase {
 inline Dropout make_dropout(const char* op, double p, const at::Tensor& seed, double scaling) {
   TORCH_CHECK_VALUE(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1, op,
                     ": argument 'seed' must be a one-element int64 tensor on the CPU, got a ", check::describe(seed));
-  return {static_cast<uint64_t>(seed.item<int64_t>()), philox::drop_threshold(p), scaling / (1.0 - p)};
+  return {static_cast<uint64_t>(seed.item<int64_t>()), philox::dropout_threshold(p), scaling / (1.0 - p)};
 }
 
 template <class Backend, class Base>

@@ -8,7 +8,8 @@
 
 namespace peft_kernels::lora {
 
-// keep(e) = philox draw of flat element e = row * in + col >= threshold; kept values are multiplied by scale.
+// keep(e) = philox::dropout_draw of flat element e = row * in + col >= threshold (philox::dropout_threshold(p));
+// kept values are multiplied by scale.
 struct Dropout {
   uint64_t seed;
   uint32_t threshold;
