@@ -100,15 +100,17 @@ def test_cpu_dropout_paths(isa, dtype, monkeypatch):
     """Every CPU path of the dropout kernels: the AVX-512 register tiles (fp32/bf16/fp16 on an AVX-512 CPU), their
     bf16 pair-product form (bf16 with even in and r, on an AVX512-BF16 CPU) and the BLAS path (other CPUs, fp64,
     PEFT_KERNELS_CPU_ISA below avx512). in = 67, r = 19 and in = 66, r = 18 give every tile a tail, 55 rows an odd
-    block (a row paired with zeros); then the mask, bit for bit, on row lengths (37, 38) that start rows mid-group."""
+    block (a row paired with zeros); out = 46 lets the bf16 pair path compute dy B itself, out = 45 makes it take
+    dy B from the BLAS; then the mask, bit for bit, on row lengths (37, 38) that start rows mid-group."""
     if isa == "avx512" and not HAS_AVX512 or isa == "avx512_bf16" and not HAS_AVX512_BF16:
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", isa)
-    for (n_in, r), frozen in itertools.product([(67, 19), (66, 18)], [(), ("lora_A",), ("lora_A", "lora_B")]):
-        args = make((5, 11), n_in, 45, r, dtype, seed=r)
+    shapes = [(67, 19, 45), (66, 18, 45), (66, 18, 46)]
+    for (n_in, r, out), frozen in itertools.product(shapes, [(), ("lora_A",), ("lora_A", "lora_B")]):
+        args = make((5, 11), n_in, out, r, dtype, seed=r)
         for name in frozen:  # LoRA-FA, and dx alone: the kernels skip dA (and the whole adapter gradient)
             args[name].requires_grad_(False)
-        dy = torch.randn(5, 11, 45, generator=torch.Generator().manual_seed(3)).to(dtype)
+        dy = torch.randn(5, 11, out, generator=torch.Generator().manual_seed(3)).to(dtype)
         assert_matches_reference(grads_of(run_ours(torch.ops.peft_kernels, 0.7, 0.25, seed=6), args, dy), args, dy,
                                  0.7, 0.25, 6, dtype)
     for n in (37, 38):  # 38: the bf16 pair path's mask

@@ -11,31 +11,43 @@
 
 namespace peft_kernels::cpu {
 
-// keep(e) * scale for elements [first, first + n) into out[0, n), drawing up to 512 elements (64 Philox calls of 8
-// 16-bit draws, philox.h) per batch. With `avx512` (the caller checked cpu::pick_isa()) the draws become the mask 16
-// lanes at a time (one compare, one masked move) instead of a compare and select per element.
-template <class Acc> void mask_row(const lora::Dropout& d, int64_t first, int64_t n, Acc* out, bool avx512 = false) {
+// Draws the 16-bit dropout draws (philox.h) of elements [first, first + n) up to 512 at a time (64 Philox calls of 8
+// draws) and calls f(words, i, o, k) for each run: the draws of elements first + o .. first + o + k - 1 are the 16-bit
+// halves i .. i + k - 1 (low half first) of words.
+template <class F> void draw_runs(const lora::Dropout& d, int64_t first, int64_t n, F&& f) {
   constexpr int64_t kPer = philox::kDropoutPerGroup;
-  const Acc scale = static_cast<Acc>(d.scale);
   uint32_t words[4 * philox::kBatch];
   for (int64_t e = first; e < first + n;) {
     const int64_t group = e / kPer;
     const int count = static_cast<int>(std::min<int64_t>(philox::kBatch, (first + n - 1) / kPer - group + 1));
     philox::draw_batch_fast(d.seed, static_cast<uint64_t>(group), count, words);
-    const int64_t base = group * kPer, stop = std::min<int64_t>(first + n, (group + count) * kPer);
-    if constexpr (std::is_same_v<Acc, float>) {
-      if (avx512) {
-        simd::keep_mask(words, e - base, stop - e, d.threshold, scale, out + (e - first));
-        e = stop;
-        continue;
-      }
-    }
-    for (; e < stop; ++e) {
-      const int64_t i = e - base;
-      const uint32_t draw = (words[i >> 1] >> (16 * (i & 1))) & 0xFFFFu;
-      out[e - first] = draw >= d.threshold ? scale : Acc(0);
-    }
+    const int64_t stop = std::min<int64_t>(first + n, (group + count) * kPer);
+    f(static_cast<const uint32_t*>(words), e - group * kPer, e - first, stop - e);
+    e = stop;
   }
+}
+
+// keep(e) * scale for elements [first, first + n) into out[0, n). With `avx512` (the caller checked
+// cpu::pick_isa()) the draws become the mask 16 lanes at a time (one compare, one masked move) instead of a compare
+// and select per element.
+template <class Acc> void mask_row(const lora::Dropout& d, int64_t first, int64_t n, Acc* out, bool avx512 = false) {
+  const Acc scale = static_cast<Acc>(d.scale);
+  draw_runs(d, first, n, [&](const uint32_t* words, int64_t i, int64_t o, int64_t k) {
+    if constexpr (std::is_same_v<Acc, float>) {
+      if (avx512) return simd::keep_mask(words, i, k, d.threshold, scale, out + o);
+    }
+    for (int64_t e = 0; e < k; ++e) {
+      const uint32_t draw = (words[(i + e) >> 1] >> (16 * ((i + e) & 1))) & 0xFFFFu;
+      out[o + e] = draw >= d.threshold ? scale : Acc(0);
+    }
+  });
+}
+
+// dst[e] = keep(first + e) ? src[e] : 0 for e < n, bf16, straight from the draws (AVX-512 only: the caller checked).
+inline void drop_bf16(const lora::Dropout& d, int64_t first, int64_t n, const c10::BFloat16* src, c10::BFloat16* dst) {
+  draw_runs(d, first, n, [&](const uint32_t* words, int64_t i, int64_t o, int64_t k) {
+    simd::drop_bf16(words, i, k, d.threshold, src + o, dst + o);
+  });
 }
 
 }  // namespace peft_kernels::cpu

@@ -2,7 +2,8 @@
 // Rows are taken in blocks (blocks.h). A block's mask and dropped x (mask * x, widened to fp32) exist only in
 // block buffers while the block is worked on; the rank-r products are computed on them:
 //   down:      xa[block] = (mask * x[block]) A^T                       [R, r]
-//   backward:  dx[block] += mask * s * (dxa[block] A)                  (into a block buffer, then a masked add)
+//   backward:  dxa[block] = dy[block] B                                 (Cpu::kFusedDxa; rounded to the dtype)
+//              dx[block] += mask * s * (dxa[block] A)                  (into a block buffer, then a masked add)
 //              dA = sum over blocks, in fixed waves (blocks.h), of s * dxa[block]^T (mask * x[block])
 // on an AVX-512 CPU (fp32/bf16/fp16) by microgemm.h's register tiles and vector mask/widen/narrow loops (bf16 with
 // even in and r on an AVX512-BF16 CPU: its bf16 pair products, down_bf16 / backward_bf16), elsewhere (fp64, other
@@ -75,11 +76,24 @@ template <class T> void down_simd(const DownParams& p) {
   });
 }
 
+// B^T [r, out] from B [out, r] (row-major, T), in Out (float: widened; T: as is).
+template <class Out, class T> std::vector<Out> transposed(const void* b, int64_t out, int r) {
+  const T* src = static_cast<const T*>(b);
+  std::vector<Out> t(r * out);
+  for (int64_t o = 0; o < out; ++o) {
+    for (int j = 0; j < r; ++j) t[j * out + o] = static_cast<Out>(src[o * r + j]);
+  }
+  return t;
+}
+
 template <class T> void backward_simd(const BackwardParams& p) {
   const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
   const std::vector<float> a = widened(p.a, p.r * p.in, p.dtype);
-  const std::vector<float> dxa = widened(p.dxa, p.m * p.r, p.dtype);
+  const bool fused = p.dxa == nullptr;
+  const std::vector<float> dxa = fused ? std::vector<float>() : widened(p.dxa, p.m * p.r, p.dtype);
+  const std::vector<float> bt = fused ? transposed<float, T>(p.b, p.out, p.r) : std::vector<float>();
   const int64_t rows = block_rows(p.in, p.m), blocks = (p.m + rows - 1) / rows;
   const int64_t wave = cpu::wave_blocks(p.r * p.in * static_cast<int64_t>(sizeof(float)));
   float* da_part = cpu::wave_partials<float>(p.da ? std::min(blocks, wave) * p.r * p.in : 0);
@@ -89,9 +103,27 @@ template <class T> void backward_simd(const BackwardParams& p) {
       [&](int64_t c0, int64_t c1, int64_t w0) {
         float* keep = cpu::scratch<float>(0, rows * p.in);
         float* buf = cpu::scratch<float>(1, rows * p.in);
+        float* dyw = cpu::scratch<float>(2, fused && !std::is_same_v<T, float> ? rows * p.out : 0);
+        float* gf = cpu::scratch<float>(3, fused ? rows * p.r : 0);
+        T* gt = nullptr;
+        if constexpr (!std::is_same_v<T, float>) gt = cpu::scratch<T>(0, fused ? rows * p.r : 0);
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t i0 = c * rows, n = std::min(rows, p.m - i0);
-          const float* g = dxa.data() + i0 * p.r;
+          const float* g = gf;
+          if (fused) {  // this block's dxa = dy B, rounded to T as the GEMM's output would be
+            const float* d = reinterpret_cast<const float*>(dy + i0 * p.out);
+            if constexpr (!std::is_same_v<T, float>) {
+              cpu::simd::widen(dy + i0 * p.out, n * p.out, nullptr, dyw);
+              d = dyw;
+            }
+            cpu::simd::mm_dot(n, p.r, 1, p.out, d, p.out, 0, bt.data(), p.out, 0, gf, p.r, false);
+            if constexpr (!std::is_same_v<T, float>) {
+              cpu::simd::narrow(gf, n * p.r, nullptr, false, gt);
+              cpu::simd::widen(gt, n * p.r, nullptr, gf);
+            }
+          } else {
+            g = dxa.data() + i0 * p.r;
+          }
           mask_row(p.drop, i0 * p.in, n * p.in, keep, true);
           if (dx != nullptr) {
             cpu::simd::mm_bcast(n, p.in, p.r, g, p.r, 1, a.data(), p.in, buf, p.in, false);
@@ -126,13 +158,11 @@ void down_bf16(const DownParams& p) {
   const float scale = static_cast<float>(p.drop.scale);
   const int64_t rows = block_rows(p.in, p.m), blocks = (p.m + rows - 1) / rows;
   at::parallel_for(0, blocks, 1, [&](int64_t c0, int64_t c1) {
-    float* keep = cpu::scratch<float>(0, rows * p.in);
     float* out = cpu::scratch<float>(1, rows * p.r);
     bf16* xm = cpu::scratch<bf16>(0, rows * p.in);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t i0 = c * rows, n = std::min(rows, p.m - i0);
-      mask_row(p.drop, i0 * p.in, n * p.in, keep, true);
-      cpu::simd::mask_bf16(x + i0 * p.in, n * p.in, keep, xm);
+      cpu::drop_bf16(p.drop, i0 * p.in, n * p.in, x + i0 * p.in, xm);
       cpu::simd::mm_dot_bf16(n, p.r, 1, p.in / 2, words(xm), p.in / 2, 0, words(p.a), p.in / 2, 0, out, p.r, false);
       for (int64_t e = 0; e < n * p.r; ++e) out[e] *= scale;
       cpu::simd::narrow(out, n * p.r, nullptr, false, xa + i0 * p.r);
@@ -143,6 +173,9 @@ void down_bf16(const DownParams& p) {
 void backward_bf16(const BackwardParams& p) {
   const bf16* x = static_cast<const bf16*>(p.x);
   const bf16* dxa = static_cast<const bf16*>(p.dxa);
+  const bf16* dy = static_cast<const bf16*>(p.dy);
+  const bool fused = dxa == nullptr;  // then out is even: dy B as pair products along out
+  const std::vector<bf16> bt = fused ? transposed<bf16, bf16>(p.b, p.out, p.r) : std::vector<bf16>();
   bf16* dx = static_cast<bf16*>(p.dx);
   const float scale = static_cast<float>(p.drop.scale);
   std::vector<uint32_t> ap(p.r / 2 * p.in);  // A as paired rows [r / 2][in]
@@ -158,9 +191,18 @@ void backward_bf16(const BackwardParams& p) {
         float* buf = cpu::scratch<float>(1, p.dx ? rows * p.in : 0);
         uint32_t* xp = cpu::scratch<uint32_t>(0, p.da ? (rows + 1) / 2 * p.in : 0);
         uint32_t* gp = cpu::scratch<uint32_t>(1, p.da ? (rows + 1) / 2 * p.r : 0);
+        float* gf = cpu::scratch<float>(2, fused ? rows * p.r : 0);
+        bf16* gb = cpu::scratch<bf16>(0, fused ? rows * p.r : 0);
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t i0 = c * rows, n = std::min(rows, p.m - i0);
-          const bf16* g = dxa + i0 * p.r;
+          const bf16* g = gb;
+          if (fused) {  // this block's dxa = dy B, rounded to bf16 as the GEMM's output would be
+            cpu::simd::mm_dot_bf16(n, p.r, 1, p.out / 2, words(dy + i0 * p.out), p.out / 2, 0, words(bt.data()),
+                                   p.out / 2, 0, gf, p.r, false);
+            cpu::simd::narrow(gf, n * p.r, nullptr, false, gb);
+          } else {
+            g = dxa + i0 * p.r;
+          }
           mask_row(p.drop, i0 * p.in, n * p.in, keep, true);  // 0 or s
           if (dx != nullptr) {
             cpu::simd::mm_bcast_bf16(n, p.in, p.r / 2, words(g), p.r / 2, 1, ap.data(), p.in, buf, p.in, false);
@@ -218,9 +260,17 @@ void Cpu::down(const DownParams& p) {
   });
 }
 
-// dA: per-block partials summed in waves (blocks.h), the same whatever the thread count.
-void Cpu::backward(const BackwardParams& p) {
-  if (use_bf16(p.dtype, p.in, p.r)) return backward_bf16(p);
+// dA: per-block partials summed in waves (blocks.h), the same whatever the thread count. dxa = null (kFusedDxa):
+// the AVX-512 paths compute it per block (the bf16 pair path when out is even); the others get it from the BLAS.
+void Cpu::backward(const BackwardParams& params) {
+  BackwardParams p = params;
+  const bool pairs = use_bf16(p.dtype, p.in, p.r);
+  at::Tensor dxa;
+  if (p.dxa == nullptr && (pairs ? p.out % 2 != 0 : !use_simd(p.dtype))) {
+    dxa = at::mm(wrap(p.dy, {p.m, p.out}, p.dtype), wrap(p.b, {p.out, p.r}, p.dtype));
+    p.dxa = dxa.data_ptr();
+  }
+  if (pairs) return backward_bf16(p);
   if (use_simd(p.dtype)) {
     dispatch(p.dtype, [&]<class T>() {
       if constexpr (!std::is_same_v<T, double>) backward_simd<T>(p);

@@ -386,6 +386,17 @@ PK_AVX512 void keep_mask(const uint32_t* words, int64_t first, int64_t n, uint32
   }
 }
 
+PK_AVX512 void drop_bf16(const uint32_t* words, int64_t first, int64_t n, uint32_t threshold, const c10::BFloat16* src,
+                         c10::BFloat16* dst) {
+  const uint16_t* draws = reinterpret_cast<const uint16_t*>(words) + first;
+  const __m512i thr = _mm512_set1_epi16(static_cast<short>(threshold));
+  for (int64_t e = 0; e < n; e += 32) {
+    const __mmask32 mask = n - e >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - e)) - 1;
+    const __mmask32 keep = _mm512_mask_cmpge_epu16_mask(mask, _mm512_maskz_loadu_epi16(mask, draws + e), thr);
+    _mm512_mask_storeu_epi16(dst + e, mask, _mm512_maskz_loadu_epi16(keep, src + e));
+  }
+}
+
 template <class T> void widen(const T* src, int64_t n, const float* keep, float* dst) { widen_avx512(src, n, keep, dst); }
 template <class T> void narrow(const float* v, int64_t n, const float* keep, bool accumulate, T* out) {
   narrow_avx512(v, n, keep, accumulate, out);

@@ -50,6 +50,11 @@ void mask_bf16(const c10::BFloat16* src, int64_t n, const float* keep, c10::BFlo
 // words[i >> 1]: a dropout keep mask from Philox draws (dropout.h).
 void keep_mask(const uint32_t* words, int64_t first, int64_t n, uint32_t threshold, float scale, float* out);
 
+// dst[e] = draw(first + e) >= threshold ? src[e] : 0, e < n (draw(i) as keep_mask's): dropout applied to bf16
+// values straight from the draws, 32 lanes at a time.
+void drop_bf16(const uint32_t* words, int64_t first, int64_t n, uint32_t threshold, const c10::BFloat16* src,
+               c10::BFloat16* dst);
+
 // dst[e] = float(src[e]) * (keep ? keep[e] : 1), e < n.
 template <class T> void widen(const T* src, int64_t n, const float* keep, float* dst);
 

@@ -1,7 +1,7 @@
 // The fused LoRA op bodies, written once for every backend:
 //   y = x W^T + b + scaling * (dropout(x) A^T) B^T,   x [..., in], W [out, in], A [r, in], B [out, r].
 // A Backend also declares `static constexpr bool kFloat64` (whether its kernels take fp64: the CPU's do, for
-// gradcheck). The three large products (x W^T, dy W, and with p = 0 the rank-r ones) go to the platform BLAS through
+// gradcheck) and `kFusedDxa` (whether its backward computes dxa = dy B itself, lora_params.h). The three large products (x W^T, dy W, and with p = 0 the rank-r ones) go to the platform BLAS through
 // ATen; the rank-r update of y is an in-place GEMM accumulate (beta = 1), so y is written once. With
 // dropout the Backend's kernels apply the Philox mask on the fly:
 //   Backend::down(DownParams)          xa = (mask * x) A^T / (1 - p)
@@ -146,8 +146,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   if (need_db) db = at::mm(xa2.t(), dy2).mul_(scaling).t().contiguous();
   if (need_dbias) dbias = dy2.sum(0);
   if (!need_dx && !need_da) return {dx, da, db, dbias};
-  const at::Tensor dxa = at::mm(dy2, b);  // [m, r]; the LoRA scaling is applied by the consumers below
+  // dxa = dy B [m, r]; the LoRA scaling is applied by the consumers below. With dropout a kFusedDxa backend
+  // computes it inside its kernel.
+  const bool fused_dxa = Backend::kFusedDxa && dropout_p != 0.0;
+  const at::Tensor dxa = fused_dxa ? at::Tensor() : at::mm(dy2, b);
   const at::Tensor x2 = need_da ? x->reshape({m, in}).contiguous() : at::Tensor();
+  const at::Tensor b2 = fused_dxa ? b.contiguous() : at::Tensor();
   if (need_dx) dx = base.dx(dy2);
   if (dropout_p == 0.0) {
     if (need_dx) dx.addmm_(dxa, a, 1.0, scaling);
@@ -155,10 +159,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   } else {
     if (need_da) da = empty_output({s.r, in}, dy.options());
     if (m > 0) {
-      Backend::backward(BackwardParams{need_da ? x2.data_ptr() : nullptr, a.contiguous().data_ptr(), dxa.data_ptr(),
-                                       need_dx ? dx.data_ptr() : nullptr, need_da ? da.data_ptr() : nullptr,
+      Backend::backward(BackwardParams{need_da ? x2.data_ptr() : nullptr, a.contiguous().data_ptr(),
+                                       fused_dxa ? nullptr : dxa.data_ptr(), need_dx ? dx.data_ptr() : nullptr,
+                                       need_da ? da.data_ptr() : nullptr,
                                        check::float_dtype(op, "dy", dy.scalar_type(), true), m, in, static_cast<int>(s.r),
-                                       drop});
+                                       drop, dy2.data_ptr(), fused_dxa ? b2.data_ptr() : nullptr, out});
     } else if (need_da) {
       da.zero_();
     }

@@ -30,6 +30,8 @@ struct DownParams {
 // With s = drop.scale (which folds in the LoRA scaling):
 //   dx[i, k] += keep(i*in+k) * s * sum_j dxa[i, j] * A[j, k]      (if dx is not null; dx already holds dy W)
 //   da[j, k]  = sum_i dxa[i, j] * keep(i*in+k) * s * x[i, k]      (if da is not null; stored in dtype)
+// dxa = dy B [m, r] (not yet scaled) is an input; a Backend with kFusedDxa (the CPU's) is instead given dxa = null
+// with dy [m, out] and B [out, r], and computes each block's dxa itself.
 struct BackwardParams {
   const void* x;
   const void* a;
@@ -40,6 +42,9 @@ struct BackwardParams {
   int64_t m, in;
   int r;
   Dropout drop;
+  const void* dy = nullptr;
+  const void* b = nullptr;
+  int64_t out = 0;
 };
 
 }  // namespace peft_kernels::lora
