@@ -1,7 +1,9 @@
 // Helpers of the CPU kernels that apply the Philox dropout mask (LoRA's and kron_linear's) on the fly.
 #pragma once
 #include <algorithm>
+#include <bit>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "microgemm.h"
@@ -40,6 +42,15 @@ template <class Acc> void mask_row(const lora::Dropout& d, int64_t first, int64_
       const uint32_t draw = (words[(i + e) >> 1] >> (16 * ((i + e) & 1))) & 0xFFFFu;
       out[o + e] = draw >= d.threshold ? scale : Acc(0);
     }
+  });
+}
+
+// The draws of elements [first, first + n) into out[0, n), in element order (simd::Drawn's): the 16-bit halves of
+// the Philox words, low half first, are in element order in memory on a little-endian CPU.
+static_assert(std::endian::native == std::endian::little);
+inline void draw_row(const lora::Dropout& d, int64_t first, int64_t n, uint16_t* out) {
+  draw_runs(d, first, n, [&](const uint32_t* words, int64_t i, int64_t o, int64_t k) {
+    std::memcpy(out + o, reinterpret_cast<const unsigned char*>(words) + 2 * i, 2 * k);
   });
 }
 

@@ -187,7 +187,7 @@ void backward_bf16(const BackwardParams& p) {
   cpu::in_waves(
       blocks, wave,
       [&](int64_t c0, int64_t c1, int64_t w0) {
-        float* keep = cpu::scratch<float>(0, rows * p.in);
+        uint16_t* draws = cpu::scratch<uint16_t>(0, rows * p.in);
         float* buf = cpu::scratch<float>(1, p.dx ? rows * p.in : 0);
         uint32_t* xp = cpu::scratch<uint32_t>(0, p.da ? (rows + 1) / 2 * p.in : 0);
         uint32_t* gp = cpu::scratch<uint32_t>(1, p.da ? (rows + 1) / 2 * p.r : 0);
@@ -203,10 +203,11 @@ void backward_bf16(const BackwardParams& p) {
           } else {
             g = dxa + i0 * p.r;
           }
-          mask_row(p.drop, i0 * p.in, n * p.in, keep, true);  // 0 or s
+          cpu::draw_row(p.drop, i0 * p.in, n * p.in, draws);
+          const cpu::simd::Drawn keep{draws, p.drop.threshold};
           if (dx != nullptr) {
             cpu::simd::mm_bcast_bf16(n, p.in, p.r / 2, words(g), p.r / 2, 1, ap.data(), p.in, buf, p.in, false);
-            cpu::simd::narrow(buf, n * p.in, keep, true, dx + i0 * p.in);
+            cpu::simd::narrow_kept(buf, n * p.in, keep, scale, dx + i0 * p.in);
           }
           if (p.da != nullptr) {
             cpu::simd::pack_rows(x + i0 * p.in, n, p.in, p.in, keep, xp);

@@ -345,12 +345,18 @@ PK_AVX512_BF16 void round_rows(const float* src, int64_t rows, int64_t n, int64_
 }
 
 // Lanes of keep[0:16] (masked by `mask`) that are not 0.
-PK_AVX512 inline __mmask16 kept(const float* keep, __mmask16 mask) {
-  return keep == nullptr ? mask : mask & _mm512_cmpneq_ps_mask(_mm512_maskz_loadu_ps(mask, keep), _mm512_setzero_ps());
+PK_AVX512 inline __mmask16 kept(const float* keep, int64_t e, __mmask16 mask) {
+  return keep == nullptr ? mask
+                         : mask & _mm512_cmpneq_ps_mask(_mm512_maskz_loadu_ps(mask, keep + e), _mm512_setzero_ps());
+}
+PK_AVX512 inline __mmask16 kept(Drawn keep, int64_t e, __mmask16 mask) {
+  return _mm256_mask_cmpge_epu16_mask(mask, _mm256_maskz_loadu_epi16(mask, keep.draws + e),
+                                      _mm256_set1_epi16(static_cast<short>(keep.threshold)));
 }
 
-PK_AVX512 void pack_rows(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t lds, const float* keep,
-                         uint32_t* dst) {
+template <class Keep>
+PK_AVX512 void pack_rows_avx512(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t lds, Keep keep,
+                                uint32_t* dst) {
   for (int64_t i = 0; i < rows; i += 2) {
     const bool pair = i + 1 < rows;  // an odd last row pairs with zeros
     const c10::BFloat16* r0 = src + i * lds;
@@ -359,18 +365,34 @@ PK_AVX512 void pack_rows(const c10::BFloat16* src, int64_t rows, int64_t n, int6
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 mask = tail_mask(n - j);
       // A dropped element loads as 0.
-      const __mmask16 m0 = kept(keep ? keep + i * n + j : nullptr, mask);
-      const __mmask16 m1 = pair ? kept(keep ? keep + (i + 1) * n + j : nullptr, mask) : __mmask16(0);
+      const __mmask16 m0 = kept(keep, i * n + j, mask);
+      const __mmask16 m1 = pair ? kept(keep, (i + 1) * n + j, mask) : __mmask16(0);
       _mm512_mask_storeu_epi32(d + j, mask,
                                pair_words(_mm256_maskz_loadu_epi16(m0, r0 + j), _mm256_maskz_loadu_epi16(m1, r1 + j)));
     }
   }
 }
 
+void pack_rows(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t lds, const float* keep, uint32_t* dst) {
+  pack_rows_avx512(src, rows, n, lds, keep, dst);
+}
+void pack_rows(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t lds, Drawn keep, uint32_t* dst) {
+  pack_rows_avx512(src, rows, n, lds, keep, dst);
+}
+
+PK_AVX512 void narrow_kept(const float* v, int64_t n, Drawn keep, float scale, c10::BFloat16* out) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t e = 0; e < n; e += 16) {
+    const __mmask16 mask = tail_mask(n - e);
+    const __m512 add = _mm512_maskz_mul_ps(kept(keep, e, mask), s, _mm512_maskz_loadu_ps(mask, v + e));
+    store16(out + e, _mm512_add_ps(load16(out + e, mask), add), mask);
+  }
+}
+
 PK_AVX512 void mask_bf16(const c10::BFloat16* src, int64_t n, const float* keep, c10::BFloat16* dst) {
   for (int64_t e = 0; e < n; e += 16) {
     const __mmask16 mask = tail_mask(n - e);
-    _mm256_mask_storeu_epi16(dst + e, mask, _mm256_maskz_loadu_epi16(kept(keep + e, mask), src + e));
+    _mm256_mask_storeu_epi16(dst + e, mask, _mm256_maskz_loadu_epi16(kept(keep, e, mask), src + e));
   }
 }
 

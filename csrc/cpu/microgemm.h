@@ -43,6 +43,17 @@ void round_rows(const float* src, int64_t rows, int64_t n, int64_t lds, float sc
 // Paired rows of a bf16 matrix src [rows, n] (row stride lds; an odd last row pairs with zeros), its element
 // (i, j) zero where keep[i * n + j] == 0 (when keep is given; other values of keep do not scale it).
 void pack_rows(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t lds, const float* keep, uint32_t* dst);
+
+// A dropout mask as its 16-bit draws, in element order (dropout.h's draw_row): element e is kept when
+// draws[e] >= threshold. Half the bytes of a float keep mask, and no pass to make one.
+struct Drawn {
+  const uint16_t* draws;
+  uint32_t threshold;
+};
+// pack_rows with element (i, j) zero where it is dropped (keep.draws[i * n + j]).
+void pack_rows(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t lds, Drawn keep, uint32_t* dst);
+// out[e] = bf16(float(out[e]) + (kept(e) ? scale * v[e] : 0)), e < n: narrow's accumulate, masked by draws.
+void narrow_kept(const float* v, int64_t n, Drawn keep, float scale, c10::BFloat16* out);
 // dst[e] = keep[e] != 0 ? src[e] : 0, e < n (bf16, exact).
 void mask_bf16(const c10::BFloat16* src, int64_t n, const float* keep, c10::BFloat16* dst);
 
