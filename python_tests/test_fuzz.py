@@ -23,6 +23,7 @@ import peft_kernels as pk
 from peft_kernels import reference as R
 
 from conftest import INFO
+from tiny_models import assert_tolerance
 
 settings.register_profile("ci", derandomize=True, database=None, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -38,15 +39,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
-def max_error(a, b):
-    return (a.double() - b).abs().max().item() if a.numel() else 0.0
-
-
 def check(ours, low, exact, dtype, what):
-    assert ours.dtype == low.dtype and ours.shape == exact.shape, what
-    err, ref_err = max_error(ours, exact), max_error(low, exact)
-    atol = ATOL[dtype] * max(1.0, exact.abs().max().item() if exact.numel() else 0.0)
-    assert err <= 2 * ref_err + atol, f"{what}: error {err:.3g} vs reference-in-{dtype} {ref_err:.3g}"
+    assert_tolerance(ours, low, exact, ATOL[dtype] * max(1.0, exact.abs().max().item() if exact.numel() else 0.0), what)
 
 
 def operand(draw, shape, dtype, g, scale=1.0):

@@ -10,7 +10,7 @@ import torch
 
 import peft_kernels as pk
 from peft_kernels import reference as R
-from tiny_models import saved_tensors
+from tiny_models import assert_tolerance, saved_tensors
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -25,13 +25,6 @@ def quantized(n_out, n_in, blocksize=64, double_quant=True, seed=0, device="cpu"
 
 def call(ops, x, q, bias):
     return ops.nf4_linear(x, q.codes, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.blocksize, q.shape[0], bias)
-
-
-def check_close(ours, low, exact, dtype, what):
-    assert ours.dtype == low.dtype and ours.shape == exact.shape, what
-    err = (ours.double() - exact).abs().max().item()
-    ref_err = (low.double() - exact).abs().max().item()
-    assert err <= 2 * ref_err + ATOL[dtype], f"{what}: error {err:.3g} vs reference-in-{dtype} {ref_err:.3g}"
 
 
 # (lead shape, in, out, blocksize): odd out; in not a multiple of the blocksize (rows straddle blocks, odd
@@ -61,7 +54,7 @@ def test_values_and_grads(backend, dtype, case, double_quant, monkeypatch):
         y = fn(xx, bb)
         results.append([y.cpu(), *[t.cpu() for t in torch.autograd.grad(y, [xx, bb], gy.to(y.device))]])
     for name, ours, low, exact in zip(["y", "dx", "dbias"], *results):
-        check_close(ours, low, exact, dtype, name)
+        assert_tolerance(ours, low, exact, ATOL[dtype], name)
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
@@ -75,8 +68,8 @@ def test_cpu_gemv_instruction_sets(isa, dtype, monkeypatch):
         q = quantized(24, n_in, bs, True, seed=n_in)
         x = torch.randn(rows, n_in, generator=torch.Generator().manual_seed(rows)).to(dtype)
         bias = torch.randn(24, generator=torch.Generator().manual_seed(2)).to(dtype)
-        check_close(pk.nf4_linear(x, q, bias), R.nf4_linear(x, q, bias), R.nf4_linear(x.double(), q, bias.double()),
-                    dtype, f"{isa} in={n_in} bs={bs} rows={rows}")
+        assert_tolerance(pk.nf4_linear(x, q, bias), R.nf4_linear(x, q, bias),
+                         R.nf4_linear(x.double(), q, bias.double()), ATOL[dtype], f"{isa} in={n_in} bs={bs} rows={rows}")
 
 
 def test_cpu_isa_setting_is_checked(monkeypatch):

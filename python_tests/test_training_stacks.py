@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_kernels as pk
 from peft_kernels import reference as R
-from tiny_models import randomize, saved_tensors
+from tiny_models import assert_tolerance, randomize, saved_tensors
 
 VOCAB = 101
 TOKENS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -86,11 +86,6 @@ def test_loading_another_adapter_does_not_recompile(kind, tmp_path):
 
 
 # ---- autocast ------------------------------------------------------------------------------------------------
-def tolerance_check(ours, low, exact, atol, what):
-    err, ref_err = (ours.double() - exact).abs().max().item(), (low.double() - exact).abs().max().item()
-    assert err <= 2 * ref_err + atol, f"{what}: error {err:.3g} vs reference-in-bf16 {ref_err:.3g}"
-
-
 def reference_grads(fn, leaves, dy, dtype):
     """Outputs and gradients of ``fn`` (the reference) with every operand cast to ``dtype`` first, autograd
     flowing back through the casts (what autocast does to fp32 parameters)."""
@@ -127,7 +122,7 @@ def test_autocast_lora_linear(x_dtype, dropout):
     low = reference_grads(ref, rounded, dy, torch.bfloat16)
     exact = reference_grads(ref, rounded, dy.bfloat16(), torch.float64)
     for name, o, lo, ex in zip(["y", "dx", "dA", "dB"], [y, *grads], low, exact):
-        tolerance_check(o, lo, ex, 1e-2, name)
+        assert_tolerance(o, lo, ex, 1e-2, name, same_dtype=False)
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32], ids=["compute-bf16", "compute-fp32"])
@@ -154,7 +149,7 @@ def test_autocast_qlora_linear(compute_dtype):
     exact = reference_grads(ref, rounded, dy.to(compute_dtype), torch.float64)
     atol = 1e-2 if compute_dtype == torch.bfloat16 else 1e-5
     for name, o, lo, ex in zip(["y", "dx", "dA", "dB"], [y, *grads], low, exact):
-        tolerance_check(o, lo, ex, atol, name)
+        assert_tolerance(o, lo, ex, atol, name, same_dtype=False)
 
 
 @pytest.mark.parametrize("kind", ["lora", "qlora", "krona"])

@@ -1,6 +1,7 @@
 """The shared test helpers: small random-weight transformers models (no download: a LLaMA causal LM and a BERT
 classifier) and token ids for them, random adapter weights, the tensors autograd saves for backward, model
-snapshots for "left untouched" checks, and torch's intra-op thread count set for a block."""
+snapshots for "left untouched" checks, torch's intra-op thread count set for a block, and the tolerance rule of
+the kernel tests."""
 
 import contextlib
 
@@ -115,3 +116,14 @@ def assert_untouched(model, before: dict, what: str = "") -> None:
     assert not changed, f"values changed: {changed} {what}".rstrip()
     assert [(n, p.requires_grad) for n, p in model.named_parameters()] == before["flags"], \
         f"requires_grad flags changed {what}".rstrip()
+
+
+def assert_tolerance(ours: torch.Tensor, low: torch.Tensor, exact: torch.Tensor, atol: float, what: str,
+                     same_dtype: bool = True) -> None:
+    """The tolerance rule: ``ours`` is within twice the error of the reference run in the same low dtype (``low``),
+    plus ``atol``, of the reference in float64 (``exact``). Shapes must match, and dtypes unless ``same_dtype`` is
+    False (autocast: a gradient in its leaf's dtype against a reference run in bf16)."""
+    assert ours.shape == exact.shape and (ours.dtype == low.dtype or not same_dtype), what
+    err = (ours.double() - exact).abs().max().item() if ours.numel() else 0.0
+    ref_err = (low.double() - exact).abs().max().item() if low.numel() else 0.0
+    assert err <= 2 * ref_err + atol, f"{what}: error {err:.3g} vs reference-in-{low.dtype} {ref_err:.3g}"
