@@ -8,10 +8,12 @@
 // on an AVX-512 CPU (fp32/bf16/fp16) by microgemm.h's register tiles and vector mask/widen/narrow loops (bf16 with
 // even in and r on an AVX512-BF16 CPU: its bf16 pair products, down_bf16 / backward_bf16), elsewhere (fp64, other
 // CPUs, PEFT_KERNELS_CPU_ISA below avx512) by ATen's BLAS and scalar loops. Backward draws a block's
-// mask once for both gradients: one pass of draws over a 2048 x 1024 activation takes 1.17 ms on one core here.
+// mask once for both gradients: one pass of 32-bit draws over a 2048 x 1024 activation took 1.17 ms on one core
+// here, the dropout's 16-bit draws take half the Philox calls (philox.h). The bf16 pair path keeps the mask as the
+// draws themselves (2 bytes an element, compared where used) rather than a float mask made by an extra pass.
 // Side by side (`python -P bench/bench_qlora.py`, provider ours-blas = the BLAS path, 1024 -> 1024, M = 2048,
-// r = 16, dropout 0.1, the QLoRA layer whose LoRA part this is), ours / frozen Linear over two runs: bf16 1.24-1.25
-// (1.35-1.38), fp32 1.18-1.19 (1.21-1.24).
+// r = 16, dropout 0.1, the QLoRA layer whose LoRA part this is), ours / frozen Linear, median of 13 / 9 runs:
+// bf16 1.19 (spread 1.04-1.24; BLAS path 1.44-1.52), fp32 1.16 (1.04-1.20; 1.18-1.33).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
