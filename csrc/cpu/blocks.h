@@ -77,6 +77,17 @@ template <class Acc> Acc* scratch(int slot, int64_t n) {
 // handed back to the OS by glibc and faulted in again on the next call.
 template <class Acc> Acc* wave_partials(int64_t n) { return scratch<Acc>(kScratchSlots - 1, n); }
 
+// A row-major matrix src [rows, cols] of T transposed ([cols, rows]) and converted to Out: the small factors the
+// kernels read by columns (LoRA's B, KronA's A and B), once per call.
+template <class Out, class T> std::vector<Out> transposed(const void* src, int64_t rows, int64_t cols) {
+  const T* s = static_cast<const T*>(src);
+  std::vector<Out> t(rows * cols);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) t[j * rows + i] = static_cast<Out>(s[i * cols + j]);
+  }
+  return t;
+}
+
 // A kernel's buffer (Acc = float or double) as a tensor, no copy.
 template <class Acc> at::Tensor view(const Acc* data, at::IntArrayRef sizes) {
   return at::from_blob(const_cast<Acc*>(data), sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value));

@@ -241,12 +241,9 @@ struct SimdBf16 {
 
   // A bf16 factor [rows, cols], transposed ([cols, rows]) when `transpose`: bf16 values moved, none converted.
   static std::vector<bf16> copied(const void* src, int64_t rows, int64_t cols, bool transpose) {
+    if (transpose) return cpu::transposed<bf16, bf16>(src, rows, cols);
     const bf16* f = static_cast<const bf16*>(src);
-    std::vector<bf16> out(rows * cols);
-    for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t j = 0; j < cols; ++j) out[transpose ? j * rows + i : i * cols + j] = f[i * cols + j];
-    }
-    return out;
+    return std::vector<bf16>(f, f + rows * cols);
   }
 
   // Paired rows of a factor [rows, cols] (transposed first when `transpose`).

@@ -78,16 +78,6 @@ template <class T> void down_simd(const DownParams& p) {
   });
 }
 
-// B^T [r, out] from B [out, r] (row-major, T), in Out (float: widened; T: as is).
-template <class Out, class T> std::vector<Out> transposed(const void* b, int64_t out, int r) {
-  const T* src = static_cast<const T*>(b);
-  std::vector<Out> t(r * out);
-  for (int64_t o = 0; o < out; ++o) {
-    for (int j = 0; j < r; ++j) t[j * out + o] = static_cast<Out>(src[o * r + j]);
-  }
-  return t;
-}
-
 template <class T> void backward_simd(const BackwardParams& p) {
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
@@ -95,7 +85,7 @@ template <class T> void backward_simd(const BackwardParams& p) {
   const std::vector<float> a = widened(p.a, p.r * p.in, p.dtype);
   const bool fused = p.dxa == nullptr;
   const std::vector<float> dxa = fused ? std::vector<float>() : widened(p.dxa, p.m * p.r, p.dtype);
-  const std::vector<float> bt = fused ? transposed<float, T>(p.b, p.out, p.r) : std::vector<float>();
+  const std::vector<float> bt = fused ? cpu::transposed<float, T>(p.b, p.out, p.r) : std::vector<float>();
   const int64_t rows = block_rows(p.in, p.m), blocks = (p.m + rows - 1) / rows;
   const int64_t wave = cpu::wave_blocks(p.r * p.in * static_cast<int64_t>(sizeof(float)));
   float* da_part = cpu::wave_partials<float>(p.da ? std::min(blocks, wave) * p.r * p.in : 0);
@@ -177,7 +167,7 @@ void backward_bf16(const BackwardParams& p) {
   const bf16* dxa = static_cast<const bf16*>(p.dxa);
   const bf16* dy = static_cast<const bf16*>(p.dy);
   const bool fused = dxa == nullptr;  // then out is even: dy B as pair products along out
-  const std::vector<bf16> bt = fused ? transposed<bf16, bf16>(p.b, p.out, p.r) : std::vector<bf16>();
+  const std::vector<bf16> bt = fused ? cpu::transposed<bf16, bf16>(p.b, p.out, p.r) : std::vector<bf16>();
   bf16* dx = static_cast<bf16*>(p.dx);
   const float scale = static_cast<float>(p.drop.scale);
   std::vector<uint32_t> ap(p.r / 2 * p.in);  // A as paired rows [r / 2][in]
