@@ -255,7 +255,7 @@ struct SimdBf16 {
     return out;
   }
 
-  // x row r (masked by keep when dropped) as bf16: in place, or masked into buf.
+  // x row r (masked by keep when dropped) as bf16: in place, or masked into buf (backward: keep also masks dx).
   static const bf16* row_x(const bf16* x, int64_t n, const float* keep, bf16* buf) {
     if (keep == nullptr) return x;
     cpu::simd::mask_bf16(x, n, keep, buf);
@@ -271,14 +271,17 @@ struct SimdBf16 {
     const uint32_t* a = words(static_cast<const bf16*>(p.a));
     const std::vector<uint32_t> btp = paired(p.b, d.b_out, d.b_in, true);  // B^T [b_in / 2][b_out]
     at::parallel_for(0, p.m, cpu::block_rows(d.in(), p.m), [&](int64_t r0, int64_t r1) {
-      float* keep = cpu::scratch<float>(0, dropped ? d.in() : 0);
       float* t = cpu::scratch<float>(2, d.a_in * d.b_out);
       float* ybuf = cpu::scratch<float>(3, d.out());
       bf16* xbuf = cpu::scratch<bf16>(0, dropped ? d.in() : 0);
       uint32_t* tp = cpu::scratch<uint32_t>(0, d.a_in / 2 * d.b_out);
       for (int64_t r = r0; r < r1; ++r) {
-        if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep, true);
-        const uint32_t* xr = words(row_x(x + r * d.in(), d.in(), dropped ? keep : nullptr, xbuf));
+        const bf16* xrow = x + r * d.in();
+        if (dropped) {  // the row masked straight from its draws
+          cpu::drop_bf16(p.drop, r * d.in(), d.in(), xrow, xbuf);
+          xrow = xbuf;
+        }
+        const uint32_t* xr = words(xrow);
         cpu::simd::mm_bcast_bf16(d.a_in, d.b_out, d.b_in / 2, xr, d.b_in / 2, 1, btp.data(), d.b_out, t, d.b_out,
                                  false);
         cpu::simd::round_rows(t, d.a_in, d.b_out, d.b_out, s, tp);

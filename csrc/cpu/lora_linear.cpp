@@ -103,10 +103,11 @@ template <class T> void backward_simd(const BackwardParams& p) {
           const int64_t i0 = c * rows, n = std::min(rows, p.m - i0);
           const float* g = gf;
           if (fused) {  // this block's dxa = dy B, rounded to T as the GEMM's output would be
-            const float* d = reinterpret_cast<const float*>(dy + i0 * p.out);
-            if constexpr (!std::is_same_v<T, float>) {
+            const float* d = dyw;
+            if constexpr (std::is_same_v<T, float>) {
+              d = dy + i0 * p.out;
+            } else {
               cpu::simd::widen(dy + i0 * p.out, n * p.out, nullptr, dyw);
-              d = dyw;
             }
             cpu::simd::mm_dot(n, p.r, 1, p.out, d, p.out, 0, bt.data(), p.out, 0, gf, p.r, false);
             if constexpr (!std::is_same_v<T, float>) {

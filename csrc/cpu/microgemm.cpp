@@ -396,26 +396,20 @@ PK_AVX512 void mask_bf16(const c10::BFloat16* src, int64_t n, const float* keep,
   }
 }
 
-PK_AVX512 void keep_mask(const uint32_t* words, int64_t first, int64_t n, uint32_t threshold, float scale, float* out) {
-  // The halves of little-endian words are the draws in element order: 16 of them per 256-bit load.
-  const uint16_t* draws = reinterpret_cast<const uint16_t*>(words) + first;
-  const __m256i thr = _mm256_set1_epi16(static_cast<short>(threshold));
-  const __m512 kept = _mm512_set1_ps(scale);
+PK_AVX512 void keep_mask(Drawn keep, int64_t n, float scale, float* out) {
+  const __m512 s = _mm512_set1_ps(scale);
   for (int64_t e = 0; e < n; e += 16) {
     const __mmask16 mask = tail_mask(n - e);
-    const __mmask16 keep = _mm256_mask_cmpge_epu16_mask(mask, _mm256_maskz_loadu_epi16(mask, draws + e), thr);
-    _mm512_mask_storeu_ps(out + e, mask, _mm512_maskz_mov_ps(keep, kept));
+    _mm512_mask_storeu_ps(out + e, mask, _mm512_maskz_mov_ps(kept(keep, e, mask), s));
   }
 }
 
-PK_AVX512 void drop_bf16(const uint32_t* words, int64_t first, int64_t n, uint32_t threshold, const c10::BFloat16* src,
-                         c10::BFloat16* dst) {
-  const uint16_t* draws = reinterpret_cast<const uint16_t*>(words) + first;
-  const __m512i thr = _mm512_set1_epi16(static_cast<short>(threshold));
+PK_AVX512 void drop_bf16(Drawn keep, int64_t n, const c10::BFloat16* src, c10::BFloat16* dst) {
+  const __m512i thr = _mm512_set1_epi16(static_cast<short>(keep.threshold));
   for (int64_t e = 0; e < n; e += 32) {
     const __mmask32 mask = n - e >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - e)) - 1;
-    const __mmask32 keep = _mm512_mask_cmpge_epu16_mask(mask, _mm512_maskz_loadu_epi16(mask, draws + e), thr);
-    _mm512_mask_storeu_epi16(dst + e, mask, _mm512_maskz_loadu_epi16(keep, src + e));
+    const __mmask32 live = _mm512_mask_cmpge_epu16_mask(mask, _mm512_maskz_loadu_epi16(mask, keep.draws + e), thr);
+    _mm512_mask_storeu_epi16(dst + e, mask, _mm512_maskz_loadu_epi16(live, src + e));
   }
 }
 

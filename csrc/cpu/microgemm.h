@@ -44,7 +44,7 @@ void round_rows(const float* src, int64_t rows, int64_t n, int64_t lds, float sc
 // (i, j) zero where keep[i * n + j] == 0 (when keep is given; other values of keep do not scale it).
 void pack_rows(const c10::BFloat16* src, int64_t rows, int64_t n, int64_t lds, const float* keep, uint32_t* dst);
 
-// A dropout mask as its 16-bit draws, in element order (dropout.h's draw_row): element e is kept when
+// A dropout mask as its 16-bit draws, in element order (dropout.h's draw_runs, draw_row): element e is kept when
 // draws[e] >= threshold. Half the bytes of a float keep mask, and no pass to make one.
 struct Drawn {
   const uint16_t* draws;
@@ -57,14 +57,11 @@ void narrow_kept(const float* v, int64_t n, Drawn keep, float scale, c10::BFloat
 // dst[e] = keep[e] != 0 ? src[e] : 0, e < n (bf16, exact).
 void mask_bf16(const c10::BFloat16* src, int64_t n, const float* keep, c10::BFloat16* dst);
 
-// out[e] = draw(first + e) >= threshold ? scale : 0, e < n, where draw(i) is the 16-bit half i & 1 (low first) of
-// words[i >> 1]: a dropout keep mask from Philox draws (dropout.h).
-void keep_mask(const uint32_t* words, int64_t first, int64_t n, uint32_t threshold, float scale, float* out);
+// out[e] = kept(e) ? scale : 0, e < n: a float keep mask from the draws (dropout.h's mask_row).
+void keep_mask(Drawn keep, int64_t n, float scale, float* out);
 
-// dst[e] = draw(first + e) >= threshold ? src[e] : 0, e < n (draw(i) as keep_mask's): dropout applied to bf16
-// values straight from the draws, 32 lanes at a time.
-void drop_bf16(const uint32_t* words, int64_t first, int64_t n, uint32_t threshold, const c10::BFloat16* src,
-               c10::BFloat16* dst);
+// dst[e] = kept(e) ? src[e] : 0, e < n: dropout applied to bf16 values straight from the draws, 32 lanes at a time.
+void drop_bf16(Drawn keep, int64_t n, const c10::BFloat16* src, c10::BFloat16* dst);
 
 // dst[e] = float(src[e]) * (keep ? keep[e] : 1), e < n.
 template <class T> void widen(const T* src, int64_t n, const float* keep, float* dst);

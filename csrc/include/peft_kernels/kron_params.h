@@ -1,7 +1,8 @@
 // Torch-free parameter blocks of the kron_linear kernels (csrc/cpu/kron_linear.cpp, csrc/cuda/kron_linear.cu).
 // All matrices are row-major and contiguous: x [m, in], y and dy [m, out], A [a_out, a_in], B [b_out, b_in]
 // (index maps in kron.h). Dropout is LoRA's: element e = row * in + col of x is kept when its 16-bit Philox
-// draw (philox::dropout_draw) is >= drop.threshold (threshold 0: no dropout, and no draw is made); drop.scale folds in scaling / (1 - p).
+// draw (philox::dropout_draw) is >= drop.threshold (threshold 0: no dropout, and no draw is made); drop.scale
+// folds in scaling / (1 - p).
 #pragma once
 #include <cstdint>
 

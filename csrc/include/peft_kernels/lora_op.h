@@ -1,9 +1,10 @@
 // The fused LoRA op bodies, written once for every backend:
 //   y = x W^T + b + scaling * (dropout(x) A^T) B^T,   x [..., in], W [out, in], A [r, in], B [out, r].
 // A Backend also declares `static constexpr bool kFloat64` (whether its kernels take fp64: the CPU's do, for
-// gradcheck) and `kFusedDxa` (whether its backward computes dxa = dy B itself, lora_params.h). The three large products (x W^T, dy W, and with p = 0 the rank-r ones) go to the platform BLAS through
-// ATen; the rank-r update of y is an in-place GEMM accumulate (beta = 1), so y is written once. With
-// dropout the Backend's kernels apply the Philox mask on the fly:
+// gradcheck) and `kFusedDxa` (whether its backward computes dxa = dy B itself, lora_params.h). The large products
+// (x W^T, dy W, with p = 0 the rank-r ones, and dxa unless kFusedDxa) go to the platform BLAS through ATen; the
+// rank-r update of y is an in-place GEMM accumulate (beta = 1), so y is written once. With dropout the Backend's
+// kernels apply the Philox mask on the fly:
 //   Backend::down(DownParams)          xa = (mask * x) A^T / (1 - p)
 //   Backend::backward(BackwardParams)  dx += mask * (dxa A) * s, dA = dxa^T (mask * x) * s, in one pass
 // so neither the mask nor the dropped x is ever stored. Saved for backward: x (only when A is trainable)
