@@ -107,22 +107,29 @@ def test_llama_widths_cpu(dtype, shape):
 # The bf16 pair products need even factor dimensions: TAILS (odd) takes the fp32 tiles even in bf16.
 TAILS = (9, 6, 37, 45)
 EVEN_TAILS = (10, 6, 38, 46)
+# The AMX tiles need every factor dimension a multiple of 32: a_out = 96 is a 32 + 32 + 32 row split with its
+# last block of C one tile high, b_out = 64 two tile columns, a_in = b_in = 32 one tile's k (in = 1024, out = 6144).
+AMX_SHAPE = (96, 32, 64, 32)
 HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-HAS_AVX512_BF16 = HAS_AVX512 and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+CPU_FLAGS = Path("/proc/cpuinfo").read_text()
+HAS_AVX512_BF16 = HAS_AVX512 and "avx512_bf16" in CPU_FLAGS
+HAS_AMX = HAS_AVX512_BF16 and "amx_bf16" in CPU_FLAGS and "amx_tile" in CPU_FLAGS
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p25"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2"], ids=["bf16-pairs", "tiles", "blas"])
+@pytest.mark.parametrize("isa", ["amx", "avx512_bf16", "avx512", "avx2"], ids=["amx", "bf16-pairs", "tiles", "blas"])
 def test_cpu_paths(isa, dtype, p, monkeypatch):
     """Every CPU path against the float64 reference: the AVX-512 register tiles (fp32/bf16/fp16 with factors of at
     most 64K values, on an AVX-512 CPU), their bf16 pair-product form (bf16 with even factor dimensions, on an
-    AVX512-BF16 CPU) and the BLAS path (other CPUs, larger factors, fp64, and whenever PEFT_KERNELS_CPU_ISA caps
-    the instruction set below avx512)."""
-    if isa == "avx512" and not HAS_AVX512 or isa == "avx512_bf16" and not HAS_AVX512_BF16:
+    AVX512-BF16 CPU), the AMX tile products (bf16 with factor dimensions multiples of 32, on an AMX CPU: AMX_SHAPE)
+    and the BLAS path (other CPUs, larger factors, fp64, and whenever PEFT_KERNELS_CPU_ISA caps the instruction set
+    below avx512)."""
+    available = {"amx": HAS_AMX, "avx512_bf16": HAS_AVX512_BF16, "avx512": HAS_AVX512, "avx2": True}
+    if not available[isa]:
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", isa)
-    for shape in (TAILS, EVEN_TAILS):
+    for shape in (TAILS, EVEN_TAILS) + ((AMX_SHAPE,) if isa == "amx" else ()):
         for weight in (True, False):
             check_against_reference(torch.ops.peft_kernels, "cpu", shape, dtype, p, weight, lead=(2, 7))
         for frozen in (("A",), ("B",), ("A", "B")):  # the kernels skip the frozen factor's gradient

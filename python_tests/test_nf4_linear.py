@@ -74,7 +74,7 @@ def test_cpu_gemv_instruction_sets(isa, dtype, monkeypatch):
 
 def test_cpu_isa_setting_is_checked(monkeypatch):
     monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", "sse9")
-    expected = r"PEFT_KERNELS_CPU_ISA must be scalar, avx2, avx512 or avx512_bf16, got 'sse9'"
+    expected = r"PEFT_KERNELS_CPU_ISA must be scalar, avx2, avx512, avx512_bf16 or amx, got 'sse9'"
     with pytest.raises(ValueError, match=expected):
         pk.nf4_linear(torch.randn(2, 64), quantized(8, 64))
 

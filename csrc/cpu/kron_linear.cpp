@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "amx.h"
 #include "blocks.h"
 #include "dispatch.h"
 #include "dropout.h"
@@ -368,6 +369,138 @@ struct SimdBf16 {
   }
 };
 
+// bf16 on an AMX CPU (cpu::Isa::kAmx) with every factor dimension a multiple of 32 (one tile's k; m and n need
+// 16): SimdBf16's contractions and roundings as tile products (amx.h), per row forward, and backward per row for
+// H_r, dX_r and T_r; dA and dB over a whole block of rows in one batched product each, their sums held in tiles:
+//   dA = sum_r dY_r T_r^T   (a: dY_r in place, pairs along b_out; b: paired rows of T_r^T = T_r's words transposed)
+//   dB = sum_r H_r^T X_r    (a: H_r^T's pairs = H_r's paired rows transposed; b: X_r's paired rows)
+// Both contract over an index that is inner (dA) or outer (dB) in both operands, so one of the two is transposed
+// per row (amx::transpose_words). `python -P bench/bench_kron_linear.py --dtype bf16` on this Xeon (AMX, 2 cores),
+// ours / frozen Linear, forward + backward: see the README's KronA table.
+struct AmxBf16 {
+  using bf16 = c10::BFloat16;
+
+  static bool usable(DType dtype, const Dims& d) {
+    return dtype == DType::kBFloat16 && d.a_out % 32 == 0 && d.a_in % 32 == 0 && d.b_out % 32 == 0 &&
+           d.b_in % 32 == 0 && cpu::pick_isa() >= cpu::Isa::kAmx;
+  }
+
+  static void forward(const ForwardParams& p) {
+    const Dims d = p.d;
+    const bf16* x = static_cast<const bf16*>(p.x);
+    bf16* y = static_cast<bf16*>(p.y);
+    const bool dropped = p.drop.threshold != 0;
+    const float s = static_cast<float>(p.drop.scale);
+    const uint32_t* a = SimdBf16::words(static_cast<const bf16*>(p.a));
+    const std::vector<uint32_t> btp = SimdBf16::paired(p.b, d.b_out, d.b_in, true);  // B^T [b_in / 2][b_out]
+    at::parallel_for(0, p.m, cpu::block_rows(d.in(), p.m), [&](int64_t r0, int64_t r1) {
+      const cpu::amx::Tiles tiles;
+      float* t = cpu::scratch<float>(2, d.a_in * d.b_out);
+      float* ybuf = cpu::scratch<float>(3, d.out());
+      bf16* xbuf = cpu::scratch<bf16>(0, dropped ? d.in() : 0);
+      uint32_t* tp = cpu::scratch<uint32_t>(0, d.a_in / 2 * d.b_out);
+      for (int64_t r = r0; r < r1; ++r) {
+        const bf16* xrow = x + r * d.in();
+        if (dropped) {
+          cpu::drop_bf16(p.drop, r * d.in(), d.in(), xrow, xbuf);
+          xrow = xbuf;
+        }
+        cpu::amx::mm(d.a_in, d.b_out, d.b_in / 2, 1, SimdBf16::words(xrow), d.b_in / 2, 0, btp.data(), d.b_out, 0, t,
+                     d.b_out, false);
+        cpu::simd::round_rows(t, d.a_in, d.b_out, d.b_out, s, tp);
+        cpu::amx::mm(d.a_out, d.b_out, d.a_in / 2, 1, a, d.a_in / 2, 0, tp, d.b_out, 0, ybuf, d.b_out, false);
+        cpu::simd::narrow(ybuf, d.out(), nullptr, p.accumulate, y + r * d.out());
+      }
+    });
+  }
+
+  static void backward(const BackwardParams& p) {
+    const Dims d = p.d;
+    const bf16* x = static_cast<const bf16*>(p.x);
+    const bf16* dy = static_cast<const bf16*>(p.dy);
+    bf16* dx = static_cast<bf16*>(p.dx);
+    const bool dropped = p.drop.threshold != 0;
+    const float s = static_cast<float>(p.drop.scale);
+    const std::vector<bf16> at = SimdBf16::copied(p.a, d.a_out, d.a_in, true);  // A^T [a_in, a_out]
+    const std::vector<uint32_t> bp = SimdBf16::paired(p.b, d.b_out, d.b_in, false);
+    const std::vector<uint32_t> btp = p.da ? SimdBf16::paired(p.b, d.b_out, d.b_in, true) : std::vector<uint32_t>();
+    const bool need_h = dx != nullptr || p.db != nullptr;
+    const Blocks blocks(d, p.m);
+    const int64_t da_size = d.a_out * d.a_in, db_size = d.b_out * d.b_in;
+    const int64_t wave = cpu::wave_blocks((da_size + db_size) * static_cast<int64_t>(sizeof(float)));
+    const int64_t slots = std::min(blocks.count, wave);
+    float* da_part = cpu::wave_partials<float>(slots * ((p.da ? da_size : 0) + (p.db ? db_size : 0)));
+    float* db_part = da_part + (p.da ? slots * da_size : 0);
+    std::vector<float> da_sum(p.da ? da_size : 0), db_sum(p.db ? db_size : 0);
+    // Per row of a block: H_r^T's pairs [b_out][a_in / 2], X_r's paired rows [a_in / 2][b_in], T_r^T's paired rows
+    // [b_out / 2][a_in], all a_in * b_out / 2 or in / 2 words.
+    const int64_t ht_size = d.b_out * d.a_in / 2, xp_size = d.in() / 2, tt_size = d.b_out * d.a_in / 2;
+    const auto body = [&](int64_t c0, int64_t c1, int64_t w0) {
+      const cpu::amx::Tiles tiles;
+      const int64_t most = blocks.rows;
+      const bool db = p.db != nullptr && x != nullptr, da = p.da != nullptr && x != nullptr;
+      float* keep = cpu::scratch<float>(0, dropped ? d.in() : 0);
+      float* h = cpu::scratch<float>(2, need_h ? d.a_in * d.b_out : 0);
+      float* dxbuf = cpu::scratch<float>(3, dx ? d.in() : 0);
+      float* t = cpu::scratch<float>(4, da ? d.a_in * d.b_out : 0);
+      bf16* xbuf = cpu::scratch<bf16>(0, x && dropped ? d.in() : 0);
+      bf16* hb = cpu::scratch<bf16>(1, dx ? d.a_in * d.b_out : 0);
+      bf16* tb = cpu::scratch<bf16>(2, da ? d.a_in * d.b_out : 0);
+      uint32_t* dyp = cpu::scratch<uint32_t>(0, need_h ? d.a_out / 2 * d.b_out : 0);
+      uint32_t* hp = cpu::scratch<uint32_t>(1, db ? d.a_in / 2 * d.b_out : 0);
+      uint32_t* ht = cpu::scratch<uint32_t>(2, db ? most * ht_size : 0);
+      uint32_t* xp = cpu::scratch<uint32_t>(3, db ? most * xp_size : 0);
+      uint32_t* tt = cpu::scratch<uint32_t>(4, da ? most * tt_size : 0);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t r0 = c * blocks.rows, rows = std::min(blocks.rows, p.m - r0);
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t r = r0 + i;
+          if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep, true);
+          if (need_h) {
+            cpu::simd::pack_rows(dy + r * d.out(), d.a_out, d.b_out, d.b_out, nullptr, dyp);
+            cpu::amx::mm(d.a_in, d.b_out, d.a_out / 2, 1, SimdBf16::words(at.data()), d.a_out / 2, 0, dyp, d.b_out, 0,
+                         h, d.b_out, false);
+          }
+          if (dx != nullptr) {
+            cpu::simd::round_bf16(h, d.a_in * d.b_out, s, hb);
+            cpu::amx::mm(d.a_in, d.b_in, d.b_out / 2, 1, SimdBf16::words(hb), d.b_out / 2, 0, bp.data(), d.b_in, 0,
+                         dxbuf, d.b_in, false);
+            cpu::simd::narrow(dxbuf, d.in(), dropped ? keep : nullptr, p.accumulate_dx, dx + r * d.in());
+          }
+          if (x == nullptr) continue;
+          const bf16* xr = SimdBf16::row_x(x + r * d.in(), d.in(), dropped ? keep : nullptr, xbuf);
+          if (db) {
+            cpu::simd::round_rows(h, d.a_in, d.b_out, d.b_out, s, hp);
+            cpu::amx::transpose_words(hp, d.a_in / 2, d.b_out, d.b_out, ht + i * ht_size, d.a_in / 2);
+            cpu::simd::pack_rows(xr, d.a_in, d.b_in, d.b_in, nullptr, xp + i * xp_size);
+          }
+          if (da) {
+            cpu::amx::mm(d.a_in, d.b_out, d.b_in / 2, 1, SimdBf16::words(xr), d.b_in / 2, 0, btp.data(), d.b_out, 0,
+                         t, d.b_out, false);
+            cpu::simd::round_bf16(t, d.a_in * d.b_out, s, tb);
+            cpu::amx::transpose_words(SimdBf16::words(tb), d.a_in, d.b_out / 2, d.b_out / 2, tt + i * tt_size,
+                                      d.a_in);
+          }
+        }
+        if (db) {
+          cpu::amx::mm(d.b_out, d.b_in, d.a_in / 2, rows, ht, d.a_in / 2, ht_size, xp, d.b_in, xp_size,
+                       db_part + (c - w0) * db_size, d.b_in, false);
+        }
+        if (da) {
+          cpu::amx::mm(d.a_out, d.a_in, d.b_out / 2, rows, SimdBf16::words(dy + r0 * d.out()), d.b_out / 2,
+                       d.out() / 2, tt, d.a_in, tt_size, da_part + (c - w0) * da_size, d.a_in, false);
+        }
+      }
+    };
+    cpu::in_waves(blocks.count, wave, body, [&](int64_t n) {
+      if (p.da != nullptr) cpu::add_partials(da_sum.data(), da_part, n, da_size);
+      if (p.db != nullptr) cpu::add_partials(db_sum.data(), db_part, n, db_size);
+    });
+    if (p.da != nullptr) cpu::simd::narrow(da_sum.data(), da_size, nullptr, false, static_cast<bf16*>(p.da));
+    if (p.db != nullptr) cpu::simd::narrow(db_sum.data(), db_size, nullptr, false, static_cast<bf16*>(p.db));
+  }
+};
+
 struct Cpu {
   struct Guard {
     explicit Guard(at::Device) {}
@@ -376,6 +509,7 @@ struct Cpu {
   static constexpr bool kWorkspace = false;
 
   static void forward(const ForwardParams& p) {
+    if (use_simd(p.dtype, p.d) && AmxBf16::usable(p.dtype, p.d)) return AmxBf16::forward(p);
     if (use_simd(p.dtype, p.d) && SimdBf16::usable(p.dtype, p.d)) return SimdBf16::forward(p);
     if (use_simd(p.dtype, p.d)) {
       dispatch(p.dtype, [&]<class T>() {
@@ -427,6 +561,7 @@ struct Cpu {
 
   // dA and dB are summed per block, then in waves of blocks (blocks.h): the same whatever the thread count.
   static void backward(const BackwardParams& p) {
+    if (use_simd(p.dtype, p.d) && AmxBf16::usable(p.dtype, p.d)) return AmxBf16::backward(p);
     if (use_simd(p.dtype, p.d) && SimdBf16::usable(p.dtype, p.d)) return SimdBf16::backward(p);
     if (use_simd(p.dtype, p.d)) {
       dispatch(p.dtype, [&]<class T>() {
