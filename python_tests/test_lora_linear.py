@@ -79,32 +79,39 @@ def test_values_and_grads(backend, dtype, r, p):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_dropout_backward_in_waves_matches_reference_whatever_the_threads(dtype):
     """The CPU dropout backward sums dA in waves of row blocks (16 blocks of 16 rows at in=4096, r=64): 600 rows
-    take three waves, the last one partial. dA must match the float64 reference and be bit-identical on 1 and 2
-    threads (per-thread partial sums would not be). bf16 runs the pair products where the CPU has them."""
+    take three waves, the last one partial. Every output must match the float64 reference, and dA be bit-identical
+    on 1 and 2 threads (per-thread partial sums would not be). The other outputs go through oneDNN's GEMMs (the base
+    layer, the rank-r update of y, dB), whose sums vary with the thread count on an AMX Xeon: y differed there.
+    bf16 runs the pair products where the CPU has them."""
     args = make((600,), 4096, 33, 64, dtype, seed=5)
     dy = torch.randn(600, 33, generator=torch.Generator().manual_seed(2)).to(dtype)
     one, two = on_thread_counts(lambda: grads_of(run_ours(torch.ops.peft_kernels, 0.5, 0.3, seed=4), args, dy))
-    for name, a, b in zip(GRAD_NAMES, one, two):
-        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+    one_da, two_da = (grads[GRAD_NAMES.index("dA")] for grads in (one, two))
+    assert torch.equal(one_da, two_da), "dA differs between 1 and 2 threads"
     assert_matches_reference(one, args, dy, 0.5, 0.3, 4, dtype)
 
 
 HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-HAS_AVX512_BF16 = HAS_AVX512 and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+CPU_FLAGS = Path("/proc/cpuinfo").read_text()
+HAS_AVX512_BF16 = HAS_AVX512 and "avx512_bf16" in CPU_FLAGS
+HAS_AMX = HAS_AVX512_BF16 and "amx_bf16" in CPU_FLAGS and "amx_tile" in CPU_FLAGS
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2"], ids=["bf16-pairs", "tiles", "blas"])
+@pytest.mark.parametrize("isa", ["amx", "avx512_bf16", "avx512", "avx2"], ids=["amx", "bf16-pairs", "tiles", "blas"])
 def test_cpu_dropout_paths(isa, dtype, monkeypatch):
     """Every CPU path of the dropout kernels: the AVX-512 register tiles (fp32/bf16/fp16 on an AVX-512 CPU), their
-    bf16 pair-product form (bf16 with even in and r, on an AVX512-BF16 CPU) and the BLAS path (other CPUs, fp64,
+    bf16 pair-product form (bf16 with even in and r, on an AVX512-BF16 CPU), its AMX tile products for x A^T and
+    dy B (r a multiple of 16, in and out of 32, on an AMX CPU) and the BLAS path (other CPUs, fp64,
     PEFT_KERNELS_CPU_ISA below avx512). in = 67, r = 19 and in = 66, r = 18 give every tile a tail, 55 rows an odd
-    block (a row paired with zeros); out = 46 lets the bf16 pair path compute dy B itself, out = 45 makes it take
-    dy B from the BLAS; then the mask, bit for bit, on row lengths (37, 38) that start rows mid-group."""
-    if isa == "avx512" and not HAS_AVX512 or isa == "avx512_bf16" and not HAS_AVX512_BF16:
+    block (a row paired with zeros; on AMX 48 rows of tiles and 7 of pair products); out = 46 lets the bf16 pair
+    path compute dy B itself, out = 45 makes it take dy B from the BLAS; then the mask, bit for bit, on row lengths
+    (37, 38) that start rows mid-group."""
+    available = {"amx": HAS_AMX, "avx512_bf16": HAS_AVX512_BF16, "avx512": HAS_AVX512, "avx2": True}
+    if not available[isa]:
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", isa)
-    shapes = [(67, 19, 45), (66, 18, 45), (66, 18, 46)]
+    shapes = [(67, 19, 45), (66, 18, 45), (66, 18, 46)] + ([(96, 32, 64), (64, 16, 96)] if isa == "amx" else [])
     for (n_in, r, out), frozen in itertools.product(shapes, [(), ("lora_A",), ("lora_A", "lora_B")]):
         args = make((5, 11), n_in, out, r, dtype, seed=r)
         for name in frozen:  # LoRA-FA, and dx alone: the kernels skip dA (and the whole adapter gradient)
