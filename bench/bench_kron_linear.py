@@ -16,7 +16,9 @@ Check the printed load: torch runs 2 threads on 2 cores here, so another tenant 
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -168,7 +170,31 @@ def cost_table() -> None:
     print(f"ratio materialized / ours: forward {mat_fwd / ours_fwd:.0f}x, backward {mat_bwd / ours_bwd:.0f}x FLOPs")
 
 
+def passes_floor(rows: list[harness.Row]) -> None:
+    """What the 1.15 target leaves the branch, against the memory passes any implementation that adds into the
+    frozen layer's outputs must make (the base GEMMs being the platform's): forward reads x and adds into y (a read
+    and a read-modify-write of a [M, 1024] activation), backward reads x and dy and adds into dx. In copies of one
+    activation (a copy reads and writes it once): 3 reads ~ 1.5 copies, 2 read-modify-writes ~ 2 copies."""
+    i, o, m = SHAPE
+    print("\nbudget at ours/base = 1.15 vs the branch's memory passes (3.5 copies of a [M, 1024] activation):")
+    for row in rows:
+        if row.mode != "full" or row.provider != "base":
+            continue
+        dtype = harness.DTYPES[row.case.split()[-1]]
+        src = torch.randn(m, i, dtype=dtype)
+        dst = torch.empty_like(src)
+        times = []
+        for _ in range(60):
+            start = time.perf_counter()
+            dst.copy_(src)
+            times.append((time.perf_counter() - start) * 1e3)
+        copy = statistics.median(times[10:])
+        print(f"  {row.case}: budget {0.15 * row.median_ms:.2f} ms (0.15 x base {row.median_ms:.2f} ms); "
+              f"copy {copy:.3f} ms, passes >= {3.5 * copy:.2f} ms")
+
+
 if __name__ == "__main__":
     args, rows = harness.main("kron_linear", cases, providers, modes=("forward", "full"), baseline="base")
     summary(rows)
+    passes_floor(rows)
     cost_table()
