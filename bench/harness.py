@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import dataclasses
 import datetime
 import os
@@ -129,6 +130,19 @@ def memory_bytes(fn: Callable[[], object], cuda: bool) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+def hold_freed_memory() -> None:
+    """Keep freed memory in the process: glibc hands blocks of 4 MiB and more back to the kernel on free (its mmap
+    and trim thresholds), so a step's activations (4 MiB at the layer benchmarks' 2048 x 1024 bf16) are faulted in
+    again on the next step. On an AMX Xeon VM that was ~1,000 page faults and ~1 ms a step, hitting whichever
+    provider ran after a free: one bench_qlora.py bf16 ratio ranged 1.22-2.33 over four runs. Raising both thresholds
+    (mallopt, as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ would) takes the allocator out of the ratios;
+    ``--glibc-malloc`` keeps glibc's defaults."""
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31)):
+        raise RuntimeError("mallopt refused the thresholds: run with --glibc-malloc")
+
+
 def parse_args(description: str, default_dtypes: str) -> argparse.Namespace:
     """The common command line; adds ``args.dtypes`` (torch dtypes parsed from ``--dtype``)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -139,6 +153,8 @@ def parse_args(description: str, default_dtypes: str) -> argparse.Namespace:
                         help="where the inputs live")
     parser.add_argument("--dtype", default=default_dtypes, help=f"comma list from {','.join(DTYPES)}")
     parser.add_argument("--quick", action="store_true", help="fewer and smaller cases")
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="keep glibc's mmap/trim thresholds (default: raised, see hold_freed_memory)")
     args = parser.parse_args()
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
@@ -164,6 +180,8 @@ def main(
     each case/mode finishes) and write ``<out>/<name>.csv``. Returns the parsed arguments and the rows, for
     bench-specific extras."""
     args = parse_args(f"Benchmark {name}: times per provider and ratios to {baseline!r}.", default_dtypes)
+    if not args.glibc_malloc:
+        hold_freed_memory()
     cuda = args.device == "cuda"
     torch.manual_seed(0)  # identical inputs from run to run
     device_name = torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
@@ -171,7 +189,8 @@ def main(
     threads = torch.get_num_threads()
     load = os.getloadavg()[0]  # other tenants' load skews every timing: record it next to them
     print(f"# {name}: torch {torch.__version__} | {device_name} | torch threads {threads} | load {load:.2f} | {date}")
-    print(f"warmup {args.warmup}, repeats {args.repeats}; IQR = q3 - q1; x {baseline} = median / {baseline} median")
+    print(f"warmup {args.warmup}, repeats {args.repeats}; IQR = q3 - q1; x {baseline} = median / {baseline} median; "
+          f"malloc: {'glibc defaults' if args.glibc_malloc else 'freed memory held (hold_freed_memory)'}")
     mem_label = "CUDA peak MiB (above inputs)" if cuda else "out MiB (returned tensors)"
     print(f"\n| case | mode | provider | median ms | IQR ms | x {baseline} | {mem_label} |")
     print("|---|---|---|--:|--:|--:|--:|")

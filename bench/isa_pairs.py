@@ -2,22 +2,19 @@
 (AMX tiles, AVX512-BF16 pair products, AVX-512 fp32 tiles, BLAS) gains over another on the same machine, load and
 allocator state. PEFT_KERNELS_CPU_ISA is read on every kernel call (csrc/cpu/isa.h), so one process can switch.
 
-    python -P bench/isa_pairs.py [--layer qlora|lora|kron] [--dtype bf16|fp32] [--a avx512_bf16] [--b amx] [--pairs 60]
+    python -P bench/isa_pairs.py [--layer qlora|lora|kron] [--dtype bf16|fp32] [--a avx512_bf16] [--b amx]
+                                 [--pairs 60] [--glibc-malloc]
 
 Shapes as bench_qlora.py / bench_kron_linear.py: 1024 -> 1024, M = 2048 tokens; LoRA and QLoRA r = 16, dropout 0.1;
 KronA A 32x32 (x) B 32x32, dropout 0. A step: grads reset to None, forward, backward of dy. Reported: both medians
 and the median of the per-pair differences a - b (which drifts less with this shared machine's load).
 
-glibc returns freed blocks of 4 MiB and more to the kernel, so each step's activations (4 MiB at this shape) are
-faulted in again: ~1000 page faults a step on this VM, about 1 ms, which varies with what ran before. The script
-raises glibc's mmap and trim thresholds first (mallopt), as the environment variables MALLOC_MMAP_THRESHOLD_ and
-MALLOC_TRIM_THRESHOLD_ would; --keep-malloc leaves them.
+Freed memory is held in the process (harness.hold_freed_memory) unless --glibc-malloc.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import sys
@@ -56,13 +53,10 @@ def main() -> None:
     parser.add_argument("--a", choices=ISAS, default="avx512_bf16")
     parser.add_argument("--b", choices=ISAS, default="amx")
     parser.add_argument("--pairs", type=int, default=60)
-    parser.add_argument("--keep-malloc", action="store_true")
+    parser.add_argument("--glibc-malloc", action="store_true")
     args = parser.parse_args()
-    if not args.keep_malloc:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        libc.mallopt(m_trim_threshold, 1 << 31)
+    if not args.glibc_malloc:
+        harness.hold_freed_memory()
     dtype = harness.DTYPES[args.dtype]
     torch.manual_seed(0)
     m = layer(args.layer, dtype)
