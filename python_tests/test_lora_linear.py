@@ -101,22 +101,25 @@ HAS_AMX = HAS_AVX512_BF16 and "amx_bf16" in CPU_FLAGS and "amx_tile" in CPU_FLAG
 @pytest.mark.parametrize("isa", ["amx", "avx512_bf16", "avx512", "avx2"], ids=["amx", "bf16-pairs", "tiles", "blas"])
 def test_cpu_dropout_paths(isa, dtype, monkeypatch):
     """Every CPU path of the dropout kernels: the AVX-512 register tiles (fp32/bf16/fp16 on an AVX-512 CPU), their
-    bf16 pair-product form (bf16 with even in and r, on an AVX512-BF16 CPU), its AMX tile products for x A^T and
-    dy B (r a multiple of 16, in and out of 32, on an AMX CPU) and the BLAS path (other CPUs, fp64,
-    PEFT_KERNELS_CPU_ISA below avx512). in = 67, r = 19 and in = 66, r = 18 give every tile a tail, 55 rows an odd
-    block (a row paired with zeros; on AMX 48 rows of tiles and 7 of pair products); out = 46 lets the bf16 pair
-    path compute dy B itself, out = 45 makes it take dy B from the BLAS; then the mask, bit for bit, on row lengths
+    bf16 pair-product form (bf16 with even in and r, on an AVX512-BF16 CPU), its AMX tile products (r a multiple of
+    16, in and out of 32, on an AMX CPU) and the BLAS path (other CPUs, fp64, PEFT_KERNELS_CPU_ISA below avx512).
+    in = 67, r = 19 and in = 66, r = 18 give every tile a tail, 55 rows an odd block (a row paired with zeros; on
+    AMX 48 rows of tiles and 7 of pair products; r = 16 pads dx's k, r = 32 does not; in = 1024 makes blocks of 64
+    rows, whose dA is a tile product, and a last block of 16 on pair products); out = 46 lets the bf16 pair path
+    compute dy B itself, out = 45 makes it take dy B from the BLAS; then the mask, bit for bit, on row lengths
     (37, 38) that start rows mid-group."""
     available = {"amx": HAS_AMX, "avx512_bf16": HAS_AVX512_BF16, "avx512": HAS_AVX512, "avx2": True}
     if not available[isa]:
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", isa)
-    shapes = [(67, 19, 45), (66, 18, 45), (66, 18, 46)] + ([(96, 32, 64), (64, 16, 96)] if isa == "amx" else [])
-    for (n_in, r, out), frozen in itertools.product(shapes, [(), ("lora_A",), ("lora_A", "lora_B")]):
-        args = make((5, 11), n_in, out, r, dtype, seed=r)
+    shapes = [(67, 19, 45, (5, 11)), (66, 18, 45, (5, 11)), (66, 18, 46, (5, 11))]
+    if isa == "amx":  # in = 1024: blocks of 64 rows, dA's tile product on the first, pair products on the last 16
+        shapes += [(96, 32, 64, (5, 11)), (64, 16, 96, (5, 11)), (1024, 16, 64, (2, 40))]
+    for (n_in, r, out, lead), frozen in itertools.product(shapes, [(), ("lora_A",), ("lora_A", "lora_B")]):
+        args = make(lead, n_in, out, r, dtype, seed=r)
         for name in frozen:  # LoRA-FA, and dx alone: the kernels skip dA (and the whole adapter gradient)
             args[name].requires_grad_(False)
-        dy = torch.randn(5, 11, out, generator=torch.Generator().manual_seed(3)).to(dtype)
+        dy = torch.randn(*lead, out, generator=torch.Generator().manual_seed(3)).to(dtype)
         assert_matches_reference(grads_of(run_ours(torch.ops.peft_kernels, 0.7, 0.25, seed=6), args, dy), args, dy,
                                  0.7, 0.25, 6, dtype)
     for n in (37, 38):  # 38: the bf16 pair path's mask

@@ -150,9 +150,10 @@ const uint32_t* words(const void* m) { return static_cast<const uint32_t*>(m); }
 // The two products of a block of rows by a factor (down: x A^T along in; backward: dy B along out), C[n, r] =
 // rows[n, k2 pairs] q[r, k2 pairs]^T, on AMX tiles (amx.h) where the CPU has them and r is a multiple of 16 and k2
 // of 16: the tiles take the first n - n % 16 rows, mm_dot_bf16 the rest. On AMX the tiles' b operand is q's words
-// transposed (the paired rows of q^T), made once per call. The QLoRA step of bench_qlora.py (bf16, r = 16, dropout
-// 0.1), the two paths alternated in one process by PEFT_KERNELS_CPU_ISA: 8.09 ms with pair products, 7.70 ms with
-// tiles (median of 60 per-pair differences 0.45 ms). dx's product (k = r) and dA's stay on pair products.
+// transposed (the paired rows of q^T), made once per call. With dx's and dA's products on tiles too
+// (backward_bf16), `python -P bench/isa_pairs.py --layer qlora|lora --pairs 100` (bf16, r = 16, dropout 0.1, the
+// step on avx512_bf16 and amx alternated in one process): QLoRA 8.36 -> 7.63 ms, LoRA 7.98 -> 7.34 ms (medians of
+// the per-pair differences 0.71 / 0.63 ms; the first two tile products alone gave 0.31-0.45 / 0.26).
 struct ByFactor {
   const uint32_t* q;
   int64_t r, k2;
@@ -204,7 +205,13 @@ void backward_bf16(const BackwardParams& p) {
   const ByFactor by_b(words(bt.data()), fused ? p.r : 0, p.out / 2);  // r = 0: no product (dxa given)
   bf16* dx = static_cast<bf16*>(p.dx);
   const float scale = static_cast<float>(p.drop.scale);
-  std::vector<uint32_t> ap(p.r / 2 * p.in);  // A as paired rows [r / 2][in]
+  // dx's and dA's products on AMX tiles too where r is a multiple of 16 and in of 32: dx = dxa A over k = r, which
+  // the tiles take in steps of 32 (r = 16 is zero-padded: half the tile's work, still ~8x the pair products' rate),
+  // dA = dxa^T (mask x) over the block's rows (whole blocks of a multiple of 32 rows; a last, shorter block takes
+  // the pair products). The tiles' a operand for dA is dxa^T's pairs: the block's paired rows of dxa transposed.
+  const bool tiles = cpu::pick_isa() >= cpu::Isa::kAmx && p.r % 16 == 0 && p.in % 32 == 0;
+  const int64_t r_pad = tiles ? (p.r + 31) / 32 * 32 : p.r;
+  std::vector<uint32_t> ap(r_pad / 2 * p.in);  // A as paired rows [r / 2][in], then zero rows up to r_pad / 2
   cpu::simd::pack_rows(static_cast<const bf16*>(p.a), p.r, p.in, p.in, nullptr, ap.data());
   const int64_t rows = block_rows(p.in, p.m), blocks = (p.m + rows - 1) / rows;
   const int64_t wave = cpu::wave_blocks(p.r * p.in * static_cast<int64_t>(sizeof(float)));
@@ -213,12 +220,14 @@ void backward_bf16(const BackwardParams& p) {
   cpu::in_waves(
       blocks, wave,
       [&](int64_t c0, int64_t c1, int64_t w0) {
-        std::optional<cpu::amx::Tiles> tiles;
-        if (by_b.tiles()) tiles.emplace();
+        std::optional<cpu::amx::Tiles> tile_state;
+        if (tiles || by_b.tiles()) tile_state.emplace();
         uint16_t* draws = cpu::scratch<uint16_t>(0, rows * p.in);
         float* buf = cpu::scratch<float>(1, p.dx ? rows * p.in : 0);
         uint32_t* xp = cpu::scratch<uint32_t>(0, p.da ? (rows + 1) / 2 * p.in : 0);
         uint32_t* gp = cpu::scratch<uint32_t>(1, p.da ? (rows + 1) / 2 * p.r : 0);
+        uint32_t* gt = cpu::scratch<uint32_t>(2, tiles && p.da ? p.r * (rows + 1) / 2 : 0);
+        uint32_t* gpad = cpu::scratch<uint32_t>(3, tiles && dx && r_pad != p.r ? rows * r_pad / 2 : 0);
         float* gf = cpu::scratch<float>(2, fused ? rows * p.r : 0);
         bf16* gb = cpu::scratch<bf16>(0, fused ? rows * p.r : 0);
         for (int64_t c = c0; c < c1; ++c) {
@@ -233,14 +242,34 @@ void backward_bf16(const BackwardParams& p) {
           cpu::draw_row(p.drop, i0 * p.in, n * p.in, draws);
           const cpu::simd::Drawn keep{draws, p.drop.threshold};
           if (dx != nullptr) {
-            cpu::simd::mm_bcast_bf16(n, p.in, p.r / 2, words(g), p.r / 2, 1, ap.data(), p.in, buf, p.in, false);
+            const int64_t done = tiles ? n - n % 16 : 0;
+            if (done > 0) {
+              const uint32_t* ga = words(g);
+              if (r_pad != p.r) {  // dxa's rows as r_pad / 2 words, the pairs past r / 2 zero
+                for (int64_t i = 0; i < done; ++i) {
+                  std::copy_n(ga + i * p.r / 2, p.r / 2, gpad + i * r_pad / 2);
+                  std::fill_n(gpad + i * r_pad / 2 + p.r / 2, (r_pad - p.r) / 2, 0u);
+                }
+                ga = gpad;
+              }
+              cpu::amx::mm(done, p.in, r_pad / 2, 1, ga, r_pad / 2, 0, ap.data(), p.in, 0, buf, p.in, false);
+            }
+            if (done < n) {
+              cpu::simd::mm_bcast_bf16(n - done, p.in, p.r / 2, words(g + done * p.r), p.r / 2, 1, ap.data(), p.in,
+                                       buf + done * p.in, p.in, false);
+            }
             cpu::simd::narrow_kept(buf, n * p.in, keep, scale, dx + i0 * p.in);
           }
           if (p.da != nullptr) {
+            float* slot = da_part + (c - w0) * p.r * p.in;
             cpu::simd::pack_rows(x + i0 * p.in, n, p.in, p.in, keep, xp);
             cpu::simd::pack_rows(g, n, p.r, p.r, nullptr, gp);
-            cpu::simd::mm_bcast_bf16(p.r, p.in, (n + 1) / 2, gp, 1, p.r, xp, p.in, da_part + (c - w0) * p.r * p.in,
-                                     p.in, false);
+            if (tiles && n % 32 == 0) {
+              cpu::amx::transpose_words(gp, n / 2, p.r, p.r, gt, n / 2);
+              cpu::amx::mm(p.r, p.in, n / 2, 1, gt, n / 2, 0, xp, p.in, 0, slot, p.in, false);
+            } else {
+              cpu::simd::mm_bcast_bf16(p.r, p.in, (n + 1) / 2, gp, 1, p.r, xp, p.in, slot, p.in, false);
+            }
           }
         }
       },
