@@ -1,8 +1,8 @@
 // The NF4 GEMV of nf4_linear for m <= 16 rows on x86-64. A row of W is decoded 32 elements (16 packed bytes)
 // at a time: the high nibbles (even elements) and low nibbles (odd elements) become int32 indices into the
-// 16-entry NF4 table held in registers (one vpermps on AVX-512; two vpermps and a blend on AVX2), times the
-// block's scale (one rounding: exactly nf4::decode's value), and each decoded vector is used by all m rows of
-// x. x is reordered once per call to match (even elements, then odd, per 32), so no lane shuffle is needed in
+// 16-entry NF4 table held in registers (one vpermps on AVX-512, into the table already times the block's scale;
+// two vpermps and a blend on AVX2, then times the scale: either way one rounding, exactly nf4::decode's value),
+// and each decoded vector is used by all m rows of x. x is reordered once per call to match (even elements, then odd, per 32), so no lane shuffle is needed in
 // the inner loop. Scalar decoding (a byte load, a shift and a table read per element) ran 3.2x slower than a
 // dense bf16 F.linear at M=1 on 4096x4096 here; the packed weight is 4x smaller, so this kernel's aim is the
 // opposite ratio.
@@ -32,7 +32,8 @@ using cpu::pick_isa;
 // The packed weight streams from memory once per call, a row (in / 2 bytes) after another: the hardware
 // prefetcher alone fed one thread ~5 GB/s here (11008 x 4096 bf16, M = 1, after a 64 MiB pass evicted it: 4.47 ms,
 // against 5.1 ms for the dense F.linear reading 4x the bytes). Prefetching 2 KiB ahead: 2.37-2.45 ms (1 KiB 2.61,
-// 4 KiB 2.44-2.55); with the weight already in cache the prefetches cost 1.79 -> 1.87 ms.
+// 4 KiB 2.44-2.55); with the weight already in cache the prefetches cost 1.79 -> 1.87 ms (then 1.44 with the
+// per-block levels of rows_avx512).
 constexpr int64_t kPrefetchBytes = 2048;
 
 // Rows n0..n1 of W against R rows of the reordered x (xp [R, in]), sums into yf[i * out + n].
@@ -51,19 +52,21 @@ __attribute__((target("avx512f"))) void rows_avx512(const GemvParams& p, const f
     const uint8_t* codes = p.w.codes + first / 2;
     // The block index advances with k: one division per row, not a 64-bit division per 32 elements, which was
     // most of the step on an AMX Xeon (same case: 6.36 -> 3.61 ms; a dense bf16 F.linear took 4.6 ms there).
+    // The block's 16 levels NF4[c] * scale, one product each as nf4::decode's (so the decoded values are the same
+    // bits), looked up directly: one multiply per block instead of two per step.
     int64_t block = first / bs, next = (block + 1) * bs - first;
-    __m512 scale = _mm512_set1_ps(block_scale(p.w, block));
+    __m512 levels = _mm512_mul_ps(table, _mm512_set1_ps(block_scale(p.w, block)));
     for (int64_t k = 0; k < p.in; k += 32) {
       if (k == next) {
         next += bs;
-        scale = _mm512_set1_ps(block_scale(p.w, ++block));
+        levels = _mm512_mul_ps(table, _mm512_set1_ps(block_scale(p.w, ++block)));
       }
       _mm_prefetch(reinterpret_cast<const char*>(codes + k / 2 + kPrefetchBytes), _MM_HINT_T0);
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k / 2));
       const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
       const __m128i lo = _mm_and_si128(bytes, nibble);
-      const __m512 w_even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(hi), table), scale);
-      const __m512 w_odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(lo), table), scale);
+      const __m512 w_even = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(hi), levels);
+      const __m512 w_odd = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(lo), levels);
       for (int i = 0; i < R; ++i) {
         const float* xi = xp + i * p.in + k;
         even[i] = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(xi), even[i]);
