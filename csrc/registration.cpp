@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "cpu/isa.h"
 #include "peft_kernels/schemas.h"
 
 namespace peft_kernels {
@@ -21,11 +22,25 @@ std::string build_info() {
   return s;
 }
 
+// The instruction set the CPU kernels' SIMD paths pick on this machine now (cpu/isa.h: the CPU's best, capped by
+// PEFT_KERNELS_CPU_ISA): which of their paths a call takes depends on it.
+std::string cpu_isa() {
+  switch (cpu::pick_isa()) {
+    case cpu::Isa::kScalar: return "scalar";
+    case cpu::Isa::kAvx2: return "avx2";
+    case cpu::Isa::kAvx512: return "avx512";
+    case cpu::Isa::kAvx512Bf16: return "avx512_bf16";
+    case cpu::Isa::kAmx: return "amx";
+  }
+  return "unknown";
+}
+
 }  // namespace
 
 TORCH_LIBRARY(peft_kernels, m) {
   define_schemas(m);
   m.def("_build_info() -> str", &build_info);
+  m.def("_cpu_isa() -> str", &cpu_isa);
 }
 
 }  // namespace peft_kernels

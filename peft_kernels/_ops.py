@@ -39,7 +39,9 @@ def build_info() -> dict:
     Returns a dict with ``cpu`` (always True), ``cuda_archs`` (list of "major.minor" strings with compiled
     cubins, empty for a CPU-only build), ``cuda_ptx`` (archs that also carry PTX), ``cudasim`` (whether the
     test-only CPU-executor build of the CUDA kernels, ``torch.ops.peft_kernels_sim``, is installed),
-    ``torch_built`` / ``torch_runtime`` and ``cuda_built`` / ``cuda_runtime`` versions.
+    ``torch_built`` / ``torch_runtime`` and ``cuda_built`` / ``cuda_runtime`` versions, and ``cpu_isa``: the
+    instruction set the CPU kernels pick on this machine now (``"scalar"``, ``"avx2"``, ``"avx512"``,
+    ``"avx512_bf16"`` or ``"amx"``; ``PEFT_KERNELS_CPU_ISA`` caps it).
     """
     raw = json.loads(torch.ops.peft_kernels._build_info())
     archs = [a for a in raw["cuda_arch_list"].split() if a]
@@ -53,6 +55,7 @@ def build_info() -> dict:
         "cuda_built": raw["cuda"],
         "cuda_runtime": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
+        "cpu_isa": torch.ops.peft_kernels._cpu_isa(),
     }
 
 

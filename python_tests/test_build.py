@@ -17,12 +17,22 @@ def test_build_info():
     assert info["cpu"] is True
     assert info["torch_built"] == torch.__version__.split("+")[0]
     assert isinstance(info["cudasim"], bool)
+    assert info["cpu_isa"] in ("scalar", "avx2", "avx512", "avx512_bf16", "amx")
     if info["cuda_built"] is None:
         assert info["cuda_archs"] == [] and info["cuda_ptx"] == []
     else:
         assert info["cuda_built"] == torch.version.cuda
         assert info["cuda_archs"] and set(info["cuda_ptx"]) <= set(info["cuda_archs"])
         assert hasattr(torch.ops.peft_kernels.nf4_quantize, "default")
+
+
+def test_cpu_isa_is_capped_by_the_environment(monkeypatch):
+    """build_info's cpu_isa is what the kernels pick: the CPU's best, lowered by PEFT_KERNELS_CPU_ISA, never raised."""
+    order = ["scalar", "avx2", "avx512", "avx512_bf16", "amx"]
+    best = peft_kernels.build_info()["cpu_isa"]
+    for cap in order:
+        monkeypatch.setenv("PEFT_KERNELS_CPU_ISA", cap)
+        assert peft_kernels.build_info()["cpu_isa"] == order[min(order.index(cap), order.index(best))]
 
 
 def test_readme_commands_are_what_ci_runs():
