@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -99,6 +100,42 @@ template <class T> std::vector<float> factor(const void* src, int64_t rows, int6
   return out;
 }
 
+// dA and dB of the AVX-512 / AMX backward paths: each block of rows writes fp32 partials to its slot of the wave,
+// the waves are summed in order (blocks.h: the same whatever the thread count), the sums rounded once to T.
+struct WaveGrads {
+  const BackwardParams& p;
+  int64_t da_size, db_size, wave;
+  float* da_part;
+  float* db_part;
+  std::vector<float> da_sum, db_sum;
+
+  WaveGrads(const BackwardParams& p, const Blocks& blocks)
+      : p(p),
+        da_size(p.d.a_out * p.d.a_in),
+        db_size(p.d.b_out * p.d.b_in),
+        wave(cpu::wave_blocks((da_size + db_size) * static_cast<int64_t>(sizeof(float)))),
+        da_sum(p.da ? da_size : 0),
+        db_sum(p.db ? db_size : 0) {
+    const int64_t slots = std::min(blocks.count, wave);
+    da_part = cpu::wave_partials<float>(slots * ((p.da ? da_size : 0) + (p.db ? db_size : 0)));
+    db_part = da_part + (p.da ? slots * da_size : 0);
+  }
+
+  // Block c's partials, in the wave that starts at block w0.
+  float* da_slot(int64_t c, int64_t w0) const { return da_part + (c - w0) * da_size; }
+  float* db_slot(int64_t c, int64_t w0) const { return db_part + (c - w0) * db_size; }
+
+  // body(c0, c1, w0) over the blocks wave by wave, then dA and dB (those asked for) written as T.
+  template <class T, class Body> void run(const Blocks& blocks, Body&& body) {
+    cpu::in_waves(blocks.count, wave, body, [&](int64_t n) {
+      if (p.da != nullptr) cpu::add_partials(da_sum.data(), da_part, n, da_size);
+      if (p.db != nullptr) cpu::add_partials(db_sum.data(), db_part, n, db_size);
+    });
+    if (p.da != nullptr) cpu::simd::narrow(da_sum.data(), da_size, nullptr, false, static_cast<T*>(p.da));
+    if (p.db != nullptr) cpu::simd::narrow(db_sum.data(), db_size, nullptr, false, static_cast<T*>(p.db));
+  }
+};
+
 // fp32/bf16/fp16 on an AVX-512 CPU: every contraction runs in microgemm.h's register tiles, a row of x at a time
 // (its X_r, T_r, H_r stay in L1), the scale s folded into the factors once per call:
 //   forward   T_r = X_r B^T,  y_r (+)= (s A) T_r
@@ -147,12 +184,7 @@ struct Simd {
     const std::vector<float> bst = p.da ? factor<T>(p.b, d.b_out, d.b_in, s, true) : std::vector<float>();
     const bool need_h = dx != nullptr || p.db != nullptr;
     const Blocks blocks(d, p.m);
-    const int64_t wave = cpu::wave_blocks((d.a_out * d.a_in + d.b_out * d.b_in) * static_cast<int64_t>(sizeof(float)));
-    const int64_t slots = std::min(blocks.count, wave);
-    const int64_t da_size = d.a_out * d.a_in, db_size = d.b_out * d.b_in;
-    float* da_part = cpu::wave_partials<float>(slots * ((p.da ? da_size : 0) + (p.db ? db_size : 0)));
-    float* db_part = da_part + (p.da ? slots * da_size : 0);
-    std::vector<float> da_sum(p.da ? d.a_out * d.a_in : 0), db_sum(p.db ? d.b_out * d.b_in : 0);
+    WaveGrads grads(p, blocks);
     const auto body = [&](int64_t c0, int64_t c1, int64_t w0) {
       constexpr bool fp32 = std::is_same_v<T, float>;
       const int64_t most = blocks.rows;
@@ -170,7 +202,7 @@ struct Simd {
         } else {
           cpu::simd::widen(dy + r0 * d.out(), rows * d.out(), nullptr, dybuf);
         }
-        float* db_slot = p.db ? db_part + (c - w0) * db_size : nullptr;
+        float* db_slot = p.db ? grads.db_slot(c, w0) : nullptr;
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t r = r0 + i;
           const float* dyr = dys + i * d.out();
@@ -202,16 +234,11 @@ struct Simd {
         }
         if (p.da != nullptr && x != nullptr) {
           cpu::simd::mm_dot(d.a_out, d.a_in, rows, d.b_out, dys, d.b_out, d.out(), t, d.b_out, d.a_in * d.b_out,
-                            da_part + (c - w0) * da_size, d.a_in, false);
+                            grads.da_slot(c, w0), d.a_in, false);
         }
       }
     };
-    cpu::in_waves(blocks.count, wave, body, [&](int64_t n) {
-      if (p.da != nullptr) cpu::add_partials(da_sum.data(), da_part, n, da_size);
-      if (p.db != nullptr) cpu::add_partials(db_sum.data(), db_part, n, db_size);
-    });
-    if (p.da != nullptr) cpu::simd::narrow(da_sum.data(), d.a_out * d.a_in, nullptr, false, static_cast<T*>(p.da));
-    if (p.db != nullptr) cpu::simd::narrow(db_sum.data(), d.b_out * d.b_in, nullptr, false, static_cast<T*>(p.db));
+    grads.run<T>(blocks, body);
   }
 
   // A row of x as fp32: in place for undropped fp32, else widened into `buf` (times `keep`, the row's mask).
@@ -263,7 +290,30 @@ struct SimdBf16 {
     return buf;
   }
 
-  static void forward(const ForwardParams& p) {
+  // The backward's factor operands: A^T [a_in, a_out] row-major (its pairs run along a_out), B as paired rows
+  // [b_out / 2][b_in], and B^T's paired rows (for T_r, only when dA is asked for).
+  struct Factors {
+    std::vector<bf16> at;
+    std::vector<uint32_t> bp, btp;
+    explicit Factors(const BackwardParams& p)
+        : at(copied(p.a, p.d.a_out, p.d.a_in, true)),
+          bp(paired(p.b, p.d.b_out, p.d.b_in, false)),
+          btp(p.da ? paired(p.b, p.d.b_out, p.d.b_in, true) : std::vector<uint32_t>()) {}
+  };
+
+  // C[m, n] = a (m rows of k2 pairs, lda words apart) times b (paired rows [k2][n]): AMX tiles when `tiles`
+  // (inside a cpu::amx::Tiles scope), else pair products.
+  static void product(bool tiles, int64_t m, int64_t n, int64_t k2, const uint32_t* a, int64_t lda, const uint32_t* b,
+                      float* c) {
+    if (tiles) {
+      cpu::amx::mm(m, n, k2, 1, a, lda, 0, b, n, 0, c, n, false);
+    } else {
+      cpu::simd::mm_bcast_bf16(m, n, k2, a, lda, 1, b, n, c, n, false);
+    }
+  }
+
+  // Per row: T_r = X_r B^T, rounded (times s) to paired rows, y_r (+)= A T_r. `tiles`: AmxBf16's products.
+  static void forward(const ForwardParams& p, bool tiles = false) {
     const Dims d = p.d;
     const bf16* x = static_cast<const bf16*>(p.x);
     bf16* y = static_cast<bf16*>(p.y);
@@ -272,6 +322,8 @@ struct SimdBf16 {
     const uint32_t* a = words(static_cast<const bf16*>(p.a));
     const std::vector<uint32_t> btp = paired(p.b, d.b_out, d.b_in, true);  // B^T [b_in / 2][b_out]
     at::parallel_for(0, p.m, cpu::block_rows(d.in(), p.m), [&](int64_t r0, int64_t r1) {
+      std::optional<cpu::amx::Tiles> tile_state;
+      if (tiles) tile_state.emplace();
       float* t = cpu::scratch<float>(2, d.a_in * d.b_out);
       float* ybuf = cpu::scratch<float>(3, d.out());
       bf16* xbuf = cpu::scratch<bf16>(0, dropped ? d.in() : 0);
@@ -282,11 +334,9 @@ struct SimdBf16 {
           cpu::drop_bf16(p.drop, r * d.in(), d.in(), xrow, xbuf);
           xrow = xbuf;
         }
-        const uint32_t* xr = words(xrow);
-        cpu::simd::mm_bcast_bf16(d.a_in, d.b_out, d.b_in / 2, xr, d.b_in / 2, 1, btp.data(), d.b_out, t, d.b_out,
-                                 false);
+        product(tiles, d.a_in, d.b_out, d.b_in / 2, words(xrow), d.b_in / 2, btp.data(), t);
         cpu::simd::round_rows(t, d.a_in, d.b_out, d.b_out, s, tp);
-        cpu::simd::mm_bcast_bf16(d.a_out, d.b_out, d.a_in / 2, a, d.a_in / 2, 1, tp, d.b_out, ybuf, d.b_out, false);
+        product(tiles, d.a_out, d.b_out, d.a_in / 2, a, d.a_in / 2, tp, ybuf);
         cpu::simd::narrow(ybuf, d.out(), nullptr, p.accumulate, y + r * d.out());
       }
     });
@@ -299,18 +349,13 @@ struct SimdBf16 {
     bf16* dx = static_cast<bf16*>(p.dx);
     const bool dropped = p.drop.threshold != 0;
     const float s = static_cast<float>(p.drop.scale);
-    // A^T [a_in, a_out] row-major bf16 (its pairs run along a_out), B as paired rows [b_out / 2][b_in], B^T paired.
-    const std::vector<bf16> at = copied(p.a, d.a_out, d.a_in, true);
-    const std::vector<uint32_t> bp = paired(p.b, d.b_out, d.b_in, false);
-    const std::vector<uint32_t> btp = p.da ? paired(p.b, d.b_out, d.b_in, true) : std::vector<uint32_t>();
+    const Factors f(p);
+    const std::vector<bf16>& at = f.at;
+    const std::vector<uint32_t>& bp = f.bp;
+    const std::vector<uint32_t>& btp = f.btp;
     const bool need_h = dx != nullptr || p.db != nullptr;
     const Blocks blocks(d, p.m);
-    const int64_t da_size = d.a_out * d.a_in, db_size = d.b_out * d.b_in;
-    const int64_t wave = cpu::wave_blocks((da_size + db_size) * static_cast<int64_t>(sizeof(float)));
-    const int64_t slots = std::min(blocks.count, wave);
-    float* da_part = cpu::wave_partials<float>(slots * ((p.da ? da_size : 0) + (p.db ? db_size : 0)));
-    float* db_part = da_part + (p.da ? slots * da_size : 0);
-    std::vector<float> da_sum(p.da ? da_size : 0), db_sum(p.db ? db_size : 0);
+    WaveGrads grads(p, blocks);
     const auto body = [&](int64_t c0, int64_t c1, int64_t w0) {
       const int64_t most = blocks.rows;
       float* keep = cpu::scratch<float>(0, dropped ? d.in() : 0);
@@ -325,7 +370,7 @@ struct SimdBf16 {
       uint32_t* xp = cpu::scratch<uint32_t>(2, p.db ? d.a_in / 2 * d.b_in : 0);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t r0 = c * blocks.rows, rows = std::min(blocks.rows, p.m - r0);
-        float* db_slot = p.db ? db_part + (c - w0) * db_size : nullptr;
+        float* db_slot = p.db ? grads.db_slot(c, w0) : nullptr;
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t r = r0 + i;
           if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep, true);
@@ -356,16 +401,11 @@ struct SimdBf16 {
         if (p.da != nullptr && x != nullptr) {
           cpu::simd::mm_dot_bf16(d.a_out, d.a_in, rows, d.b_out / 2, words(dy + r0 * d.out()), d.b_out / 2,
                                  d.out() / 2, words(tb), d.b_out / 2, d.a_in * d.b_out / 2,
-                                 da_part + (c - w0) * da_size, d.a_in, false);
+                                 grads.da_slot(c, w0), d.a_in, false);
         }
       }
     };
-    cpu::in_waves(blocks.count, wave, body, [&](int64_t n) {
-      if (p.da != nullptr) cpu::add_partials(da_sum.data(), da_part, n, da_size);
-      if (p.db != nullptr) cpu::add_partials(db_sum.data(), db_part, n, db_size);
-    });
-    if (p.da != nullptr) cpu::simd::narrow(da_sum.data(), da_size, nullptr, false, static_cast<bf16*>(p.da));
-    if (p.db != nullptr) cpu::simd::narrow(db_sum.data(), db_size, nullptr, false, static_cast<bf16*>(p.db));
+    grads.run<bf16>(blocks, body);
   }
 };
 
@@ -385,34 +425,7 @@ struct AmxBf16 {
            d.b_in % 32 == 0 && cpu::pick_isa() >= cpu::Isa::kAmx;
   }
 
-  static void forward(const ForwardParams& p) {
-    const Dims d = p.d;
-    const bf16* x = static_cast<const bf16*>(p.x);
-    bf16* y = static_cast<bf16*>(p.y);
-    const bool dropped = p.drop.threshold != 0;
-    const float s = static_cast<float>(p.drop.scale);
-    const uint32_t* a = SimdBf16::words(static_cast<const bf16*>(p.a));
-    const std::vector<uint32_t> btp = SimdBf16::paired(p.b, d.b_out, d.b_in, true);  // B^T [b_in / 2][b_out]
-    at::parallel_for(0, p.m, cpu::block_rows(d.in(), p.m), [&](int64_t r0, int64_t r1) {
-      const cpu::amx::Tiles tiles;
-      float* t = cpu::scratch<float>(2, d.a_in * d.b_out);
-      float* ybuf = cpu::scratch<float>(3, d.out());
-      bf16* xbuf = cpu::scratch<bf16>(0, dropped ? d.in() : 0);
-      uint32_t* tp = cpu::scratch<uint32_t>(0, d.a_in / 2 * d.b_out);
-      for (int64_t r = r0; r < r1; ++r) {
-        const bf16* xrow = x + r * d.in();
-        if (dropped) {
-          cpu::drop_bf16(p.drop, r * d.in(), d.in(), xrow, xbuf);
-          xrow = xbuf;
-        }
-        cpu::amx::mm(d.a_in, d.b_out, d.b_in / 2, 1, SimdBf16::words(xrow), d.b_in / 2, 0, btp.data(), d.b_out, 0, t,
-                     d.b_out, false);
-        cpu::simd::round_rows(t, d.a_in, d.b_out, d.b_out, s, tp);
-        cpu::amx::mm(d.a_out, d.b_out, d.a_in / 2, 1, a, d.a_in / 2, 0, tp, d.b_out, 0, ybuf, d.b_out, false);
-        cpu::simd::narrow(ybuf, d.out(), nullptr, p.accumulate, y + r * d.out());
-      }
-    });
-  }
+  static void forward(const ForwardParams& p) { SimdBf16::forward(p, true); }
 
   static void backward(const BackwardParams& p) {
     const Dims d = p.d;
@@ -421,17 +434,13 @@ struct AmxBf16 {
     bf16* dx = static_cast<bf16*>(p.dx);
     const bool dropped = p.drop.threshold != 0;
     const float s = static_cast<float>(p.drop.scale);
-    const std::vector<bf16> at = SimdBf16::copied(p.a, d.a_out, d.a_in, true);  // A^T [a_in, a_out]
-    const std::vector<uint32_t> bp = SimdBf16::paired(p.b, d.b_out, d.b_in, false);
-    const std::vector<uint32_t> btp = p.da ? SimdBf16::paired(p.b, d.b_out, d.b_in, true) : std::vector<uint32_t>();
+    const SimdBf16::Factors f(p);
+    const std::vector<bf16>& at = f.at;
+    const std::vector<uint32_t>& bp = f.bp;
+    const std::vector<uint32_t>& btp = f.btp;
     const bool need_h = dx != nullptr || p.db != nullptr;
     const Blocks blocks(d, p.m);
-    const int64_t da_size = d.a_out * d.a_in, db_size = d.b_out * d.b_in;
-    const int64_t wave = cpu::wave_blocks((da_size + db_size) * static_cast<int64_t>(sizeof(float)));
-    const int64_t slots = std::min(blocks.count, wave);
-    float* da_part = cpu::wave_partials<float>(slots * ((p.da ? da_size : 0) + (p.db ? db_size : 0)));
-    float* db_part = da_part + (p.da ? slots * da_size : 0);
-    std::vector<float> da_sum(p.da ? da_size : 0), db_sum(p.db ? db_size : 0);
+    WaveGrads grads(p, blocks);
     // Per row of a block: H_r^T's pairs [b_out][a_in / 2], X_r's paired rows [a_in / 2][b_in], T_r^T's paired rows
     // [b_out / 2][a_in], all a_in * b_out / 2 or in / 2 words.
     const int64_t ht_size = d.b_out * d.a_in / 2, xp_size = d.in() / 2, tt_size = d.b_out * d.a_in / 2;
@@ -458,13 +467,11 @@ struct AmxBf16 {
           if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep, true);
           if (need_h) {
             cpu::simd::pack_rows(dy + r * d.out(), d.a_out, d.b_out, d.b_out, nullptr, dyp);
-            cpu::amx::mm(d.a_in, d.b_out, d.a_out / 2, 1, SimdBf16::words(at.data()), d.a_out / 2, 0, dyp, d.b_out, 0,
-                         h, d.b_out, false);
+            SimdBf16::product(true, d.a_in, d.b_out, d.a_out / 2, SimdBf16::words(at.data()), d.a_out / 2, dyp, h);
           }
           if (dx != nullptr) {
             cpu::simd::round_bf16(h, d.a_in * d.b_out, s, hb);
-            cpu::amx::mm(d.a_in, d.b_in, d.b_out / 2, 1, SimdBf16::words(hb), d.b_out / 2, 0, bp.data(), d.b_in, 0,
-                         dxbuf, d.b_in, false);
+            SimdBf16::product(true, d.a_in, d.b_in, d.b_out / 2, SimdBf16::words(hb), d.b_out / 2, bp.data(), dxbuf);
             cpu::simd::narrow(dxbuf, d.in(), dropped ? keep : nullptr, p.accumulate_dx, dx + r * d.in());
           }
           if (x == nullptr) continue;
@@ -475,8 +482,7 @@ struct AmxBf16 {
             cpu::simd::pack_rows(xr, d.a_in, d.b_in, d.b_in, nullptr, xp + i * xp_size);
           }
           if (da) {
-            cpu::amx::mm(d.a_in, d.b_out, d.b_in / 2, 1, SimdBf16::words(xr), d.b_in / 2, 0, btp.data(), d.b_out, 0,
-                         t, d.b_out, false);
+            SimdBf16::product(true, d.a_in, d.b_out, d.b_in / 2, SimdBf16::words(xr), d.b_in / 2, btp.data(), t);
             cpu::simd::round_bf16(t, d.a_in * d.b_out, s, tb);
             cpu::amx::transpose_words(SimdBf16::words(tb), d.a_in, d.b_out / 2, d.b_out / 2, tt + i * tt_size,
                                       d.a_in);
@@ -484,20 +490,15 @@ struct AmxBf16 {
         }
         if (db) {
           cpu::amx::mm(d.b_out, d.b_in, d.a_in / 2, rows, ht, d.a_in / 2, ht_size, xp, d.b_in, xp_size,
-                       db_part + (c - w0) * db_size, d.b_in, false);
+                       grads.db_slot(c, w0), d.b_in, false);
         }
         if (da) {
           cpu::amx::mm(d.a_out, d.a_in, d.b_out / 2, rows, SimdBf16::words(dy + r0 * d.out()), d.b_out / 2,
-                       d.out() / 2, tt, d.a_in, tt_size, da_part + (c - w0) * da_size, d.a_in, false);
+                       d.out() / 2, tt, d.a_in, tt_size, grads.da_slot(c, w0), d.a_in, false);
         }
       }
     };
-    cpu::in_waves(blocks.count, wave, body, [&](int64_t n) {
-      if (p.da != nullptr) cpu::add_partials(da_sum.data(), da_part, n, da_size);
-      if (p.db != nullptr) cpu::add_partials(db_sum.data(), db_part, n, db_size);
-    });
-    if (p.da != nullptr) cpu::simd::narrow(da_sum.data(), da_size, nullptr, false, static_cast<bf16*>(p.da));
-    if (p.db != nullptr) cpu::simd::narrow(db_sum.data(), db_size, nullptr, false, static_cast<bf16*>(p.db));
+    grads.run<bf16>(blocks, body);
   }
 };
 
