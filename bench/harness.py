@@ -138,9 +138,11 @@ def hold_freed_memory() -> None:
     (mallopt, as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ would) takes the allocator out of the ratios;
     ``--glibc-malloc`` keeps glibc's defaults."""
     libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallopt"):  # not glibc (musl has no mallopt)
+        raise RuntimeError("hold_freed_memory: this C library has no mallopt; run with --glibc-malloc")
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31)):
-        raise RuntimeError("mallopt refused the thresholds: run with --glibc-malloc")
+        raise RuntimeError("hold_freed_memory: mallopt refused the thresholds; run with --glibc-malloc")
 
 
 def parse_args(description: str, default_dtypes: str) -> argparse.Namespace:

@@ -120,10 +120,8 @@ Tiles::Tiles() { load_config(); }
 
 Tiles::~Tiles() { release(); }
 
-
-
-void mm(int64_t m, int64_t n, int64_t k2, int64_t batch, const uint32_t* a, int64_t lda, int64_t a_bs, const uint32_t* b,
-        int64_t ldb, int64_t b_bs, float* c, int64_t ldc, bool accumulate) {
+void mm(int64_t m, int64_t n, int64_t k2, int64_t batch, const uint32_t* a, int64_t lda, int64_t a_bs,
+        const uint32_t* b, int64_t ldb, int64_t b_bs, float* c, int64_t ldc, bool accumulate) {
   for (int64_t i = 0; i < m; i += 32) {
     const int mt = m - i >= 32 ? 2 : 1;
     for (int64_t j = 0; j < n; j += 32) {

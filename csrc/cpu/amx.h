@@ -24,8 +24,8 @@ class Tiles {
 // a_r(i, p) the pair at a[r * a_bs + i * lda + p] (a bf16 matrix row-major, pairs along k), b_r(p, j) the pair at
 // b[r * b_bs + p * ldb + j] (paired rows); all strides in 32-bit words. m and n multiples of 16, k2 of 16 (k of 32).
 // The sums of a 32 x 32 block of C stay in tiles over the whole batch. Inside a Tiles scope only.
-void mm(int64_t m, int64_t n, int64_t k2, int64_t batch, const uint32_t* a, int64_t lda, int64_t a_bs, const uint32_t* b,
-        int64_t ldb, int64_t b_bs, float* c, int64_t ldc, bool accumulate);
+void mm(int64_t m, int64_t n, int64_t k2, int64_t batch, const uint32_t* a, int64_t lda, int64_t a_bs,
+        const uint32_t* b, int64_t ldb, int64_t b_bs, float* c, int64_t ldc, bool accumulate);
 
 // dst[j * ldd + i] = src[i * lds + j], i < rows, j < cols, of 32-bit words. The words of a bf16 matrix M are the
 // pairs of its rows, so transposing them gives the paired rows of M^T, and transposing M's paired rows gives M^T's

@@ -350,9 +350,6 @@ struct SimdBf16 {
     const bool dropped = p.drop.threshold != 0;
     const float s = static_cast<float>(p.drop.scale);
     const Factors f(p);
-    const std::vector<bf16>& at = f.at;
-    const std::vector<uint32_t>& bp = f.bp;
-    const std::vector<uint32_t>& btp = f.btp;
     const bool need_h = dx != nullptr || p.db != nullptr;
     const Blocks blocks(d, p.m);
     WaveGrads grads(p, blocks);
@@ -376,12 +373,12 @@ struct SimdBf16 {
           if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep, true);
           if (need_h) {
             cpu::simd::pack_rows(dy + r * d.out(), d.a_out, d.b_out, d.b_out, nullptr, dyp);
-            cpu::simd::mm_bcast_bf16(d.a_in, d.b_out, d.a_out / 2, words(at.data()), d.a_out / 2, 1, dyp, d.b_out, h,
+            cpu::simd::mm_bcast_bf16(d.a_in, d.b_out, d.a_out / 2, words(f.at.data()), d.a_out / 2, 1, dyp, d.b_out, h,
                                      d.b_out, false);
           }
           if (dx != nullptr) {
             cpu::simd::round_bf16(h, d.a_in * d.b_out, s, hb);
-            cpu::simd::mm_bcast_bf16(d.a_in, d.b_in, d.b_out / 2, words(hb), d.b_out / 2, 1, bp.data(), d.b_in, dxbuf,
+            cpu::simd::mm_bcast_bf16(d.a_in, d.b_in, d.b_out / 2, words(hb), d.b_out / 2, 1, f.bp.data(), d.b_in, dxbuf,
                                      d.b_in, false);
             cpu::simd::narrow(dxbuf, d.in(), dropped ? keep : nullptr, p.accumulate_dx, dx + r * d.in());
           }
@@ -393,7 +390,7 @@ struct SimdBf16 {
             cpu::simd::mm_bcast_bf16(d.b_out, d.b_in, d.a_in / 2, hp, 1, d.b_out, xp, d.b_in, db_slot, d.b_in, i != 0);
           }
           if (p.da != nullptr) {
-            cpu::simd::mm_bcast_bf16(d.a_in, d.b_out, d.b_in / 2, words(xr), d.b_in / 2, 1, btp.data(), d.b_out, t,
+            cpu::simd::mm_bcast_bf16(d.a_in, d.b_out, d.b_in / 2, words(xr), d.b_in / 2, 1, f.btp.data(), d.b_out, t,
                                      d.b_out, false);
             cpu::simd::round_bf16(t, d.a_in * d.b_out, s, tb + i * d.a_in * d.b_out);
           }
@@ -435,9 +432,6 @@ struct AmxBf16 {
     const bool dropped = p.drop.threshold != 0;
     const float s = static_cast<float>(p.drop.scale);
     const SimdBf16::Factors f(p);
-    const std::vector<bf16>& at = f.at;
-    const std::vector<uint32_t>& bp = f.bp;
-    const std::vector<uint32_t>& btp = f.btp;
     const bool need_h = dx != nullptr || p.db != nullptr;
     const Blocks blocks(d, p.m);
     WaveGrads grads(p, blocks);
@@ -467,11 +461,11 @@ struct AmxBf16 {
           if (dropped) mask_row(Dropout{p.drop.seed, p.drop.threshold, 1.0}, r * d.in(), d.in(), keep, true);
           if (need_h) {
             cpu::simd::pack_rows(dy + r * d.out(), d.a_out, d.b_out, d.b_out, nullptr, dyp);
-            SimdBf16::product(true, d.a_in, d.b_out, d.a_out / 2, SimdBf16::words(at.data()), d.a_out / 2, dyp, h);
+            SimdBf16::product(true, d.a_in, d.b_out, d.a_out / 2, SimdBf16::words(f.at.data()), d.a_out / 2, dyp, h);
           }
           if (dx != nullptr) {
             cpu::simd::round_bf16(h, d.a_in * d.b_out, s, hb);
-            SimdBf16::product(true, d.a_in, d.b_in, d.b_out / 2, SimdBf16::words(hb), d.b_out / 2, bp.data(), dxbuf);
+            SimdBf16::product(true, d.a_in, d.b_in, d.b_out / 2, SimdBf16::words(hb), d.b_out / 2, f.bp.data(), dxbuf);
             cpu::simd::narrow(dxbuf, d.in(), dropped ? keep : nullptr, p.accumulate_dx, dx + r * d.in());
           }
           if (x == nullptr) continue;
@@ -482,7 +476,7 @@ struct AmxBf16 {
             cpu::simd::pack_rows(xr, d.a_in, d.b_in, d.b_in, nullptr, xp + i * xp_size);
           }
           if (da) {
-            SimdBf16::product(true, d.a_in, d.b_out, d.b_in / 2, SimdBf16::words(xr), d.b_in / 2, btp.data(), t);
+            SimdBf16::product(true, d.a_in, d.b_out, d.b_in / 2, SimdBf16::words(xr), d.b_in / 2, f.btp.data(), t);
             cpu::simd::round_bf16(t, d.a_in * d.b_out, s, tb);
             cpu::amx::transpose_words(SimdBf16::words(tb), d.a_in, d.b_out / 2, d.b_out / 2, tt + i * tt_size,
                                       d.a_in);

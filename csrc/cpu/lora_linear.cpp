@@ -171,7 +171,9 @@ struct ByFactor {
   void operator()(int64_t n, const uint32_t* rows, float* out) const {
     const int64_t done = tiles() ? n - n % 16 : 0;
     if (done > 0) cpu::amx::mm(done, r, k2, 1, rows, k2, 0, qt.data(), r, 0, out, r, false);
-    if (done < n) cpu::simd::mm_dot_bf16(n - done, r, 1, k2, rows + done * k2, k2, 0, q, k2, 0, out + done * r, r, false);
+    if (done < n) {
+      cpu::simd::mm_dot_bf16(n - done, r, 1, k2, rows + done * k2, k2, 0, q, k2, 0, out + done * r, r, false);
+    }
   }
 };
 

@@ -2,10 +2,10 @@
 // at a time: the high nibbles (even elements) and low nibbles (odd elements) become int32 indices into the
 // 16-entry NF4 table held in registers (one vpermps on AVX-512, into the table already times the block's scale;
 // two vpermps and a blend on AVX2, then times the scale: either way one rounding, exactly nf4::decode's value),
-// and each decoded vector is used by all m rows of x. x is reordered once per call to match (even elements, then odd, per 32), so no lane shuffle is needed in
-// the inner loop. Scalar decoding (a byte load, a shift and a table read per element) ran 3.2x slower than a
-// dense bf16 F.linear at M=1 on 4096x4096 here; the packed weight is 4x smaller, so this kernel's aim is the
-// opposite ratio.
+// and each decoded vector is used by all m rows of x. x is reordered once per call to match (even elements, then
+// odd, per 32), so no lane shuffle is needed in the inner loop. Scalar decoding (a byte load, a shift and a table
+// read per element) ran 3.2x slower than a dense bf16 F.linear at M=1 on 4096x4096 here; the packed weight is 4x
+// smaller, so this kernel's aim is the opposite ratio.
 #include "nf4_gemv_simd.h"
 
 #include <ATen/Parallel.h>
