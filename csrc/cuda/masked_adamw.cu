@@ -44,15 +44,15 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(sparse::SGDParams p) {
 
 cudaError_t masked_adamw(const sparse::AdamWParams& p, cudaStream_t stream) {
   return launch_typed(p.sel.dtype, [&]<class T>() {
-    auto* kernel = p.sel.indices64 ? &adamw_kernel<T, int64_t> : &adamw_kernel<T, int32_t>;
-    KLAUNCH(kernel, grid_for(p.sel.k, kThreads), kThreads, 0, stream, p);
+    if (p.sel.indices64) KLAUNCH((adamw_kernel<T, int64_t>), grid_for(p.sel.k, kThreads), kThreads, 0, stream, p);
+    else KLAUNCH((adamw_kernel<T, int32_t>), grid_for(p.sel.k, kThreads), kThreads, 0, stream, p);
   });
 }
 
 cudaError_t masked_sgd(const sparse::SGDParams& p, cudaStream_t stream) {
   return launch_typed(p.sel.dtype, [&]<class T>() {
-    auto* kernel = p.sel.indices64 ? &sgd_kernel<T, int64_t> : &sgd_kernel<T, int32_t>;
-    KLAUNCH(kernel, grid_for(p.sel.k, kThreads), kThreads, 0, stream, p);
+    if (p.sel.indices64) KLAUNCH((sgd_kernel<T, int64_t>), grid_for(p.sel.k, kThreads), kThreads, 0, stream, p);
+    else KLAUNCH((sgd_kernel<T, int32_t>), grid_for(p.sel.k, kThreads), kThreads, 0, stream, p);
   });
 }
 

@@ -184,8 +184,8 @@ cudaError_t nf4_gemv(const nf4::GemvParams& p, cudaStream_t stream) {
   const bool vec8 = p.in % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(p.w.codes) % 4 == 0;
   return launch_typed(p.dtype, [&]<class T>() {
-    auto* kernel = vec8 ? &gemv_kernel<T, true> : &gemv_kernel<T, false>;
-    KLAUNCH(kernel, grid_for(p.out, kWarps), kThreads, 0, stream, p);
+    if (vec8) KLAUNCH((gemv_kernel<T, true>), grid_for(p.out, kWarps), kThreads, 0, stream, p);
+    else KLAUNCH((gemv_kernel<T, false>), grid_for(p.out, kWarps), kThreads, 0, stream, p);
   });
 }
 
