@@ -30,7 +30,7 @@ from ptxas_report import _FRAME, ROOT, demangle
 # Empty today: no product kernel uses tensor cores or cp.async yet.
 DECLARED: dict[str, set[str]] = {
     "tensor_core": set(),
-    "pipelined": {"nf4_mm_kernel"},
+    "pipelined": set(),
 }
 
 # The SASS opcode proving each trait on sm_80..sm_90: mma.sync -> HMMA, cp.async -> LDGSTS. A Hopper-only kernel

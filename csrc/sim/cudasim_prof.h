@@ -66,12 +66,15 @@ struct Sums {
   }
 };
 
-// Distinct 32-byte sectors of one cudaMalloc'd buffer: the DRAM proxy (it ignores L2 capacity: a lower bound).
+// Distinct 32-byte sectors of one cudaMalloc'd buffer, read and written counted apart (an in-place update
+// reads and writes each sector once): the DRAM proxy (it ignores L2 capacity: a lower bound).
 struct Buffer {
   size_t bytes = 0;
-  std::vector<uint32_t> last_block;  // per sector: the serial of the last block that touched it (0: none)
-  uint64_t unique = 0, block_new = 0, lo = UINT64_MAX, hi = 0;
-  double edge_new = 0, interior_new = 0;  // per-block distinct sectors, summed by stratum
+  std::vector<uint32_t> last_block;  // per sector and direction (2s: read, 2s+1: written): the serial of the last
+                                     // block that touched it (0: none)
+  // per direction (0: read, 1: written)
+  uint64_t unique[2] = {}, block_new[2] = {}, lo[2] = {UINT64_MAX, UINT64_MAX}, hi[2] = {};
+  double edge_new[2] = {}, interior_new[2] = {};  // per-block distinct sectors, summed by stratum
 };
 
 const std::pair<const uintptr_t, size_t>* find_allocation(uintptr_t a);
@@ -115,30 +118,31 @@ struct Launch {
   void end_block() {
     (block_is_edge ? edge : interior).add(cur, 1.0);
     (block_is_edge ? blocks_edge_run : blocks_interior_run) += 1;
-    for (Buffer* b : touched) {
-      (block_is_edge ? b->edge_new : b->interior_new) += double(b->block_new);
-      b->block_new = 0;
-    }
+    for (Buffer* b : touched)
+      for (int w = 0; w < 2; ++w) {
+        (block_is_edge ? b->edge_new : b->interior_new)[w] += double(b->block_new[w]);
+        b->block_new[w] = 0;
+      }
   }
 
-  void touch_sector(uintptr_t sector_addr) {
+  void touch_sector(uintptr_t sector_addr, bool write) {
     const auto* alloc = find_allocation(sector_addr);
     if (alloc == nullptr) return;
     Buffer& b = buffers[alloc->first];
     if (b.last_block.empty()) {
       b.bytes = alloc->second;
-      b.last_block.assign((alloc->second + 31) / 32, 0);
+      b.last_block.assign(2 * ((alloc->second + 31) / 32), 0);
     }
     const uint64_t s = (sector_addr - alloc->first) >> 5;
-    if (s >= b.last_block.size()) return;
-    uint32_t& last = b.last_block[s];
+    if (2 * s + 1 >= b.last_block.size()) return;
+    uint32_t& last = b.last_block[2 * s + write];
     if (last == serial) return;
-    if (last == 0) ++b.unique;
-    if (b.block_new == 0) touched.push_back(&b);
+    if (last == 0) ++b.unique[write];
+    if (b.block_new[0] + b.block_new[1] == 0) touched.push_back(&b);
     last = serial;
-    ++b.block_new;
-    b.lo = std::min(b.lo, s);
-    b.hi = std::max(b.hi, s);
+    ++b.block_new[write];
+    b.lo[write] = std::min(b.lo[write], s);
+    b.hi[write] = std::max(b.hi[write], s);
   }
 
   void cost(const Group& g) {
@@ -167,7 +171,7 @@ struct Launch {
       } else {
         cur.gld_requests += 1, cur.gld_sectors += ns, cur.gld_ideal += ideal;
       }
-      for (int i = 0; i < ns; ++i) touch_sector(uintptr_t(sectors[i]) << 5);
+      for (int i = 0; i < ns; ++i) touch_sector(uintptr_t(sectors[i]) << 5, g.write);
       return;
     }
     // Shared: 4-byte (or narrower) accesses take the warp in one phase, 8-byte ones in half-warps, 16-byte
@@ -206,11 +210,13 @@ struct Launch {
     t.add(interior, scale);
     double dram_sectors = 0;
     for (const auto& [base, b] : buffers) {
-      if (!sample) {
-        dram_sectors += double(b.unique);
-      } else {
-        const double span = b.hi >= b.lo ? double(b.hi - b.lo + 1) : 0.0;
-        dram_sectors += std::min(b.edge_new + scale * b.interior_new, span);
+      for (int w = 0; w < 2; ++w) {
+        if (!sample) {
+          dram_sectors += double(b.unique[w]);
+        } else {
+          const double span = b.hi[w] >= b.lo[w] ? double(b.hi[w] - b.lo[w] + 1) : 0.0;
+          dram_sectors += std::min(b.edge_new[w] + scale * b.interior_new[w], span);
+        }
       }
     }
     std::string out;

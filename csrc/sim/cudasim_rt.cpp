@@ -228,10 +228,17 @@ void complete(Barrier& b, Warp* w) {
   b.cv.notify_all();
 }
 
-// Arrive at `b` from `loc` and wait for the others; the completing thread runs w's pending instruction.
-void arrive_and_wait(Barrier& b, Warp* w, const Loc& loc) {
+// Arrive at `b` from `loc` and wait for the others; the completing thread runs `op` (a warp instruction) on
+// w's slots. The instruction is recorded under the barrier's lock: every lane names the same one.
+void arrive_and_wait(Barrier& b, Warp* w, const Loc& loc, void (*op)(void* const*, void*) = nullptr,
+                     void* op_ctx = nullptr, const char* what = nullptr) {
   std::unique_lock<std::mutex> lk(b.m, std::defer_lock);
   if (!fiber_mode()) lk.lock();
+  if (w != nullptr) {
+    w->op = op;
+    w->op_ctx = op_ctx;
+    b.name = what != nullptr ? what : "warp-collective op";
+  }
   if (b.site_file == nullptr) {
     b.site_file = loc.file_name();
     b.site_line = loc.line();
@@ -329,12 +336,11 @@ void vote_op(void* const* all, void* warp) {
 }
 
 // Deposits this lane's operand pointer and runs `op` when the whole warp has arrived.
-void collective(void* mine, void (*op)(void* const*, void*), void* op_ctx, const Loc& loc) {
+void collective(void* mine, void (*op)(void* const*, void*), void* op_ctx, const Loc& loc,
+                const char* what = nullptr) {
   Warp& w = my_warp();
   w.slot[ctx().lane] = mine;
-  w.op = op;
-  w.op_ctx = op_ctx;
-  arrive_and_wait(w.bar, &w, loc);
+  arrive_and_wait(w.bar, &w, loc, op, op_ctx, what);
 }
 }  // namespace
 
@@ -366,7 +372,7 @@ void warp_instruction(const char* what, void* mine, void (*op)(void* const*, voi
                   what, w.live.load());
     fail_at(loc, msg);
   }
-  collective(mine, op, op_ctx, loc);
+  collective(mine, op, op_ctx, loc, what);
 }
 
 void count_flops(int64_t n) {
