@@ -40,7 +40,8 @@ def _cases() -> dict[str, list[tuple[str, tuple, float]]]:
     cases["kron_forward"].append(("M=2048 64x64 (x) 64x64", kron, B16 * (m * 4096 * 3 + 2 * 64 * 64)))
     cases["kron_backward"].append(("M=2048 64x64 (x) 64x64", kron, B16 * (m * 4096 * 4 + 4 * 64 * 64)))
     numel, k = 4096 * 4096, 4096 * 4096 // 100
-    cases["masked_adamw"].append(("4096x4096, 1% selected", (numel, k), 8 * k + 4 * k * 2 + 4 * k * 2 * 2))
+    # indices, the gradient, param read and written, m and v read and written
+    cases["masked_adamw"].append(("4096x4096, 1% selected", (numel, k), 8 * k + 4 * k + 4 * k * 2 + 4 * k * 2 * 2))
     return cases
 
 
