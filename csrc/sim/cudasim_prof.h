@@ -221,36 +221,26 @@ struct Launch {
     }
     std::string out;
     char buf[256];
-    auto put = [&](const char* k, double v) {
-      std::snprintf(buf, sizeof buf, ", \"%s\": %.17g", k, v);
-      out += buf;
-    };
     out = "{\"kernel\": \"";
     for (char c : name) out += (c == '"' || c == '\\') ? '_' : c;
     std::snprintf(buf, sizeof buf, "\", \"grid\": [%u, %u, %u], \"block\": [%u, %u, %u], \"sampled\": %s", grid.x,
                   grid.y, grid.z, threads.x, threads.y, threads.z, sample ? "true" : "false");
     out += buf;
-    put("dyn_smem", double(dyn_smem));
-    put("blocks", double(blocks_total));
-    put("blocks_run", double(blocks_edge_run + blocks_interior_run));
-    put("global_load_requests", t.gld_requests);
-    put("global_load_sectors", t.gld_sectors);
-    put("global_load_min_sectors", t.gld_ideal);
-    put("global_store_requests", t.gst_requests);
-    put("global_store_sectors", t.gst_sectors);
-    put("global_store_min_sectors", t.gst_ideal);
-    put("dram_bytes", 32.0 * dram_sectors);
-    put("shared_requests", t.smem_requests);
-    put("shared_wavefronts", t.smem_wavefronts);
-    put("shared_min_wavefronts", t.smem_ideal);
-    put("ldmatrix", t.ldmatrix);
-    put("ldmatrix_wavefronts", t.ldsm_wavefronts);
-    put("ldmatrix_min_wavefronts", t.ldsm_ideal);
-    put("mma", t.mma);
-    put("tensor_flops", t.tensor_flops);
-    put("flops", t.flops);
-    put("cp_async_bytes", t.cp_async_bytes);
-    put("host_seconds", host_seconds);
+    const std::pair<const char*, double> fields[] = {
+        {"dyn_smem", double(dyn_smem)}, {"blocks", double(blocks_total)},
+        {"blocks_run", double(blocks_edge_run + blocks_interior_run)},
+        {"global_load_requests", t.gld_requests}, {"global_load_sectors", t.gld_sectors},
+        {"global_load_min_sectors", t.gld_ideal}, {"global_store_requests", t.gst_requests},
+        {"global_store_sectors", t.gst_sectors}, {"global_store_min_sectors", t.gst_ideal},
+        {"dram_bytes", 32.0 * dram_sectors}, {"shared_requests", t.smem_requests},
+        {"shared_wavefronts", t.smem_wavefronts}, {"shared_min_wavefronts", t.smem_ideal},
+        {"ldmatrix", t.ldmatrix}, {"ldmatrix_wavefronts", t.ldsm_wavefronts},
+        {"ldmatrix_min_wavefronts", t.ldsm_ideal}, {"mma", t.mma}, {"tensor_flops", t.tensor_flops},
+        {"flops", t.flops}, {"cp_async_bytes", t.cp_async_bytes}, {"host_seconds", host_seconds}};
+    for (const auto& [k, v] : fields) {
+      std::snprintf(buf, sizeof buf, ", \"%s\": %.17g", k, v);
+      out += buf;
+    }
     return out + "}";
   }
 };
