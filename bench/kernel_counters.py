@@ -9,17 +9,23 @@ Columns: sector efficiency (minimum 32-byte sectors / sectors the warps touched,
 (distinct sectors × 32) against the op's minimum bytes, extra shared-memory wavefronts (bank conflicts, plain
 accesses and ldmatrix) relative to the conflict-free count, mma instructions, and the predicted H100 SXM time:
 max(DRAM bytes / 3.35 TB/s, tensor FLOPs / 989 TFLOPS, CUDA-core FLOPs / 67 TFLOPS) + 3 µs. Grids over 512
-blocks are sampled (every edge block, 8 interior ones; "sampled" column). Registers and shared bytes per block
-come from `python python_tests/ptxas_report.py` (nvcc), not from the executor.
+blocks are sampled (every edge block, 8 interior ones; "sampled" column). Registers and static shared bytes per
+block come from ptxas for sm_90 (python_tests/ptxas_report.py; "–" without nvcc), not from the executor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
+import re
+import shutil
 import sys
 
 from peft_kernels import sim
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python_tests"))
+from ptxas_report import report  # noqa: E402  (the ptxas parser the spill test uses)
 
 B16 = 2  # bytes per bf16 element
 
@@ -45,6 +51,21 @@ def _cases() -> dict[str, list[tuple[str, tuple, float]]]:
     return cases
 
 
+def resources(arch: str) -> dict[str, tuple[int, int]]:
+    """(registers, static shared bytes) per kernel instantiation, from ptxas for `arch`; empty without nvcc."""
+    if shutil.which("nvcc") is None:
+        return {}
+    return {re.sub(r"^void (cuda::)?", "", u.kernel.split("(")[0]): (u.registers, u.smem) for u in report([arch])}
+
+
+def lookup(res: dict, kernel: str, dtype: str) -> tuple[int, int] | None:
+    """The ptxas entry of an executor launch name such as "(gemv_kernel<T, true>)" at `dtype`."""
+    t = {"bf16": "__nv_bfloat16", "f16": "__half", "f32": "float"}[dtype]
+    name = kernel.strip("()").replace("int64_t", "long").replace("int32_t", "int")
+    name = re.sub(r"\bT\b", "float" if name.startswith(("adamw", "sgd")) else t, name)
+    return res.get(name)
+
+
 def fmt(v, spec):
     return "–" if v is None else format(v, spec)
 
@@ -52,12 +73,12 @@ def fmt(v, spec):
 def table(op: str, rows: list[tuple[str, dict]]) -> str:
     out = [f"### {op}", "",
            "| shape | kernel | sampled | sector eff. | DRAM MB | DRAM / min | extra smem wavefronts | mma | "
-           "predicted H100 µs |",
-           "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+           "regs / smem B (sm_90) | predicted H100 µs |",
+           "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for label, d in rows:
         out.append(f"| {label} | `{d['kernel']}` | {'yes' if d['sampled'] else 'no'} | {fmt(d['sector_efficiency'], '.3f')} "
                    f"| {d['dram_bytes'] / 1e6:.1f} | {fmt(d['dram_vs_min'], '.2f')} | {fmt(d['bank_conflict_extra'], '.1%')} "
-                   f"| {d['mma']:.0f} | {d['predicted_us']:.1f} |")
+                   f"| {d['mma']:.0f} | {d.get('resources') or '–'} | {d['predicted_us']:.1f} |")
     return "\n".join(out)
 
 
@@ -72,6 +93,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"OP: expected some of {sorted(cases)}, got {unknown}")
     everything = []
+    res = resources("9.0")
     print("Counters from the CPU executor (csrc/sim); times are PREDICTED by a roofline, never measured.\n")
     for op in args.ops or cases:
         rows = []
@@ -81,6 +103,8 @@ def main(argv=None) -> int:
             # DRAM vs minimum for the op as a whole goes on its last launch; the others show their own bytes
             for i, launch in enumerate(launches):
                 d = sim.derived(launch, min_bytes if len(launches) == 1 else None)
+                regs_smem = lookup(res, d["kernel"], "f32" if op == "masked_adamw" else args.dtype)
+                d["resources"] = f"{regs_smem[0]} / {regs_smem[1]}" if regs_smem else None
                 rows.append((label, d))
                 everything.append({"op": op, "shape": label, **d})
             if len(launches) > 1:
