@@ -22,7 +22,7 @@ import subprocess
 import pytest
 
 import peft_kernels
-from ptxas_report import _FRAME, ROOT, demangle
+from ptxas_report import ROOT, demangle, parse_report
 
 # What each product kernel must compile to. Keys are traits (TRAIT_OPCODE), values are substrings of kernel
 # names in peft_kernels/_C.so, matched against the demangled and the mangled name, for example "nf4_mm_kernel".
@@ -60,7 +60,6 @@ _FUNCTION = re.compile(r"^\s*Function : (\S+)")
 # "/*0340*/  @!P0 STL.128 [R1+0x10], R8 ;": the opcode's base name, before its first modifier. The encoding lines
 # ("/* 0x000fe4... */") have a space after "/*" and do not match.
 _OPCODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
-_PROPERTIES = re.compile(r"Function properties for (\S+)")
 
 
 @dataclasses.dataclass
@@ -139,15 +138,10 @@ def test_mma_gemm_no_spills(mma_gemm):
     """ptxas' own count: 94 registers on sm_80 and 76 on sm_90 hold the 2x4 fp32 accumulator tiles (32 floats)
     plus the fragments with room to spare, so any spill or stack frame is a regression of the source."""
     arch, _, log = mma_gemm
-    frames = {}
-    function = None
-    for line in log.splitlines():
-        if m := _PROPERTIES.search(line):
-            function = m.group(1)
-        elif m := _FRAME.search(line):
-            frames[function] = tuple(map(int, m.groups()))
-    assert len(frames) == 2 and all("gemm_kernel" in f for f in frames), log
-    assert all(frame == (0, 0, 0) for frame in frames.values()), f"{arch} (stack, spill st, spill ld): {frames}"
+    usages = parse_report(log, "mma_gemm.cu")
+    assert len(usages) == 2 and all("gemm_kernel" in u.kernel and u.arch == arch for u in usages), log
+    bad = [u for u in usages if u.stack or u.spill_stores or u.spill_loads]
+    assert not bad, f"{arch}: {bad}"
 
 
 @pytest.fixture(scope="module")
