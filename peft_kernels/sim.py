@@ -83,9 +83,8 @@ def profile(op: str, *shape, dtype: str = "bf16", sample: str | int = "auto", se
     return [derived(launch) for launch in run_counted([str(executable()), op, *args], sample, seed)]
 
 
-def derived(launch: dict, min_bytes: float | None = None) -> dict:
-    """`launch` plus sector efficiency, extra shared wavefronts, DRAM bytes vs `min_bytes` (the op's minimum, if
-    given) and the predicted H100 time in microseconds."""
+def derived(launch: dict) -> dict:
+    """`launch` plus sector efficiency, extra shared wavefronts and the predicted H100 time in microseconds."""
     d = dict(launch)
 
     def ratio(a, b):
@@ -99,7 +98,6 @@ def derived(launch: dict, min_bytes: float | None = None) -> dict:
     waves = launch["shared_wavefronts"] + launch["ldmatrix_wavefronts"]
     ideal = launch["shared_min_wavefronts"] + launch["ldmatrix_min_wavefronts"]
     d["bank_conflict_extra"] = ratio(waves - ideal, ideal) if ideal else 0.0
-    d["dram_vs_min"] = ratio(launch["dram_bytes"], min_bytes) if min_bytes else None
     d["predicted_us"] = 1e6 * (max(launch["dram_bytes"] / H100_DRAM_BYTES_PER_S,
                                    launch["tensor_flops"] / H100_TENSOR_FLOPS,
                                    launch["flops"] / H100_FP32_FLOPS) + LAUNCH_OVERHEAD_S)

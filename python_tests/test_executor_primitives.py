@@ -40,6 +40,8 @@ if not (CUDA_INCLUDE / "cuda_runtime.h").is_file():
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory) -> pathlib.Path:
+    """Built with the README's one-line standalone command (not test_executor.py's separate objects), so that
+    the documented command is tested too."""
     out = tmp_path_factory.mktemp("ptx_probe")
     exe = out / "ptx_probe"
     cmd = ["g++", "-std=c++20", "-O1", "-DPEFT_KERNELS_CUDASIM", "-x", "c++", "-I", str(CSRC / "include"),

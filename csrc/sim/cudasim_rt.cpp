@@ -358,6 +358,9 @@ unsigned ballot(unsigned mask, bool p, const Loc& loc) {
 }
 unsigned active_mask() { return my_warp().live.load(); }
 
+namespace {
+// A warp instruction: every lane of a full, converged warp passes `mine`; the last to arrive calls
+// op(all[32]) with the 32 lanes' pointers, then every lane continues. `what` names it in error messages.
 void warp_instruction(const char* what, void* mine, void (*op)(void* const*, void*), void* op_ctx, const Loc& loc) {
   const Warp& w = my_warp();
   if (w.lanes != 32) {
@@ -374,6 +377,7 @@ void warp_instruction(const char* what, void* mine, void (*op)(void* const*, voi
   }
   collective(mine, op, op_ctx, loc, what);
 }
+}  // namespace
 
 void count_flops(int64_t n) {
   if (g_launch != nullptr) g_launch->cur.flops += double(n);
@@ -397,6 +401,18 @@ int collect_segments(dl_phdr_info* info, size_t, void*) {
 }  // namespace
 
 void refresh_static_ranges() {
+  // glibc counts module loads and unloads: the ranges are rebuilt only when a module came or went (a torch
+  // process has ~150 modules; the _sim tests launch thousands of kernels).
+  static std::pair<unsigned long long, unsigned long long> seen{~0ull, ~0ull};
+  std::pair<unsigned long long, unsigned long long> now;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* out) {
+        *static_cast<std::pair<unsigned long long, unsigned long long>*>(out) = {info->dlpi_adds, info->dlpi_subs};
+        return 1;  // the counts are the same in every entry: one is enough
+      },
+      &now);
+  if (now == seen) return;
+  seen = now;
   g_static_ranges.clear();
   dl_iterate_phdr(collect_segments, nullptr);
 }
@@ -566,16 +582,14 @@ void run_grid(const char* name, dim3 grid, dim3 block, size_t smem, const std::f
   }
   prof::refresh_static_ranges();  // a module loaded since the last launch has statics of its own
   std::unique_ptr<prof::Launch> launch = prof::begin_launch(name, grid, block, smem);
-  std::vector<char> is_edge_block;  // per entry of `order`, when sampling
   if (launch != nullptr) {
     if (!fiber_mode()) fail("the counters need CUDASIM_MODE=fiber (the default)");
+    std::vector<dim3> edges, interior;
+    for (dim3 b : order) (is_edge(b, grid) ? edges : interior).push_back(b);
     launch->blocks_total = order.size();
-    launch->blocks_edge_total = 0;
-    for (dim3 b : order) launch->blocks_edge_total += is_edge(b, grid);
+    launch->blocks_edge_total = edges.size();
     if (launch->sample) {
       // Every edge block (partial tiles live there) plus a seeded random sample of the interior.
-      std::vector<dim3> edges, interior;
-      for (dim3 b : order) (is_edge(b, grid) ? edges : interior).push_back(b);
       std::mt19937_64 rng(launch->seed);
       std::shuffle(interior.begin(), interior.end(), rng);
       interior.resize(std::min(interior.size(), launch->interior_sample));
@@ -648,8 +662,8 @@ struct MmaLane {
 // A reg i of lane L: rows g (i = 0, 2) or g + 8 (i = 1, 3), columns 2t, 2t+1 (+8 for i >= 2);
 // B reg i: rows 2t, 2t+1 (+8 for i = 1), column g; C/D element i: row g (i < 2) or g + 8, column 2t + (i & 1).
 // The 16-bit products are exact in double and summed in double: within an ulp or two of any fp32 order.
-void mma_op(void* const* all, void* half_flag) {
-  const bool half = half_flag != nullptr;
+template <bool half>
+void mma_op(void* const* all, void*) {
   float A[16][16], B[16][8], C[16][8];
   for (int L = 0; L < 32; ++L) {
     const auto& m = *static_cast<const MmaLane*>(all[L]);
@@ -731,7 +745,7 @@ void ldmatrix_op(void* const* all, void* opp) {
 
 void mma_m16n8k16(bool half, float* d, const uint32_t* a, const uint32_t* b, const float* c, const Loc& loc) {
   MmaLane me{d, a, b, c};
-  warp_instruction("mma.m16n8k16", &me, mma_op, half ? &me : nullptr, loc);
+  warp_instruction("mma.m16n8k16", &me, half ? mma_op<true> : mma_op<false>, nullptr, loc);
 }
 
 void ldmatrix(int count, bool trans, uint32_t* r, const void* smem, const Loc& loc) {
@@ -785,8 +799,9 @@ void cp_async_wait(int n, const Loc&) {
 extern "C" {
 // Fresh "device" memory is 0xFF-filled (NaN as float) so a kernel that reads what it never wrote shows it.
 cudaError_t cudaMalloc(void** p, size_t n) {
-  // 256-byte aligned like cudaMalloc's, so sector and bank arithmetic matches the GPU's
-  *p = std::aligned_alloc(256, (n + 255) / 256 * 256 + 256);
+  // 256-byte aligned like cudaMalloc's, so sector and bank arithmetic matches the GPU's; exactly n bytes, so
+  // AddressSanitizer sees a kernel that runs past the end (test_cudasim.py's off-by-one mutants)
+  if (posix_memalign(p, 256, n ? n : 1) != 0) return cudaErrorMemoryAllocation;
   std::memset(*p, 0xFF, n);
   std::lock_guard<std::mutex> lk(cudasim::g_alloc_mutex);
   cudasim::allocations()[reinterpret_cast<uintptr_t>(*p)] = n ? n : 1;
