@@ -5,8 +5,8 @@
 // instead of the ThreadSanitizer runtime hands us every access of the kernel with the instruction's address
 // (our caller): the counters group the lanes' accesses of one instruction into a warp access. Build:
 //
-//   g++ -std=c++20 -O1 -DPEFT_KERNELS_CUDASIM -fsanitize=thread --param=tsan-instrument-func-entry-exit=0 \
-//       -c KERNEL.cu.cpp              (the kernel file, includes cudasim.h; only this one instrumented)
+//   g++ -std=c++20 -O1 -DPEFT_KERNELS_CUDASIM -fsanitize=thread --param=tsan-instrument-func-entry-exit=0
+//       -x c++ -c KERNEL.cu           (the kernel file, includes cudasim.h; only this one instrumented)
 //   g++ -std=c++20 -O1 -DPEFT_KERNELS_CUDASIM -c csrc/sim/cudasim_rt.cpp csrc/sim/cudasim_count.cpp
 //   g++ *.o -lpthread                 (no -fsanitize at link time: no ThreadSanitizer runtime)
 //

@@ -117,7 +117,6 @@ struct Warp {
 };
 
 struct Block {
-  dim3 idx, dim;
   Barrier bar;
   std::vector<Warp> warps;
   std::vector<unsigned char> dyn;
@@ -602,8 +601,6 @@ void run_grid(const char* name, dim3 grid, dim3 block, size_t smem, const std::f
   const bool strict_exit = std::getenv("CUDASIM_STRICT_EXIT") != nullptr;
   for (dim3 b : order) {
     Block blk;
-    blk.idx = b;
-    blk.dim = block;
     blk.bar.reset(nthr, "__syncthreads", strict_exit);
     blk.dyn.assign(smem, 0xFF);  // poison: reading dynamic shared memory never written gives NaN
     const int nw = (nthr + 31) / 32;
@@ -639,9 +636,9 @@ namespace {
 
 float b16_to_float(uint16_t v, bool half) {
   if (half) {
-    __half h;
-    std::memcpy(&h, &v, 2);
-    return __half2float(h);
+    __half_raw raw;
+    raw.x = v;
+    return __half2float(__half(raw));
   }
   const uint32_t bits = uint32_t(v) << 16;
   float f;
