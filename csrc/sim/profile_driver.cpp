@@ -119,7 +119,9 @@ int main(int argc, char** argv) {
     need(4, "M IN OUT DTYPE");
     const int64_t m = arg(argv, 2), in = arg(argv, 3), out = arg(argv, 4);
     const DType t = dtype_of(argv[5]);
-    if (m < 1 || m > nf4::kGemvMaxRows || (in * out) % 64 != 0) die("nf4_gemv needs 1 <= M <= 16 and IN*OUT % 64 == 0");
+    if (m < 1 || m > nf4::kGemvMaxRows || (in * out) % 64 != 0)
+      die("nf4_gemv needs 1 <= M <= 16 and IN*OUT % 64 == 0, got M=" + std::to_string(m) + " IN*OUT=" +
+          std::to_string(in * out));
     const nf4::GemvParams p{packed_weight(in * out), values(size_t(m * in), t, 1), nullptr,
                             bytes(size_t(m * out) * elem_size(t), 0xFF), t, m, in, out};
     check(cuda::nf4_gemv(p, nullptr), "nf4_gemv");
@@ -127,7 +129,7 @@ int main(int argc, char** argv) {
     need(3, "IN OUT DTYPE");
     const int64_t numel = arg(argv, 2) * arg(argv, 3);
     const DType t = dtype_of(argv[4]);
-    if (numel % 64 != 0) die("nf4_decode needs IN*OUT % 64 == 0");
+    if (numel % 64 != 0) die("nf4_decode needs IN*OUT % 64 == 0, got " + std::to_string(numel));
     const nf4::DecodeParams p{packed_weight(numel), 0, bytes(size_t(numel) * elem_size(t), 0xFF), t, numel};
     check(cuda::nf4_decode(p, nullptr), "nf4_decode");
   } else if (op == "lora_down" || op == "lora_backward") {
@@ -169,7 +171,7 @@ int main(int argc, char** argv) {
   } else if (op == "masked_adamw") {
     need(2, "NUMEL K");
     const int64_t n = arg(argv, 2), k = arg(argv, 3);
-    if (k < 1 || k > n) die("masked_adamw needs 1 <= K <= NUMEL");
+    if (k < 1 || k > n) die("masked_adamw needs 1 <= K <= NUMEL, got K=" + std::to_string(k) + " NUMEL=" + std::to_string(n));
     std::vector<int64_t> idx(static_cast<size_t>(k));
     for (int64_t j = 0; j < k; ++j) idx[size_t(j)] = j * n / k;
     void* idx_dev = nullptr;
