@@ -40,7 +40,8 @@ LOCAL_MEMORY = {"LDL", "STL"}
 
 
 def _cuobjdump() -> str | None:
-    """The pip wheel's cuobjdump (nvidia-cuda-cuobjdump, nvidia/cu13/bin), else one on PATH."""
+    """The pip wheel's cuobjdump (nvidia-cuda-cuobjdump, nvidia/cu13/bin), else one on PATH. Its -sass runs the
+    nvdisasm beside it (nvidia-cuda-nvdisasm, the same folder): without it cuobjdump exits 1."""
     try:
         import nvidia
     except ImportError:
