@@ -19,6 +19,17 @@ struct Gpu {
   }
   static void decode(const DecodeParams& p) { cuda::check_launch(cuda::nf4_decode(p, cuda::current_stream()), "nf4_decode"); }
   static void gemv(const GemvParams& p) { cuda::check_launch(cuda::nf4_gemv(p, cuda::current_stream()), "nf4_gemv"); }
+  // The tensor-core kernels; false (nothing launched) for a call they do not take (fp32, in % 32 != 0).
+  static bool gemm(const GemmParams& p) {
+    if (!cuda::nf4_gemm_supported(p)) return false;
+    cuda::check_launch(cuda::nf4_gemm(p, cuda::current_stream()), "nf4_gemm");
+    return true;
+  }
+  static bool dx(const DxParams& p) {
+    if (!cuda::nf4_linear_dx_supported(p)) return false;
+    cuda::check_launch(cuda::nf4_linear_dx(p, cuda::current_stream()), "nf4_linear_dx");
+    return true;
+  }
 };
 
 }  // namespace nf4

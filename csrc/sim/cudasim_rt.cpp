@@ -791,6 +791,29 @@ void cp_async_wait(int n, const Loc&) {
 }  // namespace ptx
 }  // namespace cudasim
 
+namespace cudasim {
+std::map<const void*, int>& smem_opt_in() {
+  static std::map<const void*, int> m;
+  return m;
+}
+
+void check_smem_opt_in(const void* kernel, const char* name, size_t smem) {
+  if (smem <= 48 * 1024) return;
+  int allowed = 0;
+  {
+    std::lock_guard<std::mutex> lk(g_alloc_mutex);
+    const auto it = smem_opt_in().find(kernel);
+    if (it != smem_opt_in().end()) allowed = it->second;
+  }
+  if (size_t(allowed) < smem) {
+    char msg[256];
+    std::snprintf(msg, sizeof msg, "%s: %zu bytes of dynamic shared memory need cudaFuncSetAttribute("
+                  "MaxDynamicSharedMemorySize) first (set: %d)", name, smem, allowed);
+    fail(msg);
+  }
+}
+}  // namespace cudasim
+
 // ---- cudart entry points --------------------------------------------------------------------------------------------------
 // Host memory stands in for device memory; every launch has completed when KLAUNCH returns.
 extern "C" {
@@ -818,6 +841,15 @@ cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) {
 }
 cudaError_t cudaMemset(void* d, int v, size_t n) {
   std::memset(d, v, n);
+  return cudaSuccess;
+}
+// Dynamic shared memory above 48 KiB must be opted into per kernel, as on the GPU (where the launch fails
+// otherwise); 227 KiB is sm_90's per-block maximum (sm_80: 163 KiB).
+cudaError_t cudaFuncSetAttribute(const void* fn, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  if (value < 0 || value > 227 * 1024) return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lk(cudasim::g_alloc_mutex);
+  cudasim::smem_opt_in()[fn] = value;
   return cudaSuccess;
 }
 cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }

@@ -3,6 +3,10 @@
 // gradient dx = dy W. W never gets a gradient. A Backend provides, beyond nf4_op.h's,
 //   static constexpr bool kFloat64;                 // whether its kernels take fp64 (the CPU's do, for gradcheck)
 //   static void gemv(const nf4::GemvParams&);       // m <= kGemvMaxRows: one streaming pass over the packed weight
+// and may provide kernels that multiply by the packed weight directly (CUDA: tensor cores), each returning
+// false, having done nothing, for a call it does not take (dtype, alignment, shape):
+//   static bool gemm(const nf4::GemmParams&);       // m > kGemmMinRows
+//   static bool dx(const nf4::DxParams&);           // any m
 // Larger m (training, prefill) decodes W in row tiles into one workspace of at most workspace_bytes() and
 // multiplies each tile through the platform BLAS: no full-precision copy of the weight is kept, and the peak
 // extra memory is min(W in x's dtype, workspace_bytes()) plus two NF4 blocks. A Backend may provide
@@ -70,8 +74,12 @@ at::Tensor linear_forward(const char* op, const Weight& w, const at::Tensor& x2,
   at::Tensor y = empty_output({m, w.out}, x2.options());
   if (m == 0) return y;
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  const GemvParams p{w.w, x2.data_ptr(), bias ? b.data_ptr() : nullptr, y.data_ptr(), dtype, m, w.in, w.out};
+  if constexpr (requires { Backend::gemm(p); }) {
+    if (m > kGemmMinRows && Backend::gemm(p)) return y;
+  }
   if (m <= kGemvMaxRows) {
-    Backend::gemv(GemvParams{w.w, x2.data_ptr(), bias ? b.data_ptr() : nullptr, y.data_ptr(), dtype, m, w.in, w.out});
+    Backend::gemv(p);
     return y;
   }
   for_each_tile<Backend>(w, dtype, x2.options(), [&](int64_t n0, int64_t n1, const at::Tensor& tile) {
@@ -93,6 +101,9 @@ template <class Backend> at::Tensor linear_dx(const char* op, const Weight& w, c
   const int64_t m = dy2.size(0);
   at::Tensor dx = empty_output({m, w.in}, dy2.options());
   if (m == 0) return dx;
+  if constexpr (requires { Backend::dx(DxParams{}); }) {
+    if (Backend::dx(DxParams{w.w, dy2.data_ptr(), dx.data_ptr(), dtype, m, w.in, w.out})) return dx;
+  }
   const bool wide = dtype == DType::kFloat32 || dtype == DType::kFloat64;
   at::Tensor acc;
   for_each_tile<Backend>(w, dtype, dy2.options(), [&](int64_t n0, int64_t n1, const at::Tensor& tile) {

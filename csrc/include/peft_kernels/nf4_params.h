@@ -77,4 +77,20 @@ struct GemvParams {
   int64_t m, in, out;
 };
 
+// The tensor-core GEMM (CUDA) computes the same product from the same fields. It takes over from the GEMV
+// above 8 rows: at 8 rows the GEMV already streams the weight at DRAM speed, and a 128-row tile would spend
+// 16x the tensor work on padding.
+using GemmParams = GemvParams;
+constexpr int kGemmMinRows = 8;
+
+// Input gradient of the linear layer: dx[i, k] = sum_n dy[i, n] * W[n, k], W = w as [out, in]; dy [m, out],
+// dx [m, in], both of `dtype` (fp32 accumulation).
+struct DxParams {
+  Packed w;
+  const void* dy;
+  void* dx;
+  DType dtype;
+  int64_t m, in, out;
+};
+
 }  // namespace peft_kernels::nf4
