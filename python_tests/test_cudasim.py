@@ -31,6 +31,9 @@ CSRC = ROOT / "csrc"
 CUDA_INCLUDE = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 NUMEL, BLOCKSIZE, NUMEL8 = 704, 64, 300  # 11 NF4 blocks (2 thread blocks), 8-bit: one full block + a partial
 LORA_M, LORA_IN, LORA_R, LORA_SEED, LORA_P, LORA_SCALING = 37, 67, 5, 2024, 0.3, 0.5
+# tensor-core GEMM and dx: M rows (a partial 128-row tile), in 288 (5 pipeline stages of 64, the last one half
+# full; 4.5 NF4 blocks of 64 per row, so blocks straddle rows), out 136 (a partial 128-column tile), bf16
+TC_M, TC_IN, TC_OUT = 37, 288, 136
 GEMV_M, GEMV_OUTS = 3, (32, 11)  # NF4 weights [32, 22] (rows straddle the 64-element blocks) and [11, 64]
 # kron_linear: M rows, A [AO, AI], B [BO, BI] (in 10, out 12; 6 and 20 dA/dB blocks of 256 threads)
 KRON_M, KRON_AO, KRON_AI, KRON_BO, KRON_BI, KRON_SEED, KRON_P, KRON_SCALING = 7, 3, 2, 4, 5, 77, 0.3, 0.8
@@ -117,7 +120,8 @@ class Case:
 
         def compare(name, got, want, tol=0.0):
             got, want = got.double().reshape(-1), want.double().reshape(-1)
-            bad = ((got - want).abs() > tol * (1 + want.abs())).sum().item()
+            # written as "not within" so that NaN (poison that a kernel read or never overwrote) counts as wrong
+            bad = (~((got - want).abs() <= tol * (1 + want.abs()))).sum().item()
             if bad:
                 problems.append(f"{name}: {bad} of {want.numel()} elements differ")
 
@@ -152,6 +156,25 @@ class Case:
                 want = (self.lora_x[:GEMV_M, :gemv_in].double() @ w.reshape(gemv_out, gemv_in).t()
                         + self.lora_a[0, :gemv_out].double())
                 compare(f"gemv in={gemv_in}", read(self.work / "y.f32", torch.float32), want, 1e-5)
+        # Tensor-core NF4 GEMM and dx (bf16, double-quantized weight): against the bf16-rounded inputs and the
+        # weight as the reference decodes it, in float64; the kernels accumulate in fp32 and round once to bf16.
+        tc_w = torch.randn(TC_OUT, TC_IN, generator=torch.Generator().manual_seed(11)) * torch.linspace(0.2, 2, TC_IN)
+        tc = R.nf4_quantize(tc_w.reshape(-1), BLOCKSIZE, self.code)
+        tc_dense = R.nf4_dequantize(*tc[:2], tc[2], self.code, tc[3], BLOCKSIZE, torch.float32).reshape(TC_OUT, TC_IN)
+        tc_dense = tc_dense.to(torch.bfloat16).double()
+        tc_x = torch.randn(TC_M, TC_IN, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+        tc_dy = torch.randn(TC_M, TC_OUT, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16)
+        tc_bias = torch.randn(TC_OUT, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16)
+        for name, t in (("codes.u8", tc[0]), ("q.u8", tc[1]), ("nested.f32", tc[2]), ("offset.f32", tc[3].reshape(1)),
+                        ("x.f32", tc_x.float()), ("dy.f32", tc_dy.float()), ("bias.f32", tc_bias.float())):
+            write(self.work / name, t)
+        bf16_ulp = 2.0**-7  # one rounding to bf16 (relative), plus fp32 accumulation noise far below it
+        if step("gemm", TC_M, TC_IN, TC_OUT, BLOCKSIZE):
+            want = (tc_x.double() @ tc_dense.t() + tc_bias.double()).to(torch.bfloat16)
+            compare("gemm y", read(self.work / "y.f32", torch.float32), want, bf16_ulp)
+        if step("dx", TC_M, TC_IN, TC_OUT, BLOCKSIZE):
+            want = (tc_dy.double() @ tc_dense).to(torch.bfloat16)
+            compare("dx", read(self.work / "dx.f32", torch.float32), want, bf16_ulp)
         # LoRA dropout kernels against the float64 reference (fp32 accumulation: a tolerance, not equality)
         keep = R.dropout_keep((LORA_M, LORA_IN), LORA_P, LORA_SEED).double() / (1 - LORA_P)
         xd = self.lora_x.double() * keep
@@ -207,7 +230,7 @@ def test_kernels_clean_under_sanitizer(work, sanitizer):
 
 
 SOURCES = {name: (CSRC / "cuda" / name).read_text()
-           for name in ("nf4.cu", "lora_linear.cu", "kron_linear.cu", "masked_adamw.cu")}
+           for name in ("nf4.cu", "nf4_gemm.cu", "lora_linear.cu", "kron_linear.cu", "masked_adamw.cu")}
 
 # (id, file, text to replace, replacement, sanitizer the mutant is built with, a regex for how it must be caught)
 MUTANTS = [
@@ -228,6 +251,21 @@ MUTANTS = [
     # the 8-element path decodes the bytes of each 4-byte word in reverse order
     ("gemv-byte-order", "nf4.cu", "static_cast<uint8_t>(word >> (8 * j))", "static_cast<uint8_t>(word >> (24 - 8 * j))", None,
      r"^gemv in=64: \d+ of \d+ elements differ"),
+    # the GEMM multiplies the stage after the one that has landed (a wrong pipeline stage index)
+    ("gemm-stage-index", "nf4_gemm.cu", "const Stage& s = stages[kt % kStages];\nPK_UNROLL\n    for (int half",
+     "const Stage& s = stages[(kt + 1) % kStages];\nPK_UNROLL\n    for (int half", None, r"^gemm y: \d+ of 5032"),
+    # the GEMM decodes the low nibble as the even element
+    ("gemm-nibble-order", "nf4_gemm.cu", "pack2<T>(mul_rn(lut[byte >> 4], scale), mul_rn(lut[byte & 15u], scale))",
+     "pack2<T>(mul_rn(lut[byte & 15u], scale), mul_rn(lut[byte >> 4], scale))", None, r"^gemm y: \d+ of 5032"),
+    # the GEMM's warps multiply a stage as soon as their own copies landed, not everyone's (poison: NaN)
+    ("gemm-missing-barrier", "nf4_gemm.cu", "cp_async_wait<kStages - 2>();\n    __syncthreads();\n    // The scale",
+     "cp_async_wait<kStages - 2>();\n    // The scale", None, r"^gemm y: \d+ of 5032"),
+    # dx leaves the NF4 block scale out of its B fragments
+    ("dx-missing-scale", "nf4_gemm.cu", "const float scale = s.scales[row * 4 + warp_chunk];",
+     "const float scale = 1.0f;", None, r"^dx: \d+ of 10656"),
+    # dx takes column 4g + 1's nibble for column 4g
+    ("dx-nibble-order", "nf4_gemm.cu", "lo[r][0] = mul_rn(lut[(codes >> 4) & 15u], scale);",
+     "lo[r][0] = mul_rn(lut[codes & 15u], scale);", None, r"^dx: \d+ of 10656"),
     # LoRA backward applies the mask of the neighbouring element to dx
     ("shifted-mask", "lora_linear.cu", "keep_scale(p.drop, e) * t", "keep_scale(p.drop, e + 1) * t", None,
      r"^lora_bwd dx: \d+ of 2479"),

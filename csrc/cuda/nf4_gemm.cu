@@ -139,7 +139,7 @@ __device__ __forceinline__ void tile_of(int64_t b, int64_t tiles_m, int64_t tile
 // y [m, out] = x [m, in] W^T (+ bias). Requires in % 32 == 0 and x, codes 16-byte aligned (nf4_gemm checks).
 // Warp w computes rows 64 (w & 1) .. +64 and W rows 32 (w >> 1) .. +32 of the block's tile.
 template <class T>
-__global__ void __launch_bounds__(kThreads) gemm_kernel(nf4::GemmParams p) {
+__global__ void __launch_bounds__(kThreads) nf4_gemm_kernel(nf4::GemmParams p) {
   DYN_SMEM(unsigned char, smem);
   Stage* stages = reinterpret_cast<Stage*>(smem);
   __shared__ float lut[16];
@@ -270,7 +270,7 @@ PK_UNROLL
 // 32 (w >> 1) .. +32 of the block's tile. A lane's B fragments need W rows 2t, 2t+1, 2t+8, 2t+9 of a k16
 // step at its columns 4g .. 4g+3 (one per fragment): one 16-bit load per row.
 template <class T>
-__global__ void __launch_bounds__(kThreads) dx_kernel(nf4::DxParams p) {
+__global__ void __launch_bounds__(kThreads) nf4_dx_kernel(nf4::DxParams p) {
   DYN_SMEM(unsigned char, smem);
   Stage* stages = reinterpret_cast<Stage*>(smem);
   __shared__ float lut[16];
@@ -413,7 +413,7 @@ cudaError_t nf4_gemm(const nf4::GemmParams& p, cudaStream_t stream) {
   const int64_t blocks = ((p.m + kTile - 1) / kTile) * ((p.out + kTile - 1) / kTile);
   return launch_typed(p.dtype, [&]<class T>() {
     if constexpr (!std::is_same_v<T, float>) {
-      if (prepare(gemm_kernel<T>) == cudaSuccess) KLAUNCH((gemm_kernel<T>), unsigned(blocks), kThreads, kSmemBytes, stream, p);
+      if (prepare(nf4_gemm_kernel<T>) == cudaSuccess) KLAUNCH((nf4_gemm_kernel<T>), unsigned(blocks), kThreads, kSmemBytes, stream, p);
     }
   });
 }
@@ -422,7 +422,7 @@ cudaError_t nf4_linear_dx(const nf4::DxParams& p, cudaStream_t stream) {
   const int64_t blocks = ((p.m + kTile - 1) / kTile) * ((p.in + kTile - 1) / kTile);
   return launch_typed(p.dtype, [&]<class T>() {
     if constexpr (!std::is_same_v<T, float>) {
-      if (prepare(dx_kernel<T>) == cudaSuccess) KLAUNCH((dx_kernel<T>), unsigned(blocks), kThreads, kSmemBytes, stream, p);
+      if (prepare(nf4_dx_kernel<T>) == cudaSuccess) KLAUNCH((nf4_dx_kernel<T>), unsigned(blocks), kThreads, kSmemBytes, stream, p);
     }
   });
 }

@@ -8,6 +8,9 @@
 //   kernel_driver decode    DIR NUMEL BLOCKSIZE   codes.u8 absmax.f32               -> out.f32
 //   kernel_driver decode8   DIR NUMEL BLOCKSIZE   codes.u8 q.u8 nested.f32 code.f32 offset.f32 -> out.f32
 //   kernel_driver gemv      DIR M IN OUT BLOCKSIZE x.f32 codes.u8 absmax.f32 bias.f32 -> y.f32
+//   kernel_driver gemm      DIR M IN OUT BLOCKSIZE x.f32 codes.u8 q.u8 nested.f32 code.f32 offset.f32 bias.f32 -> y.f32
+//   kernel_driver dx        DIR M IN OUT BLOCKSIZE dy.f32 codes.u8 q.u8 nested.f32 code.f32 offset.f32 -> dx.f32
+//                           (the tensor-core kernels, bf16 activations: inputs rounded to bf16, outputs widened)
 //   kernel_driver lora_down DIR M IN R SEED P     x.f32 a.f32                       -> xa.f32
 //   kernel_driver lora_bwd  DIR M IN R SEED P S   x.f32 a.f32 dxa.f32 dx.f32        -> dx.f32 da.f32
 //   kernel_driver kron_fwd  DIR M AO AI BO BI SEED P S   x.f32 a.f32 b.f32 y.f32    -> y.f32 (y += ...)
@@ -18,6 +21,7 @@
 #include "lora_linear.cu"
 #include "masked_adamw.cu"
 #include "nf4.cu"
+#include "nf4_gemm.cu"
 
 #include <cmath>
 
@@ -61,6 +65,28 @@ template <class T> void save(const std::string& dir, const char* name, const T* 
   const std::string path = dir + "/" + name;
   std::FILE* f = std::fopen(path.c_str(), "wb");
   if (f == nullptr || std::fwrite(host.data(), sizeof(T), count, f) != count) die("cannot write " + path);
+  std::fclose(f);
+}
+
+// bf16 device copies of fp32 data and back, for the tensor-core kernels.
+__nv_bfloat16* to_bf16(const float* dev, size_t count) {
+  std::vector<float> host(count);
+  cudaMemcpy(host.data(), dev, count * 4, cudaMemcpyDeviceToHost);
+  std::vector<__nv_bfloat16> h16(count);
+  for (size_t i = 0; i < count; ++i) h16[i] = __float2bfloat16_rn(host[i]);
+  __nv_bfloat16* out = alloc<__nv_bfloat16>(count);
+  cudaMemcpy(out, h16.data(), count * 2, cudaMemcpyHostToDevice);
+  return out;
+}
+
+void save_bf16(const std::string& dir, const char* name, const __nv_bfloat16* dev, size_t count) {
+  std::vector<__nv_bfloat16> h16(count);
+  cudaMemcpy(h16.data(), dev, count * 2, cudaMemcpyDeviceToHost);
+  std::vector<float> host(count);
+  for (size_t i = 0; i < count; ++i) host[i] = __bfloat162float(h16[i]);
+  const std::string path = dir + "/" + name;
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr || std::fwrite(host.data(), 4, count, f) != count) die("cannot write " + path);
   std::fclose(f);
 }
 
@@ -121,6 +147,28 @@ int main(int argc, char** argv) {
                             DType::kFloat32, m, in, out};
     check(cuda::nf4_gemv(p, nullptr), "nf4_gemv");
     save(dir, "y.f32", y, m * out);
+  } else if (kernel == "gemm" || kernel == "dx") {
+    if (argc < 7) die("usage: kernel_driver gemm|dx DIR M IN OUT BLOCKSIZE");
+    const int64_t m = n, in = std::atoll(argv[4]), out = std::atoll(argv[5]);
+    const int bs = std::atoi(argv[6]);
+    const int64_t blocks = in * out / bs;
+    const nf4::Packed w{load<uint8_t>(dir, "codes.u8", in * out / 2), load<uint8_t>(dir, "q.u8", blocks),
+                        load<float>(dir, "nested.f32", (blocks + nf4::kNestedBlocksize - 1) / nf4::kNestedBlocksize),
+                        load<float>(dir, "code.f32", 256), load<float>(dir, "offset.f32", 1), nf4::kNestedBlocksize, bs};
+    if (kernel == "gemm") {
+      const nf4::GemmParams p{w, to_bf16(load<float>(dir, "x.f32", m * in), m * in),
+                              to_bf16(load<float>(dir, "bias.f32", out), out), alloc<__nv_bfloat16>(m * out),
+                              DType::kBFloat16, m, in, out};
+      if (!cuda::nf4_gemm_supported(p)) die("gemm: shape not supported by the tensor-core kernel");
+      check(cuda::nf4_gemm(p, nullptr), "nf4_gemm");
+      save_bf16(dir, "y.f32", static_cast<const __nv_bfloat16*>(p.y), m * out);
+    } else {
+      const nf4::DxParams p{w, to_bf16(load<float>(dir, "dy.f32", m * out), m * out), alloc<__nv_bfloat16>(m * in),
+                            DType::kBFloat16, m, in, out};
+      if (!cuda::nf4_linear_dx_supported(p)) die("dx: shape not supported by the tensor-core kernel");
+      check(cuda::nf4_linear_dx(p, nullptr), "nf4_linear_dx");
+      save_bf16(dir, "dx.f32", static_cast<const __nv_bfloat16*>(p.dx), m * in);
+    }
   } else if (kernel == "lora_down" || kernel == "lora_bwd") {
     if (argc < 8) die("usage: kernel_driver lora_down|lora_bwd DIR M IN R SEED P [SCALING]");
     const int64_t m = n, in = std::atoll(argv[4]);
