@@ -1,7 +1,8 @@
 """nf4_linear: y = x W^T + b with W a packed NF4 weight, on every backend (CPU, the CUDA kernels through the
-CPU executor, CUDA when present). Both paths are covered: the small-batch GEMV kernel (m <= 16 rows) and the
-tiled decode-into-workspace path (more rows), the latter with a workspace a few rows long so tiles start in
-the middle of NF4 blocks. Values and gradients against the float64 reference (our error <= 2x the error of
+CPU executor, CUDA when present). Every path is covered: the small-batch GEMV kernel (m <= 16 rows; on CUDA
+m <= 8 when the tensor-core kernels take the call), CUDA's tensor-core GEMM (m > 8) and dx (any m) for bf16/f16
+with in % 32 == 0 (dx also out % 8 == 0), and the tiled decode-into-workspace path (everything else), the latter
+with a workspace a few rows long so tiles start in the middle of NF4 blocks. Values and gradients against the float64 reference (our error <= 2x the error of
 the reference run in the same low dtype + atol), gradcheck, opcheck, bad input.
 """
 
@@ -29,8 +30,12 @@ def call(ops, x, q, bias):
 
 # (lead shape, in, out, blocksize): odd out; in not a multiple of the blocksize (rows straddle blocks, odd
 # rows start on a low nibble when in is odd); 1 row, 16 rows (the GEMV limit), 17 rows (the tiled path).
+# On CUDA: 130 rows = a full and a partial 128-row tile; in 288 = 4.5 pipeline stages of 64 and 4.5 blocks of
+# 64 per row; out 136 and 100 = a partial column tile (100: dx takes the tiled path, out % 8 != 0); 3 rows of dx
+# through the tensor-core kernel.
 CASES = [((1,), 128, 45, 64), ((3, 5), 96, 37, 32), ((16,), 160, 20, 64), ((17,), 160, 20, 64),
-         ((2, 21), 67, 64, 64), ((5,), 67, 64, 32)]
+         ((2, 21), 67, 64, 64), ((5,), 67, 64, 32), ((2, 65), 288, 136, 64), ((130,), 224, 100, 32),
+         ((3,), 96, 40, 64)]
 
 
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "nodq"])

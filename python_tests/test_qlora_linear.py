@@ -1,6 +1,6 @@
 """qlora_linear (the fused LoRA op over a frozen NF4 base) and the modules NF4Linear / QLoRALinear: values and
-gradients against the float64 reference on every backend, both base paths (GEMV for <= 16 rows, tiled
-workspace GEMM above), dropout, gradcheck, opcheck, what is saved, bitsandbytes interop, merge_to, compile.
+gradients against the float64 reference on every backend, every base path (GEMV for few rows, CUDA's
+tensor-core GEMM and dx, the tiled workspace GEMM), dropout, gradcheck, opcheck, what is saved, bitsandbytes interop, merge_to, compile.
 """
 
 import pytest
@@ -32,13 +32,19 @@ def ours(ops, q, scaling, p, seed):
     return run
 
 
+# (rows, in, out): the GEMV and the tiled workspace path (in 67), and on CUDA the tensor-core GEMM and dx
+# (in 160, out 40: a partial tile each way, 3 pipeline stages; a whole layer on the executor, same dropout mask)
+SHAPES = [(5, 67, 32), (41, 67, 32), (41, 160, 40)]
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p30"])
-@pytest.mark.parametrize("rows", [5, 41], ids=["gemv", "tiled"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["gemv", "tiled", "tensor-core"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_values_and_grads(backend, dtype, rows, p, monkeypatch):
-    monkeypatch.setenv("PEFT_KERNELS_NF4_WORKSPACE_BYTES", str(7 * 67 * 4))  # several tiles, starting mid-block
-    q, args = make(rows, 67, 32, 7, dtype, seed=rows)
-    dy = torch.randn(rows, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+def test_values_and_grads(backend, dtype, shape, p, monkeypatch):
+    rows, n_in, n_out = shape
+    monkeypatch.setenv("PEFT_KERNELS_NF4_WORKSPACE_BYTES", str(7 * n_in * 4))  # several tiles, starting mid-block
+    q, args = make(rows, n_in, n_out, 7, dtype, seed=rows)
+    dy = torch.randn(rows, n_out, generator=torch.Generator().manual_seed(1)).to(dtype)
     results = []
     runs = [(ours(backend.ops, q.to(backend.device), 0.6, p, 5), args, dy, backend.device),
             (lambda **a: R.qlora_linear(q=q, scaling=0.6, dropout_p=p, seed=5, **a), args, dy, "cpu"),
