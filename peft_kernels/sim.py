@@ -35,6 +35,8 @@ LAUNCH_OVERHEAD_S = 3e-6
 OPS = {
     "nf4_gemv": "M IN OUT DTYPE",
     "nf4_decode": "IN OUT DTYPE",
+    "nf4_gemm": "M IN OUT DTYPE",
+    "nf4_linear_dx": "M IN OUT DTYPE",
     "lora_down": "M IN R DTYPE",
     "lora_backward": "M IN R DTYPE",
     "kron_forward": "M AO AI BO BI DTYPE",

@@ -14,6 +14,7 @@
 #endif
 
 #include <cstdint>
+#include <cstring>
 
 #include "peft_kernels/hd.h"
 
@@ -43,6 +44,30 @@ template <> __device__ __forceinline__ void store_f32<__half>(__half* p, int64_t
 template <> __device__ __forceinline__ void store_f32<__nv_bfloat16>(__nv_bfloat16* p, int64_t i, float v) {
   const __nv_bfloat16 h = __float2bfloat16_rn(v);
   p[i] = h;
+}
+
+// 16-byte loads and stores (global or shared; 16-byte aligned). nvcc emits one LD/ST.128 for a uint4 access.
+// The host compiler splits a uint4 whose members are used one by one into four 4-byte accesses, which the
+// executor's counters would see as four warp instructions (4x the sectors, and shared bank conflicts an
+// LDS.128 does not have); a 16-byte scalar keeps it one access there.
+__device__ __forceinline__ uint4 load16(const void* p) {
+#if defined(__CUDACC__)
+  return *static_cast<const uint4*>(p);
+#else
+  const unsigned __int128 v = *static_cast<const unsigned __int128*>(p);
+  uint4 r;
+  memcpy(&r, &v, 16);
+  return r;
+#endif
+}
+__device__ __forceinline__ void store16(void* p, const uint4& v) {
+#if defined(__CUDACC__)
+  *static_cast<uint4*>(p) = v;
+#else
+  unsigned __int128 w;
+  memcpy(&w, &v, 16);
+  *static_cast<unsigned __int128*>(p) = w;
+#endif
 }
 
 // The sum of v over the 32 lanes of a warp, in every lane (all lanes must call it).

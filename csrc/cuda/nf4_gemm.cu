@@ -44,8 +44,29 @@ constexpr size_t kSmemBytes = sizeof(Stage) * kStages;  // 86016 bytes: opt-in a
 
 __device__ __forceinline__ int act_offset(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
 
-// The raw loads of one scale: issued while a stage is requested, decoded one iteration later so that their
-// latency overlaps a stage's mma work instead of stalling the thread that requests it.
+// Shared memory beyond the stages: the 256-entry code of the 8-bit absmax, and for the forward kernel with
+// double quantization the 8-bit absmax bytes and nested absmax of all blocks its 128 weight rows touch (one
+// contiguous range of the absmax array), staged once per thread block: looked up per stage from there, the
+// scales cost no global traffic in the main loop (loaded per stage, each thread's byte came from its own
+// 32-byte sector: 17% of the GEMM's global traffic at 4096x4096). The bytes are stored with 16 bytes of
+// padding after every 128 (q_slot): the 16 rows a warp looks up per stage lie in/blocksize bytes apart, 64 at
+// 4096/64, which put them all into 2 banks (8 wavefronts per lookup, 7.8% extra in all); padded, 2 per bank.
+__device__ __forceinline__ int64_t q_slot(int64_t byte) { return byte + ((byte >> 7) << 4); }
+struct ScaleSmem {
+  int64_t nested;  // floats
+  int64_t q;       // bytes
+};
+__host__ __device__ inline ScaleSmem forward_scale_smem(int64_t K, int blocksize, bool double_quant) {
+  if (!double_quant) return {0, 0};
+  const int64_t span = kTile * K / blocksize + 2;  // whole blocks plus one partial block at each end
+  const int64_t chunks = (span + 15 + 15) / 16;
+  return {(span / nf4::kNestedBlocksize + 2 + 3) & ~int64_t(3), 16 * (chunks + chunks / 8 + 1)};
+}
+constexpr size_t kCode8Bytes = 256 * sizeof(float);
+
+// The raw loads of one scale in the backward kernel, whose weight rows are the whole reduction: issued while
+// a stage is requested, decoded one iteration later, so that their latency overlaps a stage's mma work
+// instead of stalling the thread that requests it.
 struct ScaleLoad {
   unsigned q;
   float value;  // nested absmax (double quantization) or the fp32 absmax itself
@@ -67,10 +88,11 @@ __device__ __forceinline__ ScaleLoad load_scale(const nf4::Packed& w, int64_t el
 }
 
 // nf4::block_scale's value, bit for bit; 0 outside the weight, so that zero-filled codes there add nothing.
-__device__ __forceinline__ float finish_scale(const nf4::Packed& w, const ScaleLoad& s, float offset) {
+__device__ __forceinline__ float finish_scale(const nf4::Packed& w, const ScaleLoad& s, const float* code8,
+                                              float offset) {
   if (!s.valid) return 0.0f;
   if (w.nested_absmax == nullptr) return s.value;
-  return nf4::nested_absmax(w.code8, static_cast<uint8_t>(s.q), s.value, offset);
+  return nf4::nested_absmax(code8, static_cast<uint8_t>(s.q), s.value, offset);
 }
 
 // Two weights as one mma B register: `lo` at k (the low 16 bits), `hi` at k + 1.
@@ -115,7 +137,7 @@ __device__ __forceinline__ void store8(T* out, int64_t row, int64_t col, int64_t
     packed.y = pack2<T>(v[2], v[3]);
     packed.z = pack2<T>(v[4], v[5]);
     packed.w = pack2<T>(v[6], v[7]);
-    *reinterpret_cast<uint4*>(out + row * cols + col) = packed;
+    store16(out + row * cols + col, packed);
   } else {
 PK_UNROLL
     for (int j = 0; j < 8; ++j) {
@@ -136,10 +158,11 @@ __device__ __forceinline__ void tile_of(int64_t b, int64_t tiles_m, int64_t tile
   tile_m = r / width;
 }
 
-// y [m, out] = x [m, in] W^T (+ bias). Requires in % 32 == 0 and x, codes 16-byte aligned (nf4_gemm checks).
-// Warp w computes rows 64 (w & 1) .. +64 and W rows 32 (w >> 1) .. +32 of the block's tile.
+// y [m, out] = x [m, in] W^T (+ bias). Requires in % 32 == 0 and x, codes (and 8-bit absmax) 16-byte aligned
+// (nf4_gemm_supported). Warp w computes rows 64 (w & 1) .. +64 and W rows 32 (w >> 1) .. +32 of the tile.
 template <class T>
 __global__ void __launch_bounds__(kThreads) nf4_gemm_kernel(nf4::GemmParams p) {
+  static_assert(kThreads == 256, "one thread per code8 entry and per stage scale");
   DYN_SMEM(unsigned char, smem);
   Stage* stages = reinterpret_cast<Stage*>(smem);
   __shared__ float lut[16];
@@ -153,11 +176,52 @@ __global__ void __launch_bounds__(kThreads) nf4_gemm_kernel(nf4::GemmParams p) {
   const T* x = static_cast<const T*>(p.x);
   if (tid < 16) lut[tid] = nf4::kCode[tid];
   const int shift = __ffs(p.w.blocksize) - 1;
-  const float offset = p.w.offset != nullptr ? *p.w.offset : 0.0f;
+  const bool dq = p.w.nested_absmax != nullptr;
+  const float offset = dq ? *p.w.offset : 0.0f;
 
-  // Stage loads: 4 activation chunks, 1 code chunk (W row tid / 2, 32 weights) and 1 scale per thread.
+  // The block's scale inputs (double quantization): absmax bytes [first, last) of its rows from a 16-byte
+  // aligned start, their nested absmax and the code, before the pipeline starts.
+  const ScaleSmem extra = forward_scale_smem(K, p.w.blocksize, dq);
+  float* s_code8 = reinterpret_cast<float*>(smem + kSmemBytes);
+  float* s_nested = s_code8 + 256;
+  uint8_t* s_q = reinterpret_cast<uint8_t*>(s_nested + extra.nested);
+  int64_t q_base = 0, nested_base = 0;
+  if (dq) {
+    const int64_t total = (N * K) >> shift;
+    const int64_t first = (n0 * K) >> shift;
+    const int64_t rows_end = n0 + kTile < N ? n0 + kTile : N;
+    const int64_t last = ((rows_end * K + p.w.blocksize - 1) >> shift) < total ? (rows_end * K + p.w.blocksize - 1) >> shift
+                                                                              : total;
+    q_base = first & ~int64_t(15);
+    const uint8_t* q = static_cast<const uint8_t*>(p.w.absmax);
+    for (int64_t c = tid; 16 * c < last - q_base; c += kThreads) {
+      const int64_t at = q_base + 16 * c;
+      pk::ptx::cp_async_16(s_q + q_slot(16 * c), q + at, total - at < 16 ? int(total - at) : 16);
+    }
+    nested_base = first / p.w.nested_blocksize;
+    for (int64_t i = tid; i <= (last - 1) / p.w.nested_blocksize - nested_base; i += kThreads) {
+      s_nested[i] = __ldg(p.w.nested_absmax + nested_base + i);
+    }
+    s_code8[tid] = __ldg(p.w.code8 + tid);
+  }
+  pk::ptx::cp_async_commit();
+  pk::ptx::cp_async_wait<0>();
+  __syncthreads();
+  const float* absmax32 = static_cast<const float*>(p.w.absmax);
+  auto scale_of = [&](int64_t element, bool ok) -> float {  // nf4::block_scale, bit for bit; 0 outside W
+    if (!ok) return 0.0f;
+    const int64_t block = element >> shift;
+    if (dq) {
+      return nf4::nested_absmax(s_code8, s_q[q_slot(block - q_base)], s_nested[block / p.w.nested_blocksize - nested_base],
+                                offset);
+    }
+    return __ldg(absmax32 + block);  // stored one iteration later: the load's latency overlaps a stage
+  };
+
+  // Stage loads per thread: 4 activation chunks, 1 code chunk (W row tid / 2, 32 weights) and the scale of
+  // W row tid % 128, weights 32 (tid / 128) .. +32, stored at scales[tid] (rows of a warp: distinct banks).
   const int code_row = tid >> 1, code_half = tid & 1;
-  const int64_t wrow = n0 + code_row;
+  const int64_t wrow = n0 + code_row, srow = n0 + (tid & 127);
   auto issue = [&](int kt, Stage& s) {
     const int64_t k0 = int64_t(kt) * kDepth;
 PK_UNROLL
@@ -172,12 +236,13 @@ PK_UNROLL
     const int swz = code_half ^ ((code_row >> 2) & 1);  // rows 4 apart (one ldmatrix-like quarter) differ
     pk::ptx::cp_async_16(s.codes + code_row * 32 + swz * 16, ok ? p.w.codes + (wrow * K + gk) / 2 : p.w.codes,
                          ok ? 16 : 0);
-    return load_scale(p.w, wrow * K + gk, ok, shift);
+    const int64_t sk = k0 + (tid >> 7) * kGroup;
+    return scale_of(srow * K + sk, srow < N && sk < K);
   };
 
   const int ktiles = int((K + kDepth - 1) / kDepth);
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < ktiles) stages[s].scales[tid] = finish_scale(p.w, issue(s, stages[s]), offset);
+    if (s < ktiles) stages[s].scales[tid] = issue(s, stages[s]);
     pk::ptx::cp_async_commit();
   }
 
@@ -190,13 +255,13 @@ PK_UNROLL
       for (int j = 0; j < 4; ++j) acc[mi][f][j] = 0.0f;
 
   const int warp_row = (warp & 1) * 64, warp_col = (warp >> 1) * 32;
-  ScaleLoad pending{0, 0.0f, false};
+  float pending = 0.0f;
   int pending_stage = -1;
   for (int kt = 0; kt < ktiles; ++kt) {
     pk::ptx::cp_async_wait<kStages - 2>();
     __syncthreads();
     // The scale requested last iteration lands in a stage no warp reads before the next barrier.
-    if (pending_stage >= 0) stages[pending_stage].scales[tid] = finish_scale(p.w, pending, offset);
+    if (pending_stage >= 0) stages[pending_stage].scales[tid] = pending;
     const int next = kt + kStages - 1;
     pending_stage = -1;
     if (next < ktiles) {
@@ -213,8 +278,8 @@ PK_UNROLL
       for (int f = 0; f < 4; ++f) {
         const int row = warp_col + 4 * g + f;
         const int swz = half ^ ((row >> 2) & 1);
-        const uint4 words = *reinterpret_cast<const uint4*>(s.codes + row * 32 + swz * 16);
-        const float scale = s.scales[row * 2 + half];
+        const uint4 words = load16(s.codes + row * 32 + swz * 16);
+        const float scale = s.scales[half * kTile + row];
         const uint32_t w4[4] = {words.x, words.y, words.z, words.w};
 PK_UNROLL
         for (int step = 0; step < 2; ++step) {
@@ -285,6 +350,9 @@ __global__ void __launch_bounds__(kThreads) nf4_dx_kernel(nf4::DxParams p) {
   if (tid < 16) lut[tid] = nf4::kCode[tid];
   const int shift = __ffs(p.w.blocksize) - 1;
   const float offset = p.w.offset != nullptr ? *p.w.offset : 0.0f;
+  float* s_code8 = reinterpret_cast<float*>(smem + kSmemBytes);
+  if (p.w.nested_absmax != nullptr) s_code8[tid] = __ldg(p.w.code8 + tid);
+  __syncthreads();  // read by finish_scale from the prologue on
 
   // Stage loads: 4 dy chunks, 1 code chunk (W row tid / 4 of the stage's 64, columns 32 (tid & 3) .. +32) and
   // 1 scale (the same 32 weights) per thread. Code rows are 64 bytes; chunk c of row r sits at c ^ ((r >> 1) & 3)
@@ -309,7 +377,7 @@ PK_UNROLL
 
   const int ktiles = int((N + kDepth - 1) / kDepth);
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < ktiles) stages[s].scales[tid] = finish_scale(p.w, issue(s, stages[s]), offset);
+    if (s < ktiles) stages[s].scales[tid] = finish_scale(p.w, issue(s, stages[s]), s_code8, offset);
     pk::ptx::cp_async_commit();
   }
 
@@ -327,7 +395,7 @@ PK_UNROLL
   for (int kt = 0; kt < ktiles; ++kt) {
     pk::ptx::cp_async_wait<kStages - 2>();
     __syncthreads();
-    if (pending_stage >= 0) stages[pending_stage].scales[tid] = finish_scale(p.w, pending, offset);
+    if (pending_stage >= 0) stages[pending_stage].scales[tid] = finish_scale(p.w, pending, s_code8, offset);
     const int next = kt + kStages - 1;
     pending_stage = -1;
     if (next < ktiles) {
@@ -390,18 +458,28 @@ PK_UNROLL
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
-// Raises the kernel's dynamic shared memory limit (86 KiB > the 48 KiB default) on the current device; a
+// 163 KiB: the most dynamic shared memory a block may opt into on sm_80 (sm_90: 227 KiB).
+constexpr int64_t kMaxSmem = 163 * 1024;
+
+int64_t forward_smem(const nf4::GemmParams& p) {
+  const ScaleSmem e = forward_scale_smem(p.in, p.w.blocksize, p.w.nested_absmax != nullptr);
+  return int64_t(kSmemBytes + kCode8Bytes) + 4 * e.nested + e.q;
+}
+
+// Raises the kernel's dynamic shared memory limit (above the 48 KiB default) on the current device; a
 // host-side attribute write, cheap next to a launch, and per device, so done before every launch.
-template <class K> cudaError_t prepare(K kernel) {
+template <class K> cudaError_t prepare(K kernel, int64_t bytes) {
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              int(kSmemBytes));
+                              int(bytes));
 }
 
 }  // namespace
 
+// The staged absmax range grows with in / blocksize: 22 KiB at in = 11008 with blocks of 64; past kMaxSmem
+// (in > 38k at blocksize 64, 19k at 32) the call goes to the tiled path instead.
 bool nf4_gemm_supported(const nf4::GemmParams& p) {
   return p.dtype != DType::kFloat32 && p.in % kGroup == 0 && p.w.blocksize % kGroup == 0 && aligned16(p.x) &&
-         aligned16(p.w.codes);
+         aligned16(p.w.codes) && (p.w.nested_absmax == nullptr || aligned16(p.w.absmax)) && forward_smem(p) <= kMaxSmem;
 }
 
 bool nf4_linear_dx_supported(const nf4::DxParams& p) {
@@ -411,18 +489,24 @@ bool nf4_linear_dx_supported(const nf4::DxParams& p) {
 
 cudaError_t nf4_gemm(const nf4::GemmParams& p, cudaStream_t stream) {
   const int64_t blocks = ((p.m + kTile - 1) / kTile) * ((p.out + kTile - 1) / kTile);
+  const int64_t smem = forward_smem(p);
   return launch_typed(p.dtype, [&]<class T>() {
     if constexpr (!std::is_same_v<T, float>) {
-      if (prepare(nf4_gemm_kernel<T>) == cudaSuccess) KLAUNCH((nf4_gemm_kernel<T>), unsigned(blocks), kThreads, kSmemBytes, stream, p);
+      if (prepare(nf4_gemm_kernel<T>, smem) == cudaSuccess) {
+        KLAUNCH((nf4_gemm_kernel<T>), unsigned(blocks), kThreads, size_t(smem), stream, p);
+      }
     }
   });
 }
 
 cudaError_t nf4_linear_dx(const nf4::DxParams& p, cudaStream_t stream) {
   const int64_t blocks = ((p.m + kTile - 1) / kTile) * ((p.in + kTile - 1) / kTile);
+  constexpr int64_t smem = kSmemBytes + kCode8Bytes;
   return launch_typed(p.dtype, [&]<class T>() {
     if constexpr (!std::is_same_v<T, float>) {
-      if (prepare(nf4_dx_kernel<T>) == cudaSuccess) KLAUNCH((nf4_dx_kernel<T>), unsigned(blocks), kThreads, kSmemBytes, stream, p);
+      if (prepare(nf4_dx_kernel<T>, smem) == cudaSuccess) {
+        KLAUNCH((nf4_dx_kernel<T>), unsigned(blocks), kThreads, size_t(smem), stream, p);
+      }
     }
   });
 }

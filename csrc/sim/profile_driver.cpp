@@ -3,7 +3,9 @@
 // instrumentation (cudasim_count.cpp); this file is not. One JSON line per launch goes to CUDASIM_PROFILE.
 //
 //   pk_simprof nf4_gemv      M IN OUT DTYPE       GEMV over a double-quantized NF4 weight [OUT, IN], blocksize 64
-//   pk_simprof nf4_decode    IN OUT DTYPE         dequantize the whole weight (merge/export; M > 16 today)
+//   pk_simprof nf4_decode    IN OUT DTYPE         dequantize the whole weight (merge/export)
+//   pk_simprof nf4_gemm      M IN OUT DTYPE       tensor-core y = x W^T (M > 8), DTYPE bf16 or f16
+//   pk_simprof nf4_linear_dx M IN OUT DTYPE       tensor-core dx = dy W, DTYPE bf16 or f16
 //   pk_simprof lora_down     M IN R DTYPE         x A^T with Philox dropout p = 0.1
 //   pk_simprof lora_backward M IN R DTYPE         dx += mask * s dxa A and dA = dxa^T (mask * x)
 //   pk_simprof kron_forward  M AO AI BO BI DTYPE  y += x (A kron B)^T, dropout p = 0.1
@@ -132,6 +134,24 @@ int main(int argc, char** argv) {
     if (numel % 64 != 0) die("nf4_decode needs IN*OUT % 64 == 0, got " + std::to_string(numel));
     const nf4::DecodeParams p{packed_weight(numel), 0, bytes(size_t(numel) * elem_size(t), 0xFF), t, numel};
     check(cuda::nf4_decode(p, nullptr), "nf4_decode");
+  } else if (op == "nf4_gemm" || op == "nf4_linear_dx") {
+    need(4, "M IN OUT DTYPE");
+    const int64_t m = arg(argv, 2), in = arg(argv, 3), out = arg(argv, 4);
+    const DType t = dtype_of(argv[5]);
+    if (m < 1 || in < 1 || out < 1 || (in * out) % 64 != 0)
+      die(op + " needs M, IN, OUT >= 1 and IN*OUT % 64 == 0, got M=" + std::to_string(m) + " IN=" +
+          std::to_string(in) + " OUT=" + std::to_string(out));
+    if (op == "nf4_gemm") {
+      const nf4::GemmParams p{packed_weight(in * out), values(size_t(m * in), t, 1), nullptr,
+                              bytes(size_t(m * out) * elem_size(t), 0xFF), t, m, in, out};
+      if (!cuda::nf4_gemm_supported(p)) die("nf4_gemm takes bf16/f16 with IN % 32 == 0");
+      check(cuda::nf4_gemm(p, nullptr), "nf4_gemm");
+    } else {
+      const nf4::DxParams p{packed_weight(in * out), values(size_t(m * out), t, 1),
+                            bytes(size_t(m * in) * elem_size(t), 0xFF), t, m, in, out};
+      if (!cuda::nf4_linear_dx_supported(p)) die("nf4_linear_dx takes bf16/f16 with IN % 32 == 0 and OUT % 8 == 0");
+      check(cuda::nf4_linear_dx(p, nullptr), "nf4_linear_dx");
+    }
   } else if (op == "lora_down" || op == "lora_backward") {
     need(4, "M IN R DTYPE");
     const int64_t m = arg(argv, 2), in = arg(argv, 3);
