@@ -1,15 +1,18 @@
 """Counters of every CUDA kernel at LLaMA-7B layer shapes, from the CPU executor (no GPU): one markdown table
 per op, each row a kernel launch, the predicted H100 time labelled as predicted.
 
-    python -P bench/kernel_counters.py                 # all ops at the default shapes (~2-3 min on 2 cores)
+    python -P bench/kernel_counters.py                 # all ops at the default shapes (~4 min on 2 cores)
     python -P bench/kernel_counters.py nf4_gemv lora_backward
     python -P bench/kernel_counters.py --json out.json
 
 Columns: sector efficiency (minimum 32-byte sectors / sectors the warps touched, loads and stores), DRAM bytes
 (distinct sectors × 32) against the op's minimum bytes, extra shared-memory wavefronts (bank conflicts, plain
-accesses and ldmatrix) relative to the conflict-free count, mma instructions, and the predicted H100 SXM time:
-max(DRAM bytes / 3.35 TB/s, tensor FLOPs / 989 TFLOPS, CUDA-core FLOPs / 67 TFLOPS) + 3 µs. Grids over 512
-blocks are sampled (every edge block, 8 interior ones; "sampled" column). Registers and static shared bytes per
+accesses and ldmatrix) relative to the conflict-free count, tensor FLOPs per byte of global traffic the warps
+requested (32-byte sectors, L2 re-reads included), mma instructions, and the predicted H100 SXM time:
+max(DRAM bytes / 3.35 TB/s, tensor FLOPs / 989 TFLOPS, CUDA-core FLOPs / 67 TFLOPS) + 3 µs, beside the same
+roofline for the product with a dense bf16 weight. 989 TFLOPS is the wgmma peak: mma.sync reaches about two
+thirds of it on H100, so at compute-bound sizes expect ~1.5x the predicted time. Grids over 512 blocks, and
+the tensor-core kernels' grids at every size, are sampled (the edge blocks and 8 interior ones; "sampled"). Registers and static shared bytes per
 block come from ptxas for sm_90 (python_tests/ptxas_report.py; "–" without nvcc), not from the executor.
 """
 
@@ -28,27 +31,46 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python_tes
 from ptxas_report import report  # noqa: E402  (the ptxas parser the spill test uses)
 
 B16 = 2  # bytes per bf16 element
+H100_DRAM, H100_TENSOR, LAUNCH_US = 3.35e12, 989e12, 3.0  # as peft_kernels.sim predicts
 
-# op -> list of (label, shape args, minimum bytes the op must move: inputs read once, outputs written once)
-def _cases() -> dict[str, list[tuple[str, tuple, float]]]:
-    cases: dict[str, list] = {"nf4_gemv": [], "nf4_decode": [], "lora_down": [], "lora_backward": [],
-                              "kron_forward": [], "kron_backward": [], "masked_adamw": []}
+
+def dense_us(m: int, n_in: int, n_out: int) -> float:
+    """Roofline time of the same product with a dense bf16 weight (cuBLAS's best case), predicted like ours."""
+    return 1e6 * max(2 * m * n_in * n_out / H100_TENSOR, B16 * (m * n_in + n_in * n_out + m * n_out) / H100_DRAM) + LAUNCH_US
+
+
+# op -> list of (label, shape args, minimum bytes the op must move: inputs read once, outputs written once,
+# dense bf16 roofline µs of the same product or None)
+def _cases() -> dict[str, list[tuple[str, tuple, float, float | None]]]:
+    cases: dict[str, list] = {"nf4_gemv": [], "nf4_gemm": [], "nf4_linear_dx": [], "nf4_decode": [], "lora_down": [],
+                              "lora_backward": [], "kron_forward": [], "kron_backward": [], "masked_adamw": []}
     for n_in, n_out in ((4096, 4096), (4096, 11008), (11008, 4096)):
         w = n_in * n_out
         packed = w / 2 + w / 64 + 4 * w / 64 / 256  # codes, 8-bit absmax, nested fp32 absmax
         for m in (1, 4, 8):
-            cases["nf4_gemv"].append((f"{n_in}->{n_out} M={m}", (m, n_in, n_out), packed + B16 * m * (n_in + n_out)))
-    cases["nf4_decode"].append(("4096x4096", (4096, 4096), 4096 * 4096 * (0.5 + 1 / 64 + B16)))
+            cases["nf4_gemv"].append((f"{n_in}->{n_out} M={m}", (m, n_in, n_out), packed + B16 * m * (n_in + n_out),
+                                      dense_us(m, n_in, n_out)))
+        for m in (512, 2048, 8192):
+            for op in ("nf4_gemm", "nf4_linear_dx"):
+                cases[op].append((f"{n_in}->{n_out} M={m}", (m, n_in, n_out), packed + B16 * m * (n_in + n_out),
+                                  dense_us(m, n_in, n_out)))
+    cases["nf4_decode"].append(("4096x4096", (4096, 4096), 4096 * 4096 * (0.5 + 1 / 64 + B16), None))
     m, n, r = 2048, 4096, 16
-    cases["lora_down"].append((f"M={m} in={n} r={r}", (m, n, r), B16 * (m * n + r * n + m * r)))
-    cases["lora_backward"].append((f"M={m} in={n} r={r}", (m, n, r), B16 * (m * n * 3 + 2 * r * n + m * r)))
+    cases["lora_down"].append((f"M={m} in={n} r={r}", (m, n, r), B16 * (m * n + r * n + m * r), None))
+    cases["lora_backward"].append((f"M={m} in={n} r={r}", (m, n, r), B16 * (m * n * 3 + 2 * r * n + m * r), None))
     kron = (m, 64, 64, 64, 64)  # A 64x64 kron B 64x64 = 4096x4096
-    cases["kron_forward"].append(("M=2048 64x64 (x) 64x64", kron, B16 * (m * 4096 * 3 + 2 * 64 * 64)))
-    cases["kron_backward"].append(("M=2048 64x64 (x) 64x64", kron, B16 * (m * 4096 * 4 + 4 * 64 * 64)))
+    cases["kron_forward"].append(("M=2048 64x64 (x) 64x64", kron, B16 * (m * 4096 * 3 + 2 * 64 * 64), None))
+    cases["kron_backward"].append(("M=2048 64x64 (x) 64x64", kron, B16 * (m * 4096 * 4 + 4 * 64 * 64), None))
     numel, k = 4096 * 4096, 4096 * 4096 // 100
     # indices, the gradient, param read and written, m and v read and written
-    cases["masked_adamw"].append(("4096x4096, 1% selected", (numel, k), 8 * k + 4 * k + 4 * k * 2 + 4 * k * 2 * 2))
+    cases["masked_adamw"].append(("4096x4096, 1% selected", (numel, k), 8 * k + 4 * k + 4 * k * 2 + 4 * k * 2 * 2,
+                                  None))
     return cases
+
+
+# The tensor-core kernels' grids are sampled at every size (8 interior blocks, plus the first and the last):
+# an exact 512-block run of the 4096x4096 GEMM takes ~2.5 min on 2 cores, its sampled run ~3 s.
+SAMPLE = {"nf4_gemm": 8, "nf4_linear_dx": 8}
 
 
 def resources(arch: str) -> dict[str, tuple[int, int]]:
@@ -72,13 +94,14 @@ def fmt(v, spec):
 
 def table(op: str, rows: list[tuple[str, dict]]) -> str:
     out = [f"### {op}", "",
-           "| shape | kernel | sampled | sector eff. | DRAM MB | DRAM / min | extra smem wavefronts | mma | "
-           "regs / smem B (sm_90) | predicted H100 µs |",
-           "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+           "| shape | kernel | sampled | sector eff. | DRAM MB | DRAM / min | FLOP / global B | extra smem wavefronts "
+           "| mma | regs / smem B (sm_90) | predicted H100 µs | dense bf16 roofline µs |",
+           "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for label, d in rows:
         out.append(f"| {label} | `{d['kernel']}` | {'yes' if d['sampled'] else 'no'} | {fmt(d['sector_efficiency'], '.3f')} "
-                   f"| {d['dram_bytes'] / 1e6:.1f} | {fmt(d['dram_vs_min'], '.2f')} | {fmt(d['bank_conflict_extra'], '.1%')} "
-                   f"| {d['mma']:.0f} | {d.get('resources') or '–'} | {d['predicted_us']:.1f} |")
+                   f"| {d['dram_bytes'] / 1e6:.1f} | {fmt(d['dram_vs_min'], '.2f')} | {fmt(d.get('flop_per_byte'), '.0f')} "
+                   f"| {fmt(d['bank_conflict_extra'], '.1%')} | {d['mma']:.0f} | {d.get('resources') or '–'} "
+                   f"| {d['predicted_us']:.1f} | {fmt(d.get('dense_us'), '.1f')} |")
     return "\n".join(out)
 
 
@@ -97,14 +120,17 @@ def main(argv=None) -> int:
     print("Counters from the CPU executor (csrc/sim); times are PREDICTED by a roofline, never measured.\n")
     for op in args.ops or cases:
         rows = []
-        for label, shape, min_bytes in cases[op]:
+        for label, shape, min_bytes, dense in cases[op]:
             print(f"{op} {label} ...", file=sys.stderr, flush=True)
-            launches = sim.profile(op, *shape, dtype=args.dtype)
+            launches = sim.profile(op, *shape, dtype=args.dtype, sample=SAMPLE.get(op, "auto"))
             # DRAM against the op's minimum: on its one launch, or on the row that sums its launches
             for d in launches:
                 regs_smem = lookup(res, d["kernel"], "f32" if op == "masked_adamw" else args.dtype)
                 d["resources"] = f"{regs_smem[0]} / {regs_smem[1]}" if regs_smem else None
                 d["dram_vs_min"] = d["dram_bytes"] / min_bytes if len(launches) == 1 else None
+                # tensor-core work per byte the warps requested (32-byte sectors, re-reads from L2 included)
+                d["flop_per_byte"] = d["tensor_flops"] / d["global_bytes"] if d["tensor_flops"] else None
+                d["dense_us"] = dense if len(launches) == 1 else None
                 rows.append((label, d))
                 everything.append({"op": op, "shape": label, **d})
             if len(launches) > 1:
@@ -112,6 +138,7 @@ def main(argv=None) -> int:
                 rows.append((label + " (all launches)", {
                     "kernel": "sum", "sampled": any(d["sampled"] for d in launches), "sector_efficiency": None,
                     "dram_bytes": total, "dram_vs_min": total / min_bytes, "bank_conflict_extra": None,
+                    "dense_us": dense,
                     "mma": sum(d["mma"] for d in launches), "resources": None,
                     "predicted_us": sum(d["predicted_us"] for d in launches)}))
         print(table(op, rows) + "\n", flush=True)

@@ -27,10 +27,9 @@ from ptxas_report import ROOT, demangle, parse_report
 # What each product kernel must compile to. Keys are traits (TRAIT_OPCODE), values are substrings of kernel
 # names in peft_kernels/_C.so, matched against the demangled and the mangled name, for example "nf4_mm_kernel".
 # A name must match at least one kernel, so a renamed or deleted kernel fails here instead of going unchecked.
-# Empty today: no product kernel uses tensor cores or cp.async yet.
 DECLARED: dict[str, set[str]] = {
-    "tensor_core": set(),
-    "pipelined": set(),
+    "tensor_core": {"nf4_gemm_kernel", "nf4_dx_kernel"},
+    "pipelined": {"nf4_gemm_kernel", "nf4_dx_kernel"},
 }
 
 # The SASS opcode proving each trait on sm_80..sm_90: mma.sync -> HMMA, cp.async -> LDGSTS. A Hopper-only kernel
