@@ -30,12 +30,12 @@ step build 200 env TORCH_CUDA_ARCH_LIST=9.0 PEFT_KERNELS_CUDASIM=0 PEFT_KERNELS_
   "$PY" -m pip install --no-build-isolation --no-deps . -q
 cd /tmp
 step info 15 "$PY" -P -c "import peft_kernels, json; print(json.dumps(peft_kernels.build_info(), indent=1))"
-step tests 75 "$PY" -P -m pytest "$REPO/python_tests" -q -x -k "cuda and not sanitize" -p no:cacheprovider
+step tests 65 "$PY" -P -m pytest "$REPO/python_tests" -q -x -k "cuda and not sanitize" -p no:cacheprovider
 step memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -P "$REPO/bench/gpu_smoke.py"
 step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 3 "$PY" -P "$REPO/bench/gpu_smoke.py"
-step bench_nf4_linear 30 "$PY" -P "$REPO/bench/bench_nf4_linear.py" --device cuda --dtype bf16 --out "$OUT"
+step bench_nf4_linear 45 "$PY" -P "$REPO/bench/bench_nf4_linear.py" --device cuda --dtype bf16 --out "$OUT"
 step bench_lora 25 "$PY" -P "$REPO/bench/bench_lora.py" --device cuda --dtype bf16 --out "$OUT"
 step bench_qlora 15 "$PY" -P "$REPO/bench/bench_qlora.py" --device cuda --dtype bf16 --out "$OUT"
 step bench_kron_linear 15 "$PY" -P "$REPO/bench/bench_kron_linear.py" --device cuda --dtype bf16 --out "$OUT"
-step bench_sparse 15 "$PY" -P "$REPO/bench/bench_sparse.py" --device cuda --out "$OUT"
+step bench_sparse 10 "$PY" -P "$REPO/bench/bench_sparse.py" --device cuda --out "$OUT"
 exit $status

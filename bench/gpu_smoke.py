@@ -30,12 +30,15 @@ def main() -> None:
     q = pk.nf4_quantize(w, 64, True)
     # NF4's widest gap between levels is 0.30 of a block's absmax: half of it bounds the rounding error.
     close("nf4 round trip", q.dequantize(), w, 0.16 * w.abs().max().item())
-    for rows in (3, 40):  # GEMV path and tiled path
-        x = torch.randn(rows, 134, generator=g).to(dev, torch.bfloat16).requires_grad_()
-        qb = pk.nf4_quantize(w.bfloat16(), 64, True)
+    # in 134: the GEMV (3 rows) and the tiled path (40); in 160: the tensor-core GEMM and dx (40 rows, 3 stages)
+    for rows, cols in ((3, 134), (40, 134), (40, 160)):
+        x = torch.randn(rows, cols, generator=g).to(dev, torch.bfloat16).requires_grad_()
+        qb = pk.nf4_quantize((torch.randn(96, cols, generator=g) * 0.1).to(dev, torch.bfloat16), 64, True)
         y = pk.nf4_linear(x, qb)
         y.float().sum().backward()
-        close(f"nf4_linear rows={rows}", y, R.nf4_linear(x.detach().float(), qb), 0.05)
+        close(f"nf4_linear rows={rows} in={cols}", y, R.nf4_linear(x.detach().float(), qb), 0.05)
+        want_dx = torch.ones(rows, 96, device=dev) @ pk.nf4_dequantize(qb).float()
+        close(f"nf4_linear dx rows={rows} in={cols}", x.grad, want_dx, 0.05 * want_dx.abs().max().item())
     x = torch.randn(37, 67, generator=g).to(dev).requires_grad_()
     weight = torch.randn(45, 67, generator=g).to(dev) * 0.1
     a = (torch.randn(5, 67, generator=g) * 0.1).to(dev).requires_grad_()
