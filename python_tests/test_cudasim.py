@@ -33,8 +33,8 @@ NUMEL, BLOCKSIZE, NUMEL8 = 704, 64, 300  # 11 NF4 blocks (2 thread blocks), 8-bi
 LORA_M, LORA_IN, LORA_R, LORA_SEED, LORA_P, LORA_SCALING = 37, 67, 5, 2024, 0.3, 0.5
 # NF4 GEMV cases (m rows of x, out; the weight [out, NUMEL / out]; x SHIFT floats into its buffer): in = 22 and 11
 # take the element-wise path (rows straddle the 64-element blocks; odd rows start on a low nibble at in = 11);
-# in = 64 (one lane pair per row) and 352 (11 chunks: the last pair is half) take the 16-byte path, with m in the
-# row buckets 4 and 8; in = 64 with x 4 bytes off 16-byte alignment falls back to the element-wise path.
+# in = 64 (one lane pair per row) and 352 (11 chunks: the last pair is half) take the 16-byte path, m = 1, 3, 5 in
+# its row buckets 1, 4, 8; in = 64 with x 4 bytes off 16-byte alignment falls back to the element-wise path.
 GEMV_CASES = [(3, 32, 0), (5, 64, 0), (3, 11, 0), (1, 11, 0), (5, 2, 0), (3, 11, 1)]
 # A wider GEMV of its own weight (blocksize 32): 129 chunks per row, so all 4 warps splitting K of a row group
 # hold partial sums and one of them takes a second step, ending on half a pair; 3 rows of a group of 4.

@@ -78,9 +78,9 @@ __global__ void __launch_bounds__(kThreads) quantize8_kernel(nf4::Quantize8Param
 // and chunks start at multiples of 32 elements, so a chunk has one scale). The elements those codes belong to
 // (x in the GEMV, out in decode) move in 16-byte units of U = 16 / sizeof(T) elements (8 bf16/f16, 4 fp32).
 // Were lane l to take the units of its own chunk, each warp access would be 16 bytes every 32 * sizeof(T) bytes:
-// half of every 32-byte sector, sector efficiency 0.5 (the old decode: 0.69). So the two lanes of a pair,
-// holding chunks 0 and 1 of 64 consecutive elements, swap half their codes (two shuffles): lane h then holds the
-// codes of the pair's units with parity h, and at each step the pair moves two adjacent units: whole sectors.
+// half of every 32-byte sector, sector efficiency 0.5. So the two lanes of a pair, holding chunks 0 and 1 of 64
+// consecutive elements, swap half their codes (two shuffles): lane h then holds the codes of the pair's units
+// with parity h, and at each step the pair moves two adjacent units: whole sectors.
 template <class T> constexpr int kUnit = 16 / static_cast<int>(sizeof(T));
 
 // The 32 codes lane h of a pair works on, after the swap: word q holds the codes of the pair's elements
@@ -213,7 +213,7 @@ PK_UNROLL
 
 // Dequantize-all, 16-byte path (codes and out 16-byte aligned): a lane pair per 64 outputs, one 16-byte load of
 // codes and one scale per lane, then 16-byte stores, two adjacent per pair (whole sectors). A 256-thread block
-// covers 8 KiB of codes; with ~8 blocks per SM (32 registers) that is 32 KiB of loads in flight per SM, twice
+// covers 4 KiB of codes; with ~8 blocks per SM (32 registers) that is 32 KiB of loads in flight per SM, twice
 // what 3.35 TB/s at ~700 ns DRAM latency needs. With double quantization the scale is rebuilt from its 8-bit
 // code (element_scale: 3 cached loads per 32 codes), so no fp32 absmax array is ever materialized. Bit-exact
 // with the reference: each output is kCode[q] * scale, rounded once.
@@ -277,7 +277,7 @@ __host__ __device__ constexpr int log2_exact(int v) { return v > 1 ? 1 + log2_ex
 // Sums a[0..V) over the 32 lanes by recursive halving: at the step with lane distance `offset` a lane keeps the
 // half of its values selected by (lane & offset) and adds the partner's copy of that half, so the 5 steps cost
 // V/2 + V/4 + ... shuffles instead of 5 V (31 instead of 160 at V = 32). Afterwards a[j] (j < kKept) holds the
-// warp's sum of value j * kOwners + (lane >> (5 - kSteps)) -- see gemv_kernel.
+// warp's sum of value kKept * (lane >> (5 - kSteps)) + j -- see gemv_kernel.
 template <int kLen, int kOffset, int V>
 __device__ __forceinline__ void halving_sum(float (&a)[V], int lane) {
   if constexpr (kOffset > 0) {

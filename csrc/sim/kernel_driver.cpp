@@ -8,14 +8,14 @@
 //   kernel_driver decode    DIR NUMEL BLOCKSIZE [SHIFT] codes.u8 absmax.f32       -> out.f32
 //   kernel_driver decode8   DIR NUMEL BLOCKSIZE   codes.u8 q.u8 nested.f32 code.f32 offset.f32 -> out.f32
 //   kernel_driver gemv      DIR M IN OUT BLOCKSIZE [SHIFT] x.f32 codes.u8 absmax.f32 bias.f32 -> y.f32
-//
-// SHIFT (default 0): decode writes out, gemv reads x, SHIFT floats into its allocation: 1 leaves it only 4-byte
-// aligned, for the kernels' paths that take any alignment.
 //   kernel_driver lora_down DIR M IN R SEED P     x.f32 a.f32                       -> xa.f32
 //   kernel_driver lora_bwd  DIR M IN R SEED P S   x.f32 a.f32 dxa.f32 dx.f32        -> dx.f32 da.f32
 //   kernel_driver kron_fwd  DIR M AO AI BO BI SEED P S   x.f32 a.f32 b.f32 y.f32    -> y.f32 (y += ...)
 //   kernel_driver kron_bwd  DIR M AO AI BO BI SEED P S   dy.f32 x.f32 a.f32 b.f32 dx.f32 -> dx.f32 da.f32 db.f32
 //   kernel_driver masked_adamw DIR NUMEL K SEED P  param.f32 grad.f32 idx.i64 (2 steps) -> param.f32 m.f32 v.f32
+//
+// SHIFT (default 0): decode writes out, gemv reads x, SHIFT floats into its allocation: 1 leaves it only 4-byte
+// aligned, for the kernels' paths that take any alignment.
 #include "launch.h"
 #include "kron_linear.cu"
 #include "lora_linear.cu"
