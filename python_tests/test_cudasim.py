@@ -34,7 +34,14 @@ LORA_M, LORA_IN, LORA_R, LORA_SEED, LORA_P, LORA_SCALING = 37, 67, 5, 2024, 0.3,
 # tensor-core GEMM and dx: M rows (a partial 128-row tile), in 288 (5 pipeline stages of 64, the last one half
 # full; 4.5 NF4 blocks of 64 per row, so blocks straddle rows), out 136 (a partial 128-column tile), bf16
 TC_M, TC_IN, TC_OUT = 37, 288, 136
-GEMV_M, GEMV_OUTS = 3, (32, 11)  # NF4 weights [32, 22] (rows straddle the 64-element blocks) and [11, 64]
+# NF4 GEMV cases (m rows of x, out; the weight [out, NUMEL / out]; x SHIFT floats into its buffer): in = 22 and 11
+# take the element-wise path (rows straddle the 64-element blocks; odd rows start on a low nibble at in = 11);
+# in = 64 (one lane pair per row) and 352 (11 chunks: the last pair is half) take the 16-byte path, m = 1, 3, 5 in
+# its row buckets 1, 4, 8; in = 64 with x 4 bytes off 16-byte alignment falls back to the element-wise path.
+GEMV_CASES = [(3, 32, 0), (5, 64, 0), (3, 11, 0), (1, 11, 0), (5, 2, 0), (3, 11, 1)]
+# A wider GEMV of its own weight (blocksize 32): 129 chunks per row, so all 4 warps splitting K of a row group
+# hold partial sums and one of them takes a second step, ending on half a pair; 3 rows of a group of 4.
+WIDE_GEMV = dict(m=5, in_=4128, out=3, blocksize=32)
 # kron_linear: M rows, A [AO, AI], B [BO, BI] (in 10, out 12; 6 and 20 dA/dB blocks of 256 threads)
 KRON_M, KRON_AO, KRON_AI, KRON_BO, KRON_BI, KRON_SEED, KRON_P, KRON_SCALING = 7, 3, 2, 4, 5, 77, 0.3, 0.8
 ADAMW_NUMEL, ADAMW_K, ADAMW_SEED, ADAMW_P = 997, 300, 77, 0.6  # 300 entries: two 256-thread blocks
@@ -97,6 +104,8 @@ class Case:
         self.adamw_param = torch.randn(ADAMW_NUMEL, generator=g)
         self.adamw_grad = torch.randn(ADAMW_NUMEL, generator=g)
         self.adamw_idx = torch.randperm(ADAMW_NUMEL, generator=g)[:ADAMW_K].sort().values
+        self.wide_x = torch.randn(WIDE_GEMV["m"], WIDE_GEMV["in_"], generator=g)
+        self.wide_weight = torch.randn(WIDE_GEMV["out"] * WIDE_GEMV["in_"], generator=g)
         write(work / "weight.f32", self.weight)
         write(work / "code.f32", self.code)
 
@@ -105,6 +114,16 @@ class Case:
                    ASAN_OPTIONS="detect_leaks=0 exitcode=67")
         return subprocess.run([str(exe), kernel, str(self.work), *map(str, args)], env=env, capture_output=True,
                               text=True, timeout=300)
+
+    def gemv(self, step, compare, name, m, n_out, blocksize, w, shift):
+        """Runs the GEMV kernel against the dequantized weight w [out, in] (codes.u8 and absmax.f32 written):
+        y = x w^T + bias, x the first m rows and in columns of wide_x."""
+        n_in = w.shape[1]
+        x, bias = self.wide_x[:m, :n_in], self.lora_a[0, :n_out]
+        write(self.work / "x.f32", x.contiguous())
+        write(self.work / "bias.f32", bias.contiguous())
+        if step("gemv", m, n_in, n_out, blocksize, shift):
+            compare(name, read(self.work / "y.f32", torch.float32), x.double() @ w.t() + bias.double(), 1e-5)
 
     def failures(self, exe: pathlib.Path) -> list[str]:
         """Runs every kernel; returns what went wrong (sanitizer reports, crashes, wrong outputs)."""
@@ -136,26 +155,30 @@ class Case:
         codes, qabsmax, nested, offset = self.ref
         write(self.work / "codes.u8", codes)
         write(self.work / "absmax.f32", self.ref_plain[1])
+        want = R.nf4_dequantize(codes, self.ref_plain[1], None, None, None, BLOCKSIZE, torch.float32)
         if step("decode", NUMEL, BLOCKSIZE):
-            want = R.nf4_dequantize(codes, self.ref_plain[1], None, None, None, BLOCKSIZE, torch.float32)
             compare("decode", read(self.work / "out.f32", torch.float32), want)
+        if step("decode", NUMEL, BLOCKSIZE, 1):  # out 4 bytes off 16-byte alignment: the byte-per-thread path
+            compare("decode out+1", read(self.work / "out.f32", torch.float32), want)
         write(self.work / "q.u8", qabsmax)
         write(self.work / "nested.f32", nested)
         write(self.work / "offset.f32", offset.reshape(1))
         if step("decode8", NUMEL, BLOCKSIZE):
             want = R.nf4_dequantize(codes, qabsmax, nested, self.code, offset, BLOCKSIZE, torch.float32)
             compare("decode8", read(self.work / "out.f32", torch.float32), want)
-        # NF4 GEMV: 3 rows of x against the plain-absmax weight as [out, NUMEL / out], for each out of
-        # GEMV_OUTS (in = 22: the element-wise path; in = 64: the 8-elements-per-lane path)
+        # NF4 GEMV against the plain-absmax weight as [out, NUMEL / out] (GEMV_CASES), then WIDE_GEMV
         w = R.nf4_dequantize(codes, self.ref_plain[1], None, None, None, BLOCKSIZE, torch.float32).double()
-        for gemv_out in GEMV_OUTS:
+        for m, gemv_out, shift in GEMV_CASES:
             gemv_in = NUMEL // gemv_out
-            write(self.work / "x.f32", self.lora_x[:GEMV_M, :gemv_in].contiguous())
-            write(self.work / "bias.f32", self.lora_a[0, :gemv_out].contiguous())
-            if step("gemv", GEMV_M, gemv_in, gemv_out, BLOCKSIZE):
-                want = (self.lora_x[:GEMV_M, :gemv_in].double() @ w.reshape(gemv_out, gemv_in).t()
-                        + self.lora_a[0, :gemv_out].double())
-                compare(f"gemv in={gemv_in}", read(self.work / "y.f32", torch.float32), want, 1e-5)
+            self.gemv(step, compare, f"gemv m={m} in={gemv_in}" + (f" x+{shift}" if shift else ""), m, gemv_out,
+                      BLOCKSIZE, w.reshape(gemv_out, gemv_in), shift)
+        wide = WIDE_GEMV
+        wide_codes, wide_absmax = R.nf4_quantize(self.wide_weight, wide["blocksize"], None)[:2]
+        write(self.work / "codes.u8", wide_codes)
+        write(self.work / "absmax.f32", wide_absmax)
+        w = R.nf4_dequantize(wide_codes, wide_absmax, None, None, None, wide["blocksize"], torch.float32).double()
+        self.gemv(step, compare, f"gemv m={wide['m']} in={wide['in_']}", wide["m"], wide["out"], wide["blocksize"],
+                  w.reshape(wide["out"], wide["in_"]), 0)
         # Tensor-core NF4 GEMM and dx (bf16, double-quantized weight): against the bf16-rounded inputs and the
         # weight as the reference decodes it, in float64; the kernels accumulate in fp32 and round once to bf16.
         tc_w = torch.randn(TC_OUT, TC_IN, generator=torch.Generator().manual_seed(11)) * torch.linspace(0.2, 2, TC_IN)
@@ -240,17 +263,27 @@ MUTANTS = [
     # the shuffle reduction skips the lanes 16 apart: half of each warp's maximum is lost
     ("short-reduction", "nf4.cu", "for (int offset = 16; offset > 0; offset >>= 1) m =", "for (int offset = 8; offset > 0; offset >>= 1) m =", None,
      r"^encode absmax: \d+ of 11"),
-    # decode runs one byte past the end of codes and out
-    ("off-by-one", "nf4.cu", "i < nbytes;", "i <= nbytes;", "address", r"^decode: exit 67: ==\d+==ERROR: AddressSanitizer: heap-buffer-overflow"),
-    # decode writes the low nibble's value first
-    ("nibble-order", "nf4.cu", "store_f32(out, 2 * i, nf4::decode(nf4::high(byte)", "store_f32(out, 2 * i, nf4::decode(nf4::low(byte)",
+    # the 16-byte decode stores the pair past the last chunk: one 64-element group past the end of out
+    ("off-by-one", "nf4.cu", "if (2 * d + q / 2 < chunks) {", "if (2 * d + q / 2 <= chunks) {", "address",
+     r"^decode: exit 67: ==\d+==ERROR: AddressSanitizer: heap-buffer-overflow"),
+    # the 16-byte decode writes the low nibble's value first
+    ("nibble-order", "nf4.cu", "mul_rn(level[s * U + t], pc.scale[q / 2])", "mul_rn(level[(s * U + t) ^ 1], pc.scale[q / 2])",
      None, r"^decode: \d+ of 704 elements differ"),
-    # the GEMV's warp reduction stops one step short: lanes 16 apart never meet
-    ("gemv-short-reduction", "nf4.cu", "for (int offset = 16; offset > 0; offset >>= 1) v +=", "for (int offset = 8; offset > 0; offset >>= 1) v +=", None,
-     r"^gemv in=22: \d+ of \d+ elements differ"),
-    # the 8-element path decodes the bytes of each 4-byte word in reverse order
-    ("gemv-byte-order", "nf4.cu", "static_cast<uint8_t>(word >> (8 * j))", "static_cast<uint8_t>(word >> (24 - 8 * j))", None,
-     r"^gemv in=64: \d+ of \d+ elements differ"),
+    # the GEMV's halving reduction starts at lanes 8 apart: lanes 16 apart never meet
+    ("gemv-short-reduction", "nf4.cu", "halving_sum<V, 16>(a, lane);", "halving_sum<V, 8>(a, lane);", None,
+     r"^gemv m=3 in=64: \d+ of \d+ elements differ"),
+    # the 16-byte GEMV pairs each x with the other nibble of its byte
+    ("gemv-nibble-order", "nf4.cu", "dot += xv[j / U][j % U] * level[r][j];", "dot += xv[j / U][j % U] * level[r][j ^ 1];",
+     None, r"^gemv m=3 in=64: \d+ of \d+ elements differ"),
+    # the 16-byte GEMV forgets the block scale
+    ("gemv-missing-scale", "nf4.cu", "a[i * R + r] += dot * pc[r].scale[q / 2];", "a[i * R + r] += dot;", None,
+     r"^gemv m=5 in=352: \d+ of \d+ elements differ"),
+    # the K-split partials of a row group: the last warp's are dropped (only WIDE_GEMV gives every warp work)
+    ("gemv-lost-split", "nf4.cu", "for (int s = 0; s < kGemvSplit; ++s) sum +=", "for (int s = 0; s < kGemvSplit - 1; ++s) sum +=",
+     None, r"^gemv m=5 in=4128: \d+ of 15 elements differ"),
+    # the pair swap hands lane 1 its own chunk's first words instead of its partner's
+    ("gemv-swap", "nf4.cu", "pc.word[0] = h ? got0 : keep0", "pc.word[0] = keep0", None,
+     r"^gemv m=5 in=352: \d+ of \d+ elements differ"),
     # the GEMM multiplies the stage after the one that has landed (a wrong pipeline stage index)
     ("gemm-stage-index", "nf4_gemm.cu", "const Stage& s = stages[kt % kStages];\nPK_UNROLL\n    for (int half",
      "const Stage& s = stages[(kt + 1) % kStages];\nPK_UNROLL\n    for (int half", None, r"^gemm y: \d+ of 5032"),

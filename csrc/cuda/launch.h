@@ -46,27 +46,31 @@ template <> __device__ __forceinline__ void store_f32<__nv_bfloat16>(__nv_bfloat
   p[i] = h;
 }
 
-// 16-byte loads and stores (global or shared; 16-byte aligned). nvcc emits one LD/ST.128 for a uint4 access.
+// 16-byte loads and stores (global or shared; 16-byte aligned). nvcc emits one LD/ST.128 for a uint4/float4.
 // The host compiler splits a uint4 whose members are used one by one into four 4-byte accesses, which the
 // executor's counters would see as four warp instructions (4x the sectors, and shared bank conflicts an
 // LDS.128 does not have); a 16-byte scalar keeps it one access there.
-__device__ __forceinline__ uint4 load16(const void* p) {
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <class V = uint4> __device__ __forceinline__ V load16(const void* p) {
+  static_assert(sizeof(V) == 16, "a 16-byte vector type");
 #if defined(__CUDACC__)
-  return *static_cast<const uint4*>(p);
+  return *static_cast<const V*>(p);
 #else
-  const unsigned __int128 v = *static_cast<const unsigned __int128*>(p);
-  uint4 r;
-  memcpy(&r, &v, 16);
-  return r;
+  const unsigned __int128 bits = *static_cast<const unsigned __int128*>(p);
+  V v;
+  memcpy(static_cast<void*>(&v), &bits, 16);
+  return v;
 #endif
 }
-__device__ __forceinline__ void store16(void* p, const uint4& v) {
+template <class V> __device__ __forceinline__ void store16(void* p, const V& v) {
+  static_assert(sizeof(V) == 16, "a 16-byte vector type");
 #if defined(__CUDACC__)
-  *static_cast<uint4*>(p) = v;
+  *static_cast<V*>(p) = v;
 #else
-  unsigned __int128 w;
-  memcpy(&w, &v, 16);
-  *static_cast<unsigned __int128*>(p) = w;
+  unsigned __int128 bits;
+  memcpy(&bits, static_cast<const void*>(&v), 16);
+  *static_cast<unsigned __int128*>(p) = bits;
 #endif
 }
 

@@ -456,8 +456,6 @@ PK_UNROLL
   }
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
-
 // 163 KiB: the most dynamic shared memory a block may opt into on sm_80 (sm_90: 227 KiB).
 constexpr int64_t kMaxSmem = 163 * 1024;
 

@@ -5,9 +5,9 @@
 //
 //   kernel_driver encode    DIR NUMEL BLOCKSIZE   weight.f32                        -> codes.u8 absmax.f32
 //   kernel_driver quantize8 DIR NUMEL             x.f32 code.f32                    -> q.u8 absmax.f32
-//   kernel_driver decode    DIR NUMEL BLOCKSIZE   codes.u8 absmax.f32               -> out.f32
+//   kernel_driver decode    DIR NUMEL BLOCKSIZE [SHIFT] codes.u8 absmax.f32       -> out.f32
 //   kernel_driver decode8   DIR NUMEL BLOCKSIZE   codes.u8 q.u8 nested.f32 code.f32 offset.f32 -> out.f32
-//   kernel_driver gemv      DIR M IN OUT BLOCKSIZE x.f32 codes.u8 absmax.f32 bias.f32 -> y.f32
+//   kernel_driver gemv      DIR M IN OUT BLOCKSIZE [SHIFT] x.f32 codes.u8 absmax.f32 bias.f32 -> y.f32
 //   kernel_driver gemm      DIR M IN OUT BLOCKSIZE x.f32 codes.u8 q.u8 nested.f32 code.f32 offset.f32 bias.f32 -> y.f32
 //   kernel_driver dx        DIR M IN OUT BLOCKSIZE dy.f32 codes.u8 q.u8 nested.f32 code.f32 offset.f32 -> dx.f32
 //                           (the tensor-core kernels, bf16 activations: inputs rounded to bf16, outputs widened)
@@ -16,6 +16,9 @@
 //   kernel_driver kron_fwd  DIR M AO AI BO BI SEED P S   x.f32 a.f32 b.f32 y.f32    -> y.f32 (y += ...)
 //   kernel_driver kron_bwd  DIR M AO AI BO BI SEED P S   dy.f32 x.f32 a.f32 b.f32 dx.f32 -> dx.f32 da.f32 db.f32
 //   kernel_driver masked_adamw DIR NUMEL K SEED P  param.f32 grad.f32 idx.i64 (2 steps) -> param.f32 m.f32 v.f32
+//
+// SHIFT (default 0): decode writes out, gemv reads x, SHIFT floats into its allocation: 1 leaves it only 4-byte
+// aligned, for the kernels' paths that take any alignment.
 #include "launch.h"
 #include "kron_linear.cu"
 #include "lora_linear.cu"
@@ -37,8 +40,8 @@ namespace {
   std::exit(2);
 }
 
-// Reads DIR/name (exactly `count` elements of T) into fresh cudasim "device" memory.
-template <class T> T* load(const std::string& dir, const char* name, size_t count) {
+// Reads DIR/name (exactly `count` elements of T) into fresh cudasim "device" memory, `shift` elements into it.
+template <class T> T* load(const std::string& dir, const char* name, size_t count, size_t shift = 0) {
   const std::string path = dir + "/" + name;
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (f == nullptr) die("cannot open " + path);
@@ -47,9 +50,10 @@ template <class T> T* load(const std::string& dir, const char* name, size_t coun
   std::fclose(f);
   if (got != count) die(path + ": expected " + std::to_string(count) + " elements, got " + std::to_string(got));
   void* dev = nullptr;
-  cudaMalloc(&dev, count * sizeof(T));
-  cudaMemcpy(dev, host.data(), count * sizeof(T), cudaMemcpyHostToDevice);
-  return static_cast<T*>(dev);
+  cudaMalloc(&dev, (count + shift) * sizeof(T));
+  T* at = static_cast<T*>(dev) + shift;
+  cudaMemcpy(at, host.data(), count * sizeof(T), cudaMemcpyHostToDevice);
+  return at;
 }
 
 // Fresh device memory is 0xFF-filled by cudasim_rt.cpp, so elements a kernel forgets to write show up.
@@ -125,7 +129,8 @@ int main(int argc, char** argv) {
     uint8_t* codes = load<uint8_t>(dir, "codes.u8", n / 2);
     const void* absmax = nested ? static_cast<const void*>(load<uint8_t>(dir, "q.u8", nblocks))
                                 : static_cast<const void*>(load<float>(dir, "absmax.f32", nblocks));
-    float* out = alloc<float>(n);
+    const size_t shift = argc > 5 ? std::atoi(argv[5]) : 0;
+    float* out = alloc<float>(n + shift) + shift;
     nf4::DecodeParams p{{codes, absmax, nullptr, nullptr, nullptr, nf4::kNestedBlocksize, blocksize},
                         0, out, DType::kFloat32, n};
     if (nested) {
@@ -136,14 +141,15 @@ int main(int argc, char** argv) {
     check(cuda::nf4_decode(p, nullptr), "nf4_decode");
     save(dir, "out.f32", out, n);
   } else if (kernel == "gemv") {
-    if (argc < 7) die("usage: kernel_driver gemv DIR M IN OUT BLOCKSIZE");
+    if (argc < 7) die("usage: kernel_driver gemv DIR M IN OUT BLOCKSIZE [SHIFT]");
     const int64_t m = n, in = std::atoll(argv[4]), out = std::atoll(argv[5]);
     const int bs = std::atoi(argv[6]);
+    const size_t shift = argc > 7 ? std::atoi(argv[7]) : 0;
     const nf4::Packed w{load<uint8_t>(dir, "codes.u8", in * out / 2),
                         load<float>(dir, "absmax.f32", in * out / bs),
                         nullptr, nullptr, nullptr, nf4::kNestedBlocksize, bs};
     float* y = alloc<float>(m * out);
-    const nf4::GemvParams p{w, load<float>(dir, "x.f32", m * in), load<float>(dir, "bias.f32", out), y,
+    const nf4::GemvParams p{w, load<float>(dir, "x.f32", m * in, shift), load<float>(dir, "bias.f32", out), y,
                             DType::kFloat32, m, in, out};
     check(cuda::nf4_gemv(p, nullptr), "nf4_gemv");
     save(dir, "y.f32", y, m * out);
