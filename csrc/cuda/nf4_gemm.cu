@@ -158,6 +158,85 @@ __device__ __forceinline__ void tile_of(int64_t b, int64_t tiles_m, int64_t tile
   tile_m = r / width;
 }
 
+// The first row and column of this block's output tile in a [rows, cols] output.
+struct TileOrigin {
+  int64_t row, col;
+};
+__device__ __forceinline__ TileOrigin block_origin(int64_t rows, int64_t cols) {
+  int64_t tile_m, tile_n;
+  tile_of(blockIdx.x, (rows + kTile - 1) / kTile, (cols + kTile - 1) / kTile, tile_m, tile_n);
+  return {tile_m * kTile, tile_n * kTile};
+}
+
+// Requests the stage's activation tile: rows row0 .. +128 and columns k0 .. +64 of a [rows, cols] matrix,
+// 4 16-byte chunks per thread; zero-filled outside it.
+template <class T>
+__device__ __forceinline__ void issue_act(Stage& s, const T* src, int64_t row0, int64_t k0, int64_t rows, int64_t cols,
+                                          int tid) {
+PK_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const int c = tid + i * kThreads, row = c >> 3, chunk = c & 7;
+    const int64_t gr = row0 + row, gk = k0 + chunk * 8;
+    const bool ok = gr < rows && gk < cols;
+    pk::ptx::cp_async_16(s.act + act_offset(row, chunk), ok ? src + gr * cols + gk : src, ok ? 16 : 0);
+  }
+}
+
+// The cp.async ring both kernels run over `ktiles` stages of depth 64. issue(kt, stage) requests stage kt's
+// tiles and returns its thread's raw scale; finish(raw) turns that into the fp32 scale stored at
+// scales[tid]. In the main loop the scale requested in one iteration is stored in the next, after the
+// barrier, so its load latency overlaps a stage's mma work; it lands in a stage no warp reads before the
+// next barrier. compute(stage) multiplies the stage that is complete.
+template <class Issue, class Finish, class Compute>
+__device__ __forceinline__ void run_pipeline(Stage* stages, int ktiles, int tid, Issue issue, Finish finish,
+                                             Compute compute) {
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < ktiles) stages[s].scales[tid] = finish(issue(s, stages[s]));
+    pk::ptx::cp_async_commit();
+  }
+  decltype(issue(0, stages[0])) pending{};
+  int pending_stage = -1;
+  for (int kt = 0; kt < ktiles; ++kt) {
+    pk::ptx::cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (pending_stage >= 0) stages[pending_stage].scales[tid] = finish(pending);
+    const int next = kt + kStages - 1;
+    pending_stage = -1;
+    if (next < ktiles) {
+      pending = issue(next, stages[next % kStages]);
+      pending_stage = next % kStages;
+    }
+    pk::ptx::cp_async_commit();
+    compute(stages[kt % kStages]);
+  }
+  pk::ptx::cp_async_wait<0>();
+}
+
+// Writes the warp's 64 x 32 accumulators to rows row0 .. +64 (row0 = tile row + the warp's row) and columns
+// col0 .. +32 of out [rows, cols], adding bias[j] to a lane's column col0 + 8t + j (an array, not a pointer
+// that may be null: a pointer into a register array would put the array in local memory). Lane
+// (g, t) holds rows g and g + 8 of each 16-row slice at columns 8t + j (j < 4 from fragment j's first
+// column, j >= 4 from fragment j - 4's second): the permuted n index above.
+template <class T>
+__device__ __forceinline__ void store_acc(T* out, const float (&acc)[4][4][4], int64_t row0, int64_t col, int64_t rows,
+                                          int64_t cols, const float (&bias)[8], bool vec, int g) {
+PK_UNROLL
+  for (int mi = 0; mi < 4; ++mi) {
+PK_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = row0 + mi * 16 + g + 8 * h;
+      if (row >= rows) continue;
+      float v[8];
+PK_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        v[j] = acc[mi][j][2 * h] + bias[j];
+        v[j + 4] = acc[mi][j][2 * h + 1] + bias[j + 4];
+      }
+      store8(out, row, col, cols, v, vec);
+    }
+  }
+}
+
 // y [m, out] = x [m, in] W^T (+ bias). Requires in % 32 == 0 and x, codes (and 8-bit absmax) 16-byte aligned
 // (nf4_gemm_supported). Warp w computes rows 64 (w & 1) .. +64 and W rows 32 (w >> 1) .. +32 of the tile.
 template <class T>
@@ -169,10 +248,8 @@ __global__ void __launch_bounds__(kThreads) nf4_gemm_kernel(nf4::GemmParams p) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int64_t M = p.m, K = p.in, N = p.out;
-  const int64_t tiles_m = (M + kTile - 1) / kTile, tiles_n = (N + kTile - 1) / kTile;
-  int64_t tile_m, tile_n;
-  tile_of(blockIdx.x, tiles_m, tiles_n, tile_m, tile_n);
-  const int64_t m0 = tile_m * kTile, n0 = tile_n * kTile;
+  const TileOrigin origin = block_origin(M, N);
+  const int64_t m0 = origin.row, n0 = origin.col;
   const T* x = static_cast<const T*>(p.x);
   if (tid < 16) lut[tid] = nf4::kCode[tid];
   const int shift = __ffs(p.w.blocksize) - 1;
@@ -224,13 +301,7 @@ __global__ void __launch_bounds__(kThreads) nf4_gemm_kernel(nf4::GemmParams p) {
   const int64_t wrow = n0 + code_row, srow = n0 + (tid & 127);
   auto issue = [&](int kt, Stage& s) {
     const int64_t k0 = int64_t(kt) * kDepth;
-PK_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      const int c = tid + i * kThreads, row = c >> 3, chunk = c & 7;
-      const int64_t gr = m0 + row, gk = k0 + chunk * 8;
-      const bool ok = gr < M && gk < K;
-      pk::ptx::cp_async_16(s.act + act_offset(row, chunk), ok ? x + gr * K + gk : x, ok ? 16 : 0);
-    }
+    issue_act(s, x, m0, k0, M, K, tid);
     const int64_t gk = k0 + code_half * kGroup;
     const bool ok = wrow < N && gk < K;
     const int swz = code_half ^ ((code_row >> 2) & 1);  // rows 4 apart (one ldmatrix-like quarter) differ
@@ -240,37 +311,9 @@ PK_UNROLL
     return scale_of(srow * K + sk, srow < N && sk < K);
   };
 
-  const int ktiles = int((K + kDepth - 1) / kDepth);
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < ktiles) stages[s].scales[tid] = issue(s, stages[s]);
-    pk::ptx::cp_async_commit();
-  }
-
-  float acc[4][4][4];
-PK_UNROLL
-  for (int mi = 0; mi < 4; ++mi)
-PK_UNROLL
-    for (int f = 0; f < 4; ++f)
-PK_UNROLL
-      for (int j = 0; j < 4; ++j) acc[mi][f][j] = 0.0f;
-
+  float acc[4][4][4] = {};
   const int warp_row = (warp & 1) * 64, warp_col = (warp >> 1) * 32;
-  float pending = 0.0f;
-  int pending_stage = -1;
-  for (int kt = 0; kt < ktiles; ++kt) {
-    pk::ptx::cp_async_wait<kStages - 2>();
-    __syncthreads();
-    // The scale requested last iteration lands in a stage no warp reads before the next barrier.
-    if (pending_stage >= 0) stages[pending_stage].scales[tid] = pending;
-    const int next = kt + kStages - 1;
-    pending_stage = -1;
-    if (next < ktiles) {
-      pending = issue(next, stages[next % kStages]);
-      pending_stage = next % kStages;
-    }
-    pk::ptx::cp_async_commit();
-
-    const Stage& s = stages[kt % kStages];
+  auto compute = [&](const Stage& s) {
 PK_UNROLL
     for (int half = 0; half < 2; ++half) {  // 32 weights per row: one 16-byte code load per fragment
       uint32_t b[2][4][2];
@@ -301,33 +344,17 @@ PK_UNROLL
           for (int f = 0; f < 4; ++f) mma<T>(acc[mi][f], a[mi], b[step][f]);
       }
     }
-  }
-  pk::ptx::cp_async_wait<0>();
+  };
+  run_pipeline(stages, int((K + kDepth - 1) / kDepth), tid, issue, [](float scale) { return scale; }, compute);
 
-  // Lane (g, t) holds rows g and g + 8 of each 16-row slice at W rows 8t + j of the warp's 32 (j < 4 from
-  // fragment j's first column, j >= 4 from fragment j - 4's second).
   T* y = static_cast<T*>(p.y);
   const T* bias = static_cast<const T*>(p.bias);
   const bool vec = N % 8 == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0;
   const int64_t col = n0 + warp_col + 8 * t;
   float bv[8];
 PK_UNROLL
-  for (int j = 0; j < 8; ++j) bv[j] = bias != nullptr && col + j < N ? load_f32(bias, col + j) : 0.0f;
-PK_UNROLL
-  for (int mi = 0; mi < 4; ++mi) {
-PK_UNROLL
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = m0 + warp_row + mi * 16 + g + 8 * h;
-      if (row >= M) continue;
-      float v[8];
-PK_UNROLL
-      for (int j = 0; j < 4; ++j) {
-        v[j] = acc[mi][j][2 * h] + bv[j];
-        v[j + 4] = acc[mi][j][2 * h + 1] + bv[j + 4];
-      }
-      store8(y, row, col, N, v, vec);
-    }
-  }
+  for (int j = 0; j < 8; ++j) bv[j] = col + j < N && bias != nullptr ? load_f32(bias, col + j) : 0.0f;
+  store_acc(y, acc, m0 + warp_row, col, M, N, bv, vec, g);
 }
 
 // dx [m, in] = dy [m, out] W. Requires in % 32 == 0, out % 8 == 0, dy and codes 16-byte aligned. The
@@ -342,10 +369,8 @@ __global__ void __launch_bounds__(kThreads) nf4_dx_kernel(nf4::DxParams p) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int64_t M = p.m, K = p.in, N = p.out;
-  const int64_t tiles_m = (M + kTile - 1) / kTile, tiles_c = (K + kTile - 1) / kTile;
-  int64_t tile_m, tile_c;
-  tile_of(blockIdx.x, tiles_m, tiles_c, tile_m, tile_c);
-  const int64_t m0 = tile_m * kTile, c0 = tile_c * kTile;
+  const TileOrigin origin = block_origin(M, K);
+  const int64_t m0 = origin.row, c0 = origin.col;
   const T* dy = static_cast<const T*>(p.dy);
   if (tid < 16) lut[tid] = nf4::kCode[tid];
   const int shift = __ffs(p.w.blocksize) - 1;
@@ -360,13 +385,7 @@ __global__ void __launch_bounds__(kThreads) nf4_dx_kernel(nf4::DxParams p) {
   const int code_row = tid >> 2, code_chunk = tid & 3;
   auto issue = [&](int kt, Stage& s) {
     const int64_t n0 = int64_t(kt) * kDepth;
-PK_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      const int c = tid + i * kThreads, row = c >> 3, chunk = c & 7;
-      const int64_t gr = m0 + row, gn = n0 + chunk * 8;
-      const bool ok = gr < M && gn < N;
-      pk::ptx::cp_async_16(s.act + act_offset(row, chunk), ok ? dy + gr * N + gn : dy, ok ? 16 : 0);
-    }
+    issue_act(s, dy, m0, n0, M, N, tid);
     const int64_t wrow = n0 + code_row, gk = c0 + code_chunk * kGroup;
     const bool ok = wrow < N && gk < K;
     const int swz = code_chunk ^ ((code_row >> 1) & 3);
@@ -375,36 +394,9 @@ PK_UNROLL
     return load_scale(p.w, wrow * K + gk, ok, shift);
   };
 
-  const int ktiles = int((N + kDepth - 1) / kDepth);
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < ktiles) stages[s].scales[tid] = finish_scale(p.w, issue(s, stages[s]), s_code8, offset);
-    pk::ptx::cp_async_commit();
-  }
-
-  float acc[4][4][4];
-PK_UNROLL
-  for (int mi = 0; mi < 4; ++mi)
-PK_UNROLL
-    for (int f = 0; f < 4; ++f)
-PK_UNROLL
-      for (int j = 0; j < 4; ++j) acc[mi][f][j] = 0.0f;
-
+  float acc[4][4][4] = {};
   const int warp_row = (warp & 1) * 64, warp_chunk = warp >> 1;
-  ScaleLoad pending{0, 0.0f, false};
-  int pending_stage = -1;
-  for (int kt = 0; kt < ktiles; ++kt) {
-    pk::ptx::cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (pending_stage >= 0) stages[pending_stage].scales[tid] = finish_scale(p.w, pending, s_code8, offset);
-    const int next = kt + kStages - 1;
-    pending_stage = -1;
-    if (next < ktiles) {
-      pending = issue(next, stages[next % kStages]);
-      pending_stage = next % kStages;
-    }
-    pk::ptx::cp_async_commit();
-
-    const Stage& s = stages[kt % kStages];
+  auto compute = [&](const Stage& s) {
 PK_UNROLL
     for (int ks = 0; ks < kDepth / 16; ++ks) {
       uint32_t b[4][2];
@@ -433,27 +425,14 @@ PK_UNROLL
 PK_UNROLL
         for (int f = 0; f < 4; ++f) mma<T>(acc[mi][f], a[mi], b[f]);
     }
-  }
-  pk::ptx::cp_async_wait<0>();
+  };
+  auto finish = [&](const ScaleLoad& raw) { return finish_scale(p.w, raw, s_code8, offset); };
+  run_pipeline(stages, int((N + kDepth - 1) / kDepth), tid, issue, finish, compute);
 
   T* dx = static_cast<T*>(p.dx);
   const bool vec = (reinterpret_cast<uintptr_t>(dx) & 15) == 0;  // K % 32 == 0 keeps every row aligned
-  const int64_t col = c0 + warp_chunk * 32 + 8 * t;
-PK_UNROLL
-  for (int mi = 0; mi < 4; ++mi) {
-PK_UNROLL
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = m0 + warp_row + mi * 16 + g + 8 * h;
-      if (row >= M) continue;
-      float v[8];
-PK_UNROLL
-      for (int j = 0; j < 4; ++j) {
-        v[j] = acc[mi][j][2 * h];
-        v[j + 4] = acc[mi][j][2 * h + 1];
-      }
-      store8(dx, row, col, K, v, vec);
-    }
-  }
+  const float no_bias[8] = {};
+  store_acc(dx, acc, m0 + warp_row, c0 + warp_chunk * 32 + 8 * t, M, K, no_bias, vec, g);
 }
 
 // 163 KiB: the most dynamic shared memory a block may opt into on sm_80 (sm_90: 227 KiB).
