@@ -249,6 +249,34 @@ def test_sgd_momentum_buffer_unaligned(backend):
     assert_same(buf, ref_buf, backend, steps=5, lr=0.05)
 
 
+@pytest.mark.parametrize("bits,compact,dtype", [(64, 0, "f32"), (32, 1, "bf16")], ids=["i64-dense-f32", "i32-compact-bf16"])
+def test_executor_counts_whole_sectors_on_the_compact_streams(bits, compact, dtype):
+    """The CUDA kernel's global traffic as the executor counts it, per buffer, at k = 4099 of 409,900 (1%, evenly
+    spread as pk_simprof lays them out: 32 warps of 128 entries, then 3 more): every compact stream in whole
+    sectors, one 16-byte request per lane for 4 entries (two for int64 indices), so one per warp, plus one for the
+    last 3 entries, which 3 lanes take one each; the param is gathered, one 32-byte sector per entry. The previous
+    one-entry-per-thread kernel made 129 requests per stream, 4 bytes a lane."""
+    from peft_kernels import sim
+
+    k = 4099
+    (d,) = sim.profile("masked_adamw", 100 * k, k, bits, compact, dtype=dtype)
+    by = {b["name"]: b for b in d["buffers"]}
+    compact_streams = ["indices", "exp_avg", "exp_avg_sq"] + (["grad (compact)", "master"] if compact else [])
+    assert sorted(by) == sorted(compact_streams + ["param"] + ([] if compact else ["grad (dense)"]))
+    for name in compact_streams:
+        b = by[name]
+        assert b["load_sector_efficiency"] >= 0.95, name
+        per_warp = 2 if name == "indices" and bits == 64 else 1
+        assert b["load_requests"] == 32 * per_warp + 1, name
+        if name in ("exp_avg", "exp_avg_sq", "master"):
+            assert b["store_sector_efficiency"] >= 0.95 and b["store_requests"] == 32 + 1, name
+    # the param: 4 stores of a sector per lane for each warp's 128 entries (32 lanes x size bytes in 32 sectors),
+    # then one store by 3 lanes (3 x size bytes in 3 sectors)
+    size = 4 if dtype == "f32" else 2
+    assert by["param"]["store_sector_efficiency"] == pytest.approx((128 * size + 1) / (128 * 32 + 3))
+    assert by["param"]["dram_bytes"] == (2 if dtype == "f32" else 1) * 32 * k  # written, and read without a master
+
+
 def test_bf16_master_keeps_updates_that_rounding_loses():
     """Why the master copy: at lr 1e-4 an AdamW update (~1e-4) is below half a bf16 ulp of weights near 1
     (2^-8 = 0.0039), so a bf16 AdamW rounds every update away and never moves; the master copy accumulates

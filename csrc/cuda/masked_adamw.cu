@@ -5,7 +5,8 @@
 // Two kinds of traffic, one pass per step. The compact streams are contiguous in the selection's position j:
 // the indices, the fp32 state [k] (exp_avg and exp_avg_sq, or the momentum buffer), the fp32 master copy of a
 // 16-bit param and a compact grad; each thread takes kVec = 4 consecutive entries of each with one 16-byte
-// access (int64 indices: two; a 16-bit compact grad: one of 8 bytes), so a warp reads whole 32-byte sectors.
+// access (int64 indices: two, exchanged between lanes; a 16-bit compact grad: one of 8 bytes), so every warp
+// instruction reads whole 32-byte sectors.
 // The param, and a dense grad, are gathered at indices[j]: how many sectors that costs is the selection's, not
 // the kernel's. At 1% density sorted indices lie ~100 elements (400 bytes of fp32) apart, so every entry has a
 // sector of its own and uses 4 of its 32 bytes (2 in bf16); a run of 4 consecutive indices (dense selections)
@@ -22,16 +23,17 @@ constexpr int kVec = 4;
 
 // The entries of the selection one thread updates in one step: j = at(i) for i < n. A warp's step covers
 // 32 * kVec = 128 consecutive entries, laid out over its lanes in one of two ways:
-//  * when every compact stream is 16-byte aligned (torch allocates them so), lane L takes 4L..4L+3: kVector,
-//    one 16-byte access per stream, 512 contiguous bytes per warp. The selection's last k % 4 entries are one
-//    thread's kTail slot, read and written entry by entry.
-//  * otherwise (a state or index tensor that is a view at an unaligned offset): kStrided, lane L takes L, L+32,
-//    L+64, L+96, so each of its 4 accesses of 4 bytes still has the warp read 128 contiguous bytes.
-enum class Layout { kVector, kTail, kStrided };
+//  * kVector, when every compact stream is 16-byte aligned (torch allocates them so) and all 128 entries are in
+//    the selection: lane L takes 4L..4L+3, one 16-byte access per stream, 512 contiguous bytes per warp.
+//  * kStrided otherwise (the last, partial 128 of the selection; a state or index tensor that is a view at an
+//    unaligned offset): lane L takes L, L+32, L+64, L+96, so each of its 4 accesses of 4 bytes still has the
+//    warp read 128 contiguous bytes.
+// The choice is the warp's, never a lane's: kVector exchanges indices by shuffles between all 32 lanes.
+enum class Layout { kVector, kStrided };
 
 template <Layout L> struct Slot {
   int64_t first;
-  int n;  // kVec for kVector
+  int n;  // kVec for kVector, 0..4 for kStrided
   __device__ int64_t at(int i) const { return first + (L == Layout::kStrided ? 32 * i : i); }
 };
 
@@ -84,9 +86,21 @@ PK_UNROLL
     for (int i = 0; i < kVec; ++i)
       if (i < s.n) e[i] = idx[s.at(i)];
   } else if constexpr (sizeof(I) == 8) {
-    const longlong2* v = vec_at<const longlong2>(idx, s.first);
-    const longlong2 a = load16<longlong2>(v), b = load16<longlong2>(v + 1);
-    e[0] = a.x, e[1] = a.y, e[2] = b.x, e[3] = b.y;
+    // Lane L needs the warp's int64 indices 4L..4L+3: 32 bytes, its 16-byte chunks 2L and 2L+1. Loading those
+    // itself would leave each instruction's lanes 32 bytes apart, every sector half used (executor: 0.50).
+    // Instead lane L loads chunks L and L+32 (each instruction 512 contiguous bytes) and takes chunks 2L and
+    // 2L+1 from lanes 2L % 32 and (2L+1) % 32: their first chunk for L < 16, their second for L >= 16.
+    const int lane = threadIdx.x & 31;
+    const longlong2* warp_chunks = vec_at<const longlong2>(idx, s.first - kVec * lane);
+    const longlong2 a = load16<longlong2>(warp_chunks + lane), b = load16<longlong2>(warp_chunks + lane + 32);
+PK_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int src = (2 * lane + h) & 31;
+      const long long a0 = __shfl_sync(0xffffffffu, a.x, src), a1 = __shfl_sync(0xffffffffu, a.y, src);
+      const long long b0 = __shfl_sync(0xffffffffu, b.x, src), b1 = __shfl_sync(0xffffffffu, b.y, src);
+      e[2 * h] = lane < 16 ? a0 : b0;
+      e[2 * h + 1] = lane < 16 ? a1 : b1;
+    }
   } else {
     const int4 a = load16<int4>(vec_at<const int4>(idx, s.first));
     e[0] = a.x, e[1] = a.y, e[2] = a.z, e[3] = a.w;
@@ -171,22 +185,21 @@ PK_UNROLL
   }
 }
 
-// The grid-stride loop over the selection, kVec entries per thread and step.
+// The grid-stride loop over the selection, 128 entries per warp and step.
 template <class T, class I, bool kWide, class State, class Params>
 __device__ __forceinline__ void each_slot(const Params& p) {
   const int64_t k = p.sel.k;
   const int lane = threadIdx.x & 31;
-  const int64_t warp = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int64_t stride = int64_t(gridDim.x) * kThreads * kVec;
-  if constexpr (kWide) {
-    int64_t first = warp * 32 * kVec + kVec * lane;
-    for (; first + kVec <= k; first += stride) step<T, I, State>(p, Slot<Layout::kVector>{first, kVec});
-    if (first < k) step<T, I, State>(p, Slot<Layout::kTail>{first, static_cast<int>(k - first)});
-  } else {
-    for (int64_t first = warp * 32 * kVec + lane; first < k; first += stride) {
-      const int64_t left = (k - first + 31) / 32;
-      step<T, I, State>(p, Slot<Layout::kStrided>{first, left < kVec ? static_cast<int>(left) : kVec});
+  for (int64_t base = (int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * 32 * kVec; base < k; base += stride) {
+    if constexpr (kWide) {
+      if (base + 32 * kVec <= k) {
+        step<T, I, State>(p, Slot<Layout::kVector>{base + kVec * lane, kVec});
+        continue;
+      }
     }
+    const int64_t first = base + lane, left = (k - first + 31) / 32;  // entries first + 32 i < k; 0 <= left
+    step<T, I, State>(p, Slot<Layout::kStrided>{first, left < kVec ? static_cast<int>(left) : kVec});
   }
 }
 
