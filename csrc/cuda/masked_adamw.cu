@@ -214,7 +214,8 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(sparse::SGDParams p) {
 }
 
 // kVec entries per thread, 1,024 per 256-thread block. 4096 x 4096 at 1% (k = 167,772) is 164 blocks, so each
-// of an H100's 132 SMs holds one or two, all resident at once (up to 8 per SM). A thread's first loads are 64
+// of an H100's 132 SMs holds one or two, all resident at once (ptxas: 39-60 registers a thread, room for 4
+// blocks of 256 per SM). A thread's first loads are 64
 // bytes (int64 indices, exp_avg, exp_avg_sq), its gathers 8 sectors of 32 bytes (param and dense grad at 4
 // indices): a block keeps 16 KB, then 64 KB, in flight, against the ~16 KB per SM that 3.35 TB/s at ~700 ns
 // DRAM latency needs (Little's law, docs: GPU_DESIGN.md). Larger selections get more blocks, up to grid_for's
