@@ -215,6 +215,21 @@ struct Launch {
     }
   }
 
+  // A buffer's distinct sectors, read and written counted apart; sampled, the interior blocks' new sectors scaled,
+  // capped by the span the sample touched.
+  double distinct_sectors(const Buffer& b, double scale) const {
+    double sectors = 0;
+    for (int w = 0; w < 2; ++w) {
+      if (!sample) {
+        sectors += double(b.unique[w]);
+      } else {
+        const double span = b.hi[w] >= b.lo[w] ? double(b.hi[w] - b.lo[w] + 1) : 0.0;
+        sectors += std::min(b.edge_new[w] + scale * b.interior_new[w], span);
+      }
+    }
+    return sectors;
+  }
+
   // The launch's totals (interior blocks scaled when sampled) as one JSON object.
   std::string json() const {
     const uint64_t interior_total = blocks_total - blocks_edge_total;
@@ -222,16 +237,7 @@ struct Launch {
     Sums t = edge;
     t.add(interior, scale);
     double dram_sectors = 0;
-    for (const auto& [base, b] : buffers) {
-      for (int w = 0; w < 2; ++w) {
-        if (!sample) {
-          dram_sectors += double(b.unique[w]);
-        } else {
-          const double span = b.hi[w] >= b.lo[w] ? double(b.hi[w] - b.lo[w] + 1) : 0.0;
-          dram_sectors += std::min(b.edge_new[w] + scale * b.interior_new[w], span);
-        }
-      }
-    }
+    for (const auto& [base, b] : buffers) dram_sectors += distinct_sectors(b, scale);
     std::string out;
     char buf[256];
     out = "{\"kernel\": \"";
@@ -260,11 +266,6 @@ struct Launch {
     for (const auto& [base, b] : buffers) {
       Sums bt = b.edge;
       bt.add(b.interior, scale);
-      double sectors = 0;
-      for (int w = 0; w < 2; ++w) {
-        const double span = b.hi[w] >= b.lo[w] ? double(b.hi[w] - b.lo[w] + 1) : 0.0;
-        sectors += !sample ? double(b.unique[w]) : std::min(b.edge_new[w] + scale * b.interior_new[w], span);
-      }
       out += first ? "{\"name\": \"" : ", {\"name\": \"";
       first = false;
       for (char c : label_of(base)) out += (c == '"' || c == '\\') ? '_' : c;
@@ -273,7 +274,7 @@ struct Launch {
       const std::pair<const char*, double> per[] = {
           {"load_requests", bt.gld_requests}, {"load_sectors", bt.gld_sectors}, {"load_min_sectors", bt.gld_ideal},
           {"store_requests", bt.gst_requests}, {"store_sectors", bt.gst_sectors},
-          {"store_min_sectors", bt.gst_ideal}, {"dram_bytes", 32.0 * sectors}};
+          {"store_min_sectors", bt.gst_ideal}, {"dram_bytes", 32.0 * distinct_sectors(b, scale)}};
       for (const auto& [k, v] : per) {
         std::snprintf(buf, sizeof buf, ", \"%s\": %.17g", k, v);
         out += buf;
