@@ -14,6 +14,8 @@ roofline for the product with a dense bf16 weight. 989 TFLOPS is the wgmma peak:
 thirds of it on H100, so at compute-bound sizes expect ~1.5x the predicted time. Grids over 512 blocks, and
 the tensor-core kernels' grids at every size, are sampled (the edge blocks and 8 interior ones; "sampled"). Registers and static shared bytes per
 block come from ptxas for sm_90 (python_tests/ptxas_report.py; "–" without nvcc), not from the executor.
+Where the driver names its buffers (masked_adamw), a second table gives each buffer's own sector efficiency,
+warp requests and DRAM bytes.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def dense_us(m: int, n_in: int, n_out: int) -> float:
 
 
 # op -> list of (label, shape args, minimum bytes the op must move: inputs read once, outputs written once,
-# dense bf16 roofline µs of the same product or None)
+# dense bf16 roofline µs of the same product or None[, the case's DTYPE instead of --dtype])
 def _cases() -> dict[str, list[tuple[str, tuple, float, float | None]]]:
     cases: dict[str, list] = {"nf4_gemv": [], "nf4_gemm": [], "nf4_linear_dx": [], "nf4_decode": [], "lora_down": [],
                               "lora_backward": [], "kron_forward": [], "kron_backward": [], "masked_adamw": []}
@@ -62,9 +64,18 @@ def _cases() -> dict[str, list[tuple[str, tuple, float, float | None]]]:
     cases["kron_forward"].append(("M=2048 64x64 (x) 64x64", kron, B16 * (m * 4096 * 3 + 2 * 64 * 64), None))
     cases["kron_backward"].append(("M=2048 64x64 (x) 64x64", kron, B16 * (m * 4096 * 4 + 4 * 64 * 64), None))
     numel, k = 4096 * 4096, 4096 * 4096 // 100
-    # indices, the gradient, param read and written, m and v read and written
-    cases["masked_adamw"].append(("4096x4096, 1% selected", (numel, k), 8 * k + 4 * k + 4 * k * 2 + 4 * k * 2 * 2,
-                                  None))
+    # (label, index bits, compact grad, param dtype): the minimum bytes are the indices, the grad, param read
+    # (fp32) or master read and written (16-bit) besides param written, m and v read and written. The gathered
+    # param and dense grad cannot reach it: at 1% every entry has a 32-byte sector of its own (see the
+    # per-buffer table).
+    for label, bits, compact, dtype in (("fp32, int64 idx, dense grad", 64, 0, "f32"),
+                                        ("fp32, int32 idx, dense grad", 32, 0, "f32"),
+                                        ("bf16 + fp32 master, int32 idx, dense grad", 32, 0, "bf16"),
+                                        ("bf16 + fp32 master, int32 idx, compact grad", 32, 1, "bf16")):
+        size = 4 if dtype == "f32" else B16
+        param = 2 * 4 * k if dtype == "f32" else size * k + 2 * 4 * k
+        cases["masked_adamw"].append((f"4096x4096, 1% selected, {label}", (numel, k, bits, compact),
+                                      bits // 8 * k + size * k + param + 4 * k * 2 * 2, None, dtype))
     return cases
 
 
@@ -84,7 +95,7 @@ def lookup(res: dict, kernel: str, dtype: str) -> tuple[int, int] | None:
     """The ptxas entry of an executor launch name such as "(gemv_kernel<T, true>)" at `dtype`."""
     t = {"bf16": "__nv_bfloat16", "f16": "__half", "f32": "float"}[dtype]
     name = kernel.strip("()").replace("int64_t", "long").replace("int32_t", "int")
-    name = re.sub(r"\bT\b", "float" if name.startswith(("adamw", "sgd")) else t, name)
+    name = re.sub(r"\bT\b", t, name)
     return res.get(name)
 
 
@@ -105,6 +116,20 @@ def table(op: str, rows: list[tuple[str, dict]]) -> str:
     return "\n".join(out)
 
 
+def buffer_table(op: str, rows: list[tuple[str, dict]]) -> str:
+    """Per named buffer of each launch: its global accesses' sector efficiency, warp requests and DRAM bytes."""
+    out = [f"#### {op}: per buffer", "",
+           "| shape | buffer | load sector eff. | load requests | store sector eff. | store requests | DRAM MB |",
+           "|---|---|--:|--:|--:|--:|--:|"]
+    for label, d in rows:
+        for b in d.get("buffers", []):
+            if b["name"]:
+                out.append(f"| {label} | {b['name']} | {fmt(b['load_sector_efficiency'], '.3f')} "
+                           f"| {b['load_requests']:.0f} | {fmt(b['store_sector_efficiency'], '.3f')} "
+                           f"| {b['store_requests']:.0f} | {b['dram_bytes'] / 1e6:.2f} |")
+    return "\n".join(out) if len(out) > 4 else ""
+
+
 def main(argv=None) -> int:
     cases = _cases()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -120,12 +145,13 @@ def main(argv=None) -> int:
     print("Counters from the CPU executor (csrc/sim); times are PREDICTED by a roofline, never measured.\n")
     for op in args.ops or cases:
         rows = []
-        for label, shape, min_bytes, dense in cases[op]:
+        for label, shape, min_bytes, dense, *case_dtype in cases[op]:
+            dtype = case_dtype[0] if case_dtype else args.dtype
             print(f"{op} {label} ...", file=sys.stderr, flush=True)
-            launches = sim.profile(op, *shape, dtype=args.dtype, sample=SAMPLE.get(op, "auto"))
+            launches = sim.profile(op, *shape, dtype=dtype, sample=SAMPLE.get(op, "auto"))
             # DRAM against the op's minimum: on its one launch, or on the row that sums its launches
             for d in launches:
-                regs_smem = lookup(res, d["kernel"], "f32" if op == "masked_adamw" else args.dtype)
+                regs_smem = lookup(res, d["kernel"], dtype)
                 d["resources"] = f"{regs_smem[0]} / {regs_smem[1]}" if regs_smem else None
                 d["dram_vs_min"] = d["dram_bytes"] / min_bytes if len(launches) == 1 else None
                 # tensor-core work per byte the warps requested (32-byte sectors, re-reads from L2 included)
@@ -142,6 +168,8 @@ def main(argv=None) -> int:
                     "mma": sum(d["mma"] for d in launches), "resources": None,
                     "predicted_us": sum(d["predicted_us"] for d in launches)}))
         print(table(op, rows) + "\n", flush=True)
+        if per_buffer := buffer_table(op, rows):
+            print(per_buffer + "\n", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(everything, f, indent=1)

@@ -11,6 +11,10 @@ counters' instrumentation (the installed ``pk_simprof``) and returns one dict pe
   bank-conflict cost as wavefronts (bank = (address >> 2) & 31; lanes reading one word do not conflict).
 * ``mma``, ``tensor_flops`` (2·16·8·16 per m16n8k16), ``flops`` (CUDA-core FLOPs the kernel declares),
   ``cp_async_bytes``.
+* ``buffers``: per cudaMalloc'd buffer the kernel touched, in address order: its ``name`` (given by the driver
+  with ``cudasim::label_buffer``, else ""), ``bytes``, ``load_/store_requests``, ``_sectors``, ``_min_sectors``
+  (a warp instruction is attributed to the buffer its first lane addresses), its ``dram_bytes``, and (from
+  ``derived``) its ``load_/store_sector_efficiency``.
 * ``sampled``, ``blocks``, ``blocks_run``: grids over 512 blocks run every edge block and 8 seeded random
   interior blocks, interior counters scaled by the grid (DRAM bytes per buffer capped by the span touched).
 
@@ -41,7 +45,7 @@ OPS = {
     "lora_backward": "M IN R DTYPE",
     "kron_forward": "M AO AI BO BI DTYPE",
     "kron_backward": "M AO AI BO BI DTYPE",
-    "masked_adamw": "NUMEL K",
+    "masked_adamw": "NUMEL K BITS COMPACT DTYPE",
 }
 
 
@@ -100,6 +104,9 @@ def derived(launch: dict) -> dict:
     waves = launch["shared_wavefronts"] + launch["ldmatrix_wavefronts"]
     ideal = launch["shared_min_wavefronts"] + launch["ldmatrix_min_wavefronts"]
     d["bank_conflict_extra"] = ratio(waves - ideal, ideal) if ideal else 0.0
+    d["buffers"] = [dict(b, load_sector_efficiency=ratio(b["load_min_sectors"], b["load_sectors"]),
+                         store_sector_efficiency=ratio(b["store_min_sectors"], b["store_sectors"]))
+                    for b in launch.get("buffers", [])]
     d["predicted_us"] = 1e6 * (max(launch["dram_bytes"] / H100_DRAM_BYTES_PER_S,
                                    launch["tensor_flops"] / H100_TENSOR_FLOPS,
                                    launch["flops"] / H100_FP32_FLOPS) + LAUNCH_OVERHEAD_S)

@@ -44,7 +44,11 @@ GEMV_CASES = [(3, 32, 0), (5, 64, 0), (3, 11, 0), (1, 11, 0), (5, 2, 0), (3, 11,
 WIDE_GEMV = dict(m=5, in_=4128, out=3, blocksize=32)
 # kron_linear: M rows, A [AO, AI], B [BO, BI] (in 10, out 12; 6 and 20 dA/dB blocks of 256 threads)
 KRON_M, KRON_AO, KRON_AI, KRON_BO, KRON_BI, KRON_SEED, KRON_P, KRON_SCALING = 7, 3, 2, 4, 5, 77, 0.3, 0.8
-ADAMW_NUMEL, ADAMW_K, ADAMW_SEED, ADAMW_P = 997, 300, 77, 0.6  # 300 entries: two 256-thread blocks
+# Sparse AdamW: 1531 of 4999 entries, 11 warps of 128 and a partial 123 (two 256-thread blocks). The
+# first 76 indices are, by groups of 4: 16 runs of consecutive indices from a multiple of 4 (one 16-byte vector
+# of the param), one from a multiple of 4 with a gap (64, 65, 66, 68), one consecutive from 70, one more run.
+ADAMW_NUMEL, ADAMW_K, ADAMW_SEED, ADAMW_P = 4999, 1531, 77, 0.6
+ADAMW_HEAD = list(range(64)) + [64, 65, 66, 68] + [70, 71, 72, 73] + [76, 77, 78, 79]
 
 if not (CUDA_INCLUDE / "cuda_runtime.h").is_file() or shutil.which("g++") is None:
     pytest.skip(f"needs g++ and the CUDA headers under {CUDA_INCLUDE} (set CUDA_HOME)", allow_module_level=True)
@@ -103,7 +107,8 @@ class Case:
         }
         self.adamw_param = torch.randn(ADAMW_NUMEL, generator=g)
         self.adamw_grad = torch.randn(ADAMW_NUMEL, generator=g)
-        self.adamw_idx = torch.randperm(ADAMW_NUMEL, generator=g)[:ADAMW_K].sort().values
+        rest = 80 + torch.randperm(ADAMW_NUMEL - 80, generator=g)[:ADAMW_K - len(ADAMW_HEAD)].sort().values
+        self.adamw_idx = torch.cat([torch.tensor(ADAMW_HEAD), rest])
         self.wide_x = torch.randn(WIDE_GEMV["m"], WIDE_GEMV["in_"], generator=g)
         self.wide_weight = torch.randn(WIDE_GEMV["out"] * WIDE_GEMV["in_"], generator=g)
         write(work / "weight.f32", self.weight)
@@ -226,18 +231,28 @@ class Case:
             compare("kron_bwd dx", read(self.work / "dx.f32", torch.float32), self.kron["dx"].double() + grads[0], 1e-5)
             compare("kron_bwd da", read(self.work / "da.f32", torch.float32), grads[1], 1e-5)
             compare("kron_bwd db", read(self.work / "db.f32", torch.float32), grads[2], 1e-5)
-        # Sparse AdamW with the Child-Tuning_F mask, two steps, against the reference bit for bit
-        write(self.work / "param.f32", self.adamw_param)
-        write(self.work / "grad.f32", self.adamw_grad)
-        write(self.work / "idx.i64", self.adamw_idx)
-        if step("masked_adamw", ADAMW_NUMEL, ADAMW_K, ADAMW_SEED, ADAMW_P):
-            param, m, v = self.adamw_param.clone(), torch.zeros(ADAMW_K), torch.zeros(ADAMW_K)
-            for s in (1, 2):
-                R.masked_adamw_step_(param, self.adamw_grad, self.adamw_idx, m, v, None, s, 1e-2, 0.9, 0.999, 1e-8, 0.1,
-                                     ADAMW_P, ADAMW_SEED)
-            compare("masked_adamw param", read(self.work / "param.f32", torch.float32), param)
-            compare("masked_adamw m", read(self.work / "m.f32", torch.float32), m)
-            compare("masked_adamw v", read(self.work / "v.f32", torch.float32), v)
+        # Sparse AdamW with the Child-Tuning_F mask, two steps, against the reference bit for bit: the 16-byte path
+        # (int64 indices, dense fp32 grad), the int32 / compact bf16 grad / bf16 param with master path, and the
+        # lane-strided path of unaligned state
+        idx = self.adamw_idx
+        write(self.work / "idx.i64", idx)
+        for variant in ("i64-dense-f32", "i32-compact-bf16", "unaligned"):
+            bf16 = variant == "i32-compact-bf16"
+            param = self.adamw_param.to(torch.bfloat16) if bf16 else self.adamw_param.clone()
+            grad = self.adamw_grad[idx].to(torch.bfloat16) if bf16 else self.adamw_grad
+            master = param[idx].float() if bf16 else None
+            write(self.work / "param.f32", param.float())
+            write(self.work / "grad.f32", grad.float())
+            if step("masked_adamw", ADAMW_NUMEL, ADAMW_K, ADAMW_SEED, ADAMW_P, variant):
+                m, v = torch.zeros(ADAMW_K), torch.zeros(ADAMW_K)
+                for s in (1, 2):
+                    R.masked_adamw_step_(param, grad, idx, m, v, master, s, 1e-2, 0.9, 0.999, 1e-8, 0.1, ADAMW_P,
+                                         ADAMW_SEED)
+                compare(f"masked_adamw {variant} param", read(self.work / "param.f32", torch.float32), param)
+                compare(f"masked_adamw {variant} m", read(self.work / "m.f32", torch.float32), m)
+                compare(f"masked_adamw {variant} v", read(self.work / "v.f32", torch.float32), v)
+                if bf16:
+                    compare(f"masked_adamw {variant} master", read(self.work / "master.f32", torch.float32), master)
         return problems
 
 
@@ -308,15 +323,35 @@ MUTANTS = [
     # kron_linear's u kernel reads x[r, j, i] instead of x[r, i, j]: the Kronecker index map transposed
     ("kron-transposed-index", "kron_linear.cu", "kron::x_at(d, i, pj.inner)", "i + pj.inner * d.a_in", None,
      r"^kron_fwd y: \d+ of 84"),
-    # the sparse step runs one entry past the end of the indices (and of the state)
-    ("adamw-off-by-one", "masked_adamw.cu", "j < s.k;", "j <= s.k;", "address",
+    # the 16-byte path also takes the last, partial 128 entries: past the end of the indices and the state
+    ("adamw-off-by-one", "masked_adamw.cu", "if (base + 32 * kVec <= k) {", "if (base < k) {", "address",
      r"^masked_adamw: exit 67: ==\d+==ERROR: AddressSanitizer: heap-buffer-overflow"),
+    # the partial last 128 entries: lane 26 (which holds the selection's last entry) stops one short
+    ("adamw-tail-drop", "masked_adamw.cu", "(k - first + 31) / 32", "(k - first + 30) / 32", None,
+     r"^masked_adamw i64-dense-f32 param: \d+ of 4999"),
+    # lanes 1 entry apart instead of 4: slots overlap and most entries are never updated (with int64 indices the
+    # exchange then reads before the buffer and crashes)
+    ("adamw-lane-offset", "masked_adamw.cu", "{base + kVec * lane, kVec}", "{base + lane, kVec}", None,
+     r"^masked_adamw i32-compact-bf16 param: \d+ of 4999"),
+    # the lane-strided path (unaligned state) takes lanes 16 entries apart
+    ("adamw-strided-offset", "masked_adamw.cu", "L == Layout::kStrided ? 32 * i : i", "L == Layout::kStrided ? 16 * i : i",
+     None, r"^masked_adamw unaligned param: \d+ of 4999"),
+    # a run of 4 indices with one gap is taken for consecutive: the param vector at 64..67 instead of 64, 65, 66, 68
+    ("adamw-run-gap", "masked_adamw.cu", "e[kVec - 1] - e[0] == kVec - 1", "e[kVec - 1] - e[0] <= kVec", None,
+     r"^masked_adamw i64-dense-f32 param: \d+ of 4999"),
+    # the int64 index exchange: lane 16 takes its chunks from the first loads (lanes 0 and 1's, again)
+    ("adamw-index-exchange", "masked_adamw.cu", "e[2 * h] = lane < 16 ? a0 : b0;", "e[2 * h] = lane <= 16 ? a0 : b0;",
+     None, r"^masked_adamw i64-dense-f32 param: \d+ of 4999"),
+    # the 8-byte vector of a 16-bit compact grad read with its halves swapped
+    ("adamw-half-order", "masked_adamw.cu", "for (int i = 0; i < kVec; ++i) v[i] = load_f32(h, i);",
+     "for (int i = 0; i < kVec; ++i) v[i] = load_f32(h, i ^ 1);", None,
+     r"^masked_adamw i32-compact-bf16 param: \d+ of 4999"),
     # the dense gradient is read at the entry's position in the selection instead of its flat index
-    ("adamw-grad-position", "masked_adamw.cu", "s.grad_dense ? e : j", "s.grad_dense ? j : e", None,
-     r"^masked_adamw param: \d+ of 997"),
+    ("adamw-grad-position", "masked_adamw.cu", "g[i] = load_f32(grad, e[i]);", "g[i] = load_f32(grad, slot.at(i));",
+     None, r"^masked_adamw i64-dense-f32 param: \d+ of 4999"),
     # Child-Tuning_F's mask keyed by the position in the selection instead of the element
-    ("adamw-child-key", "masked_adamw.cu", "sparse::child_scale(child, e)", "sparse::child_scale(child, j)", None,
-     r"^masked_adamw param: \d+ of 997"),
+    ("adamw-child-key", "masked_adamw.cu", "sparse::child_scale(p.child, e[i])", "sparse::child_scale(p.child, slot.at(i))",
+     None, r"^masked_adamw i64-dense-f32 param: \d+ of 4999"),
 ]
 
 

@@ -149,6 +149,20 @@ def test_stride_32_copy_uses_an_eighth_of_each_sector(textbook):
     assert d["load_sector_efficiency"] == 0.125 and d["store_sector_efficiency"] == 1.0
 
 
+def test_counters_per_buffer(textbook):
+    """Each named buffer's own traffic: the stride-32 copy's loads (all from `in`) use an eighth of each sector,
+    its stores (all to `out`) whole sectors, and the two add up to the launch's totals."""
+    d = one_launch([textbook, "copy_stride32"])
+    by = {b["name"]: b for b in d["buffers"]}
+    assert sorted(by) == ["in", "out"]
+    src, dst = by["in"], by["out"]
+    assert src["load_sectors"] == d["global_load_sectors"] == 4096 and src["store_requests"] == 0
+    assert src["load_sector_efficiency"] == 0.125 and src["dram_bytes"] == 4096 * 32
+    assert dst["store_sectors"] == d["global_store_sectors"] == 512 and dst["load_requests"] == 0
+    assert dst["store_sector_efficiency"] == 1.0 and dst["dram_bytes"] == 4096 * 4
+    assert src["bytes"] == 32 * 4096 * 4 and dst["bytes"] == 4096 * 4
+
+
 def test_transpose_conflicts_vanish_with_padding(textbook):
     plain, padded = one_launch([textbook, "transpose"]), one_launch([textbook, "transpose_padded"])
     # 32 warps each store a row (conflict-free) and read a column: 32 words of one bank, 31 extra wavefronts

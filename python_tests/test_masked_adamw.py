@@ -18,6 +18,8 @@ from peft_kernels import reference as R
 
 SHAPE = (37, 53)  # 1961 entries: odd, not a multiple of any vector width or of the 256-thread CUDA block
 NUMEL = SHAPE[0] * SHAPE[1]
+# Selection sizes against the CUDA kernel's layout (4 consecutive entries per thread, 128 per warp, 1024 per block):
+# 1 and 1961 leave a 1-entry tail, 703 a 3-entry tail, 700 none.
 
 
 def selection(k: int, seed: int, numel: int = NUMEL, dtype=torch.int64) -> torch.Tensor:
@@ -63,7 +65,7 @@ class AdamWState:
 
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
 @pytest.mark.parametrize("grad_layout", ["dense", "compact"])
-@pytest.mark.parametrize("k", [1, 700, NUMEL])
+@pytest.mark.parametrize("k", [1, 700, 703, NUMEL])
 def test_adamw_matches_reference_50_steps(backend, k, grad_layout, index_dtype):
     idx = selection(k, seed=k).to(backend.device, index_dtype)
     start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(backend.device)
@@ -130,10 +132,10 @@ def test_reference_is_torch_adamw_with_the_mask():
 
 @pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.9, 0.01)], ids=["plain", "momentum-wd"])
 def test_sgd_matches_torch_sgd(backend, momentum, wd):
-    idx = selection(500, seed=7).to(backend.device)
+    idx = selection(501, seed=7).to(backend.device)
     start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(8)).to(backend.device)
     param = start.clone()
-    buf = torch.zeros(500, device=backend.device) if momentum else None
+    buf = torch.zeros(501, device=backend.device) if momentum else None
     sub = start.reshape(-1)[idx].clone().requires_grad_()
     opt = torch.optim.SGD([sub], lr=0.05, momentum=momentum, weight_decay=wd, foreach=False)
     ref, ref_buf = start.clone(), None if buf is None else buf.clone()
@@ -150,23 +152,129 @@ def test_sgd_matches_torch_sgd(backend, momentum, wd):
     assert torch.equal(param.reshape(-1)[outside], start.reshape(-1)[outside])
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+@pytest.mark.parametrize("grad_layout", ["dense", "compact"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision_param_with_fp32_master(backend, dtype):
+def test_low_precision_param_with_fp32_master(backend, dtype, grad_layout, index_dtype):
     """A 16-bit param keeps an fp32 master copy of its k selected entries: the trajectory is the fp32 one,
-    the param its round-to-nearest image after every step."""
-    idx = selection(400, seed=10).to(backend.device)
+    the param its round-to-nearest image after every step. k = 403: a 3-entry tail after the 4-entry vectors."""
+    idx = selection(403, seed=10).to(backend.device, index_dtype)
     start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(11)).to(dtype).to(backend.device)
     ours, ref = AdamWState(start.clone(), idx, master=True), AdamWState(start.clone(), idx, master=True)
     fp32 = AdamWState(start.float(), idx)
     for step, g in enumerate(grads(30, seed=12, dtype=dtype), start=1):
         g = g.to(backend.device)
+        if grad_layout == "compact":
+            g = g.reshape(-1)[idx.long()].contiguous()
         ours.step(backend.ops.masked_adamw_step_, g, step)
         ref.step(R.masked_adamw_step_, g, step)
         fp32.step(R.masked_adamw_step_, g.float(), step)
     assert_same(ours.master, ref.master, backend, steps=30)
     assert_same(ours.param, ref.param, backend, steps=30)
-    assert_same(ours.master, fp32.param.reshape(-1)[idx], backend, steps=30)
-    assert torch.equal(ours.param.reshape(-1)[idx], ours.master.to(dtype))
+    assert_same(ours.master, fp32.param.reshape(-1)[idx.long()], backend, steps=30)
+    assert torch.equal(ours.param.reshape(-1)[idx.long()], ours.master.to(dtype))
+
+
+def runs_and_gaps() -> torch.Tensor:
+    """Indices whose groups of 4 (positions 4q..4q+3, as the CUDA kernel takes them) are, in turn: 16 runs of
+    consecutive indices from a multiple of 4 (read as one vector of the param), one that starts on a multiple of 4
+    but skips an entry (64, 65, 66, 68), one that is consecutive but starts off a multiple of 4 (70..73), one more
+    run (76..79), then a sparse sorted rest of odd length (a 3-entry tail)."""
+    head = torch.tensor(list(range(64)) + [64, 65, 66, 68] + [70, 71, 72, 73] + [76, 77, 78, 79])
+    rest = 80 + selection(503, seed=18, numel=NUMEL - 80)
+    return torch.cat([head, rest])
+
+
+@pytest.mark.parametrize("grad_layout", ["dense", "compact"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_adamw_runs_of_consecutive_indices(backend, dtype, grad_layout):
+    idx = runs_and_gaps().to(backend.device)
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(19)).to(dtype).to(backend.device)
+    master = dtype != torch.float32
+    ours, ref = AdamWState(start.clone(), idx, master), AdamWState(start.clone(), idx, master)
+    for step, g in enumerate(grads(5, seed=20, dtype=dtype), start=1):
+        g = g.to(backend.device)
+        if grad_layout == "compact":
+            g = g.reshape(-1)[idx].contiguous()
+        ours.step(backend.ops.masked_adamw_step_, g, step)
+        ref.step(R.masked_adamw_step_, g, step)
+    assert_same(ours.param, ref.param, backend, steps=5)
+    assert_same(ours.exp_avg_sq, ref.exp_avg_sq, backend, steps=5)
+
+
+def unaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t that starts one element past a 16-byte boundary (a view into a larger buffer)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:]
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("which", ["indices", "state", "master", "grad"])
+def test_unaligned_streams(backend, which):
+    """A compact stream that is not 16-byte aligned sends the CUDA kernel down its 4-byte path (lane-strided
+    entries): same results."""
+    idx = selection(703, seed=21).to(backend.device)
+    dtype = torch.bfloat16 if which == "master" else torch.float32
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(22)).to(dtype).to(backend.device)
+    master = dtype != torch.float32
+    ours, ref = AdamWState(start.clone(), idx, master), AdamWState(start.clone(), idx, master)
+    if which == "indices":
+        ours.indices = unaligned(idx)
+    elif which == "state":
+        ours.exp_avg, ours.exp_avg_sq = unaligned(ours.exp_avg), unaligned(ours.exp_avg_sq)
+    elif which == "master":
+        ours.master = unaligned(ours.master)
+    for step, g in enumerate(grads(5, seed=23, dtype=dtype), start=1):
+        g = g.to(backend.device).reshape(-1)[idx].contiguous()
+        ours.step(backend.ops.masked_adamw_step_, unaligned(g) if which == "grad" else g, step)
+        ref.step(R.masked_adamw_step_, g, step)
+    assert_same(ours.param, ref.param, backend, steps=5)
+    assert_same(ours.exp_avg, ref.exp_avg, backend, steps=5)
+    assert_same(ours.exp_avg_sq, ref.exp_avg_sq, backend, steps=5)
+    if master:
+        assert_same(ours.master, ref.master, backend, steps=5)
+
+
+def test_sgd_momentum_buffer_unaligned(backend):
+    idx = selection(301, seed=24).to(backend.device)
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(25)).to(backend.device)
+    ours, ref = start.clone(), start.clone()
+    buf, ref_buf = unaligned(torch.zeros(301, device=backend.device)), torch.zeros(301, device=backend.device)
+    for step, g in enumerate(grads(5, seed=26), start=1):
+        g = g.to(backend.device)
+        backend.ops.masked_sgd_step_(ours, g, idx, buf, None, step, 0.05, 0.9, 0.01, 1.0, 0)
+        R.masked_sgd_step_(ref, g, idx, ref_buf, None, step, 0.05, 0.9, 0.01)
+    assert_same(ours, ref, backend, steps=5, lr=0.05)
+    assert_same(buf, ref_buf, backend, steps=5, lr=0.05)
+
+
+@pytest.mark.parametrize("bits,compact,dtype", [(64, 0, "f32"), (32, 1, "bf16")], ids=["i64-dense-f32", "i32-compact-bf16"])
+def test_executor_counts_whole_sectors_on_the_compact_streams(bits, compact, dtype):
+    """The CUDA kernel's global traffic as the executor counts it, per buffer, at k = 4099 of 409,900 (1%, evenly
+    spread as pk_simprof lays them out: 32 warps of 128 entries, then 3 more): every compact stream in whole
+    sectors, one 16-byte request per lane for 4 entries (two for int64 indices), so one per warp, plus one for the
+    last 3 entries, which 3 lanes take one each; the param is gathered, one 32-byte sector per entry. The previous
+    one-entry-per-thread kernel made 129 requests per stream, 4 bytes a lane."""
+    from peft_kernels import sim
+
+    k = 4099
+    (d,) = sim.profile("masked_adamw", 100 * k, k, bits, compact, dtype=dtype)
+    by = {b["name"]: b for b in d["buffers"]}
+    compact_streams = ["indices", "exp_avg", "exp_avg_sq"] + (["grad (compact)", "master"] if compact else [])
+    assert sorted(by) == sorted(compact_streams + ["param"] + ([] if compact else ["grad (dense)"]))
+    for name in compact_streams:
+        b = by[name]
+        assert b["load_sector_efficiency"] >= 0.95, name
+        per_warp = 2 if name == "indices" and bits == 64 else 1
+        assert b["load_requests"] == 32 * per_warp + 1, name
+        if name in ("exp_avg", "exp_avg_sq", "master"):
+            assert b["store_sector_efficiency"] >= 0.95 and b["store_requests"] == 32 + 1, name
+    # the param: 4 stores of a sector per lane for each warp's 128 entries (32 lanes x size bytes in 32 sectors),
+    # then one store by 3 lanes (3 x size bytes in 3 sectors)
+    size = 4 if dtype == "f32" else 2
+    assert by["param"]["store_sector_efficiency"] == pytest.approx((128 * size + 1) / (128 * 32 + 3))
+    assert by["param"]["dram_bytes"] == (2 if dtype == "f32" else 1) * 32 * k  # written, and read without a master
 
 
 def test_bf16_master_keeps_updates_that_rounding_loses():

@@ -8,7 +8,7 @@ memory all pass every executor test. nvcc and cuobjdump show what the GPU would 
   sm_90 to HMMA (mma.sync), LDSM (ldmatrix) and LDGSTS (cp.async) with no spills, no stack and no LDL/STL.
 * Every kernel of the built extension that DECLARED below names has its trait's instruction, every declared name
   still matches a kernel, and no kernel of the extension touches local memory.
-* The helpers can fail: a scalar FMA kernel shows no HMMA/LDGSTS and a data-indexed array shows LDL/STL.
+* The helpers can fail: a scalar FMA kernel shows no HMMA/LDGSTS/LDG.E.128 and a data-indexed array shows LDL/STL.
 """
 
 from __future__ import annotations
@@ -27,14 +27,22 @@ from ptxas_report import ROOT, demangle, parse_report
 # What each product kernel must compile to. Keys are traits (TRAIT_OPCODE), values are substrings of kernel
 # names in peft_kernels/_C.so, matched against the demangled and the mangled name, for example "nf4_mm_kernel".
 # A name must match at least one kernel, so a renamed or deleted kernel fails here instead of going unchecked.
+# The sparse optimizer's 16-byte path is declared for each index width, param dtype and optimizer (its lane-strided
+# twin, "..., false>", makes 4-byte accesses by design).
+_SPARSE_VECTOR = {f"{op}_kernel<{t}, {i}, true>" for op in ("adamw", "sgd") for t in ("float", "__nv_bfloat16")
+                  for i in ("int", "long")}
 DECLARED: dict[str, set[str]] = {
     "tensor_core": {"nf4_gemm_kernel", "nf4_dx_kernel"},
     "pipelined": {"nf4_gemm_kernel", "nf4_dx_kernel"},
+    "vector16_load": _SPARSE_VECTOR,
+    "vector16_store": _SPARSE_VECTOR,
 }
 
-# The SASS opcode proving each trait on sm_80..sm_90: mma.sync -> HMMA, cp.async -> LDGSTS. A Hopper-only kernel
-# (wgmma -> HGMMA, TMA -> UTMALDG) would need a trait of its own.
-TRAIT_OPCODE = {"tensor_core": "HMMA", "pipelined": "LDGSTS"}
+# The SASS opcode proving each trait on sm_80..sm_90: mma.sync -> HMMA, cp.async -> LDGSTS, a 16-byte global load
+# or store -> LDG.E.128 / STG.E.128 (nvcc can split a 16-byte store into four STG.E when it loses the vector's
+# alignment: csrc/cuda/masked_adamw.cu, vec_at). A Hopper-only kernel (wgmma -> HGMMA, TMA -> UTMALDG) would need
+# a trait of its own.
+TRAIT_OPCODE = {"tensor_core": "HMMA", "pipelined": "LDGSTS", "vector16_load": "LDG.E.128", "vector16_store": "STG.E.128"}
 LOCAL_MEMORY = {"LDL", "STL"}
 
 
@@ -57,9 +65,10 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH (CPU-only
 
 _CODE_FOR = re.compile(r"^\s*code for (sm_\w+)")
 _FUNCTION = re.compile(r"^\s*Function : (\S+)")
-# "/*0340*/  @!P0 STL.128 [R1+0x10], R8 ;": the opcode's base name, before its first modifier. The encoding lines
-# ("/* 0x000fe4... */") have a space after "/*" and do not match.
-_OPCODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+# "/*0340*/  @!P0 STL.128 [R1+0x10], R8 ;": the opcode's base name, before its first modifier, and the whole
+# mnemonic (STL and STL.128 both go into a kernel's opcodes). The encoding lines ("/* 0x000fe4... */") have a space
+# after "/*" and do not match.
+_OPCODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(([A-Z][A-Z0-9_]*)(?:\.[A-Z0-9_]+)*)")
 
 
 @dataclasses.dataclass
@@ -81,7 +90,7 @@ def sass_kernels(binary: pathlib.Path) -> list[Kernel]:
         elif m := _FUNCTION.match(line):
             kernels.append(Kernel(arch, m.group(1), m.group(1), set()))
         elif (m := _OPCODE.match(line)) and kernels:
-            kernels[-1].opcodes.add(m.group(1))
+            kernels[-1].opcodes.update(m.group(1, 2))
     for kernel, name in zip(kernels, demangle([k.mangled for k in kernels])):
         kernel.name = name
     return kernels
@@ -194,3 +203,6 @@ def test_checks_can_fail(tmp_path):
                         "pipelined 'fma_kernel': sm_80 fma_kernel(float const*, float*, int) has no LDGSTS",
                         "pipelined 'gone': matches no kernel (renamed or removed? update DECLARED)"]
     assert local_memory_users(kernels) == ["sm_80 local_kernel(int const*, float*): ['LDL', 'STL']"]
+    # its loads are 4 bytes wide: LDG.E, never LDG.E.128
+    assert declaration_problems(kernels, {"vector16_load": {"fma_kernel"}}) == [
+        "vector16_load 'fma_kernel': sm_80 fma_kernel(float const*, float*, int) has no LDG.E.128"]

@@ -50,7 +50,7 @@ template <> __device__ __forceinline__ void store_f32<__nv_bfloat16>(__nv_bfloat
 // The host compiler splits a uint4 whose members are used one by one into four 4-byte accesses, which the
 // executor's counters would see as four warp instructions (4x the sectors, and shared bank conflicts an
 // LDS.128 does not have); a 16-byte scalar keeps it one access there.
-inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+__host__ __device__ inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 template <class V = uint4> __device__ __forceinline__ V load16(const void* p) {
   static_assert(sizeof(V) == 16, "a 16-byte vector type");
@@ -72,6 +72,22 @@ template <class V> __device__ __forceinline__ void store16(void* p, const V& v) 
   memcpy(&bits, static_cast<const void*>(&v), 16);
   *static_cast<unsigned __int128*>(p) = bits;
 #endif
+}
+
+// 8-byte loads and stores (8-byte aligned), for four 16-bit values: one LD/ST.64 under nvcc, and one access for
+// the executor's counters, as with load16.
+template <class V = uint2> __device__ __forceinline__ V load8(const void* p) {
+  static_assert(sizeof(V) == 8, "an 8-byte vector type");
+  const uint64_t bits = *static_cast<const uint64_t*>(p);
+  V v;
+  memcpy(static_cast<void*>(&v), &bits, 8);
+  return v;
+}
+template <class V> __device__ __forceinline__ void store8(void* p, const V& v) {
+  static_assert(sizeof(V) == 8, "an 8-byte vector type");
+  uint64_t bits;
+  memcpy(&bits, static_cast<const void*>(&v), 8);
+  *static_cast<uint64_t*>(p) = bits;
 }
 
 // The sum of v over the 32 lanes of a warp, in every lane (all lanes must call it).

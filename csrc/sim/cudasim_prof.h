@@ -75,10 +75,22 @@ struct Buffer {
   // per direction (0: read, 1: written)
   uint64_t unique[2] = {}, block_new[2] = {}, lo[2] = {UINT64_MAX, UINT64_MAX}, hi[2] = {};
   double edge_new[2] = {}, interior_new[2] = {};  // per-block distinct sectors, summed by stratum
+  // The global requests, sectors and minimum sectors of the warp instructions whose first lane addressed this
+  // buffer (its sector efficiency): the running block's, and completed blocks' by stratum.
+  Sums cur, edge, interior;
 };
 
 const std::pair<const uintptr_t, size_t>* find_allocation(uintptr_t a);
 bool is_shared(uintptr_t a, size_t n);
+std::string label_of(uintptr_t base);  // the name cudasim::label_buffer gave the buffer at base, or ""
+
+inline void add_global(Sums& s, bool write, double sectors, double ideal) {
+  if (write) {
+    s.gst_requests += 1, s.gst_sectors += sectors, s.gst_ideal += ideal;
+  } else {
+    s.gld_requests += 1, s.gld_sectors += sectors, s.gld_ideal += ideal;
+  }
+}
 
 // The largest number of distinct 4-byte words in one bank: the wavefronts one phase of a shared access takes.
 inline int wavefronts(const uintptr_t* addr, const uint32_t* size, int n) {
@@ -118,11 +130,14 @@ struct Launch {
   void end_block() {
     (block_is_edge ? edge : interior).add(cur, 1.0);
     (block_is_edge ? blocks_edge_run : blocks_interior_run) += 1;
-    for (Buffer* b : touched)
+    for (Buffer* b : touched) {
       for (int w = 0; w < 2; ++w) {
         (block_is_edge ? b->edge_new : b->interior_new)[w] += double(b->block_new[w]);
         b->block_new[w] = 0;
       }
+      (block_is_edge ? b->edge : b->interior).add(b->cur, 1.0);
+      b->cur = Sums{};
+    }
   }
 
   void touch_sector(uintptr_t sector_addr, bool write) {
@@ -166,12 +181,10 @@ struct Launch {
         end = std::max(end, spans[i].second);
       }
       const double ideal = double((bytes + 31) / 32);
-      if (g.write) {
-        cur.gst_requests += 1, cur.gst_sectors += ns, cur.gst_ideal += ideal;
-      } else {
-        cur.gld_requests += 1, cur.gld_sectors += ns, cur.gld_ideal += ideal;
-      }
+      add_global(cur, g.write, ns, ideal);
       for (int i = 0; i < ns; ++i) touch_sector(uintptr_t(sectors[i]) << 5, g.write);
+      // touch_sector listed the buffer among the block's (its first sector in a block is always new to it)
+      if (const auto* alloc = find_allocation(g.addr[0])) add_global(buffers[alloc->first].cur, g.write, ns, ideal);
       return;
     }
     // Shared: 4-byte (or narrower) accesses take the warp in one phase, 8-byte ones in half-warps, 16-byte
@@ -202,6 +215,21 @@ struct Launch {
     }
   }
 
+  // A buffer's distinct sectors, read and written counted apart; sampled, the interior blocks' new sectors scaled,
+  // capped by the span the sample touched.
+  double distinct_sectors(const Buffer& b, double scale) const {
+    double sectors = 0;
+    for (int w = 0; w < 2; ++w) {
+      if (!sample) {
+        sectors += double(b.unique[w]);
+      } else {
+        const double span = b.hi[w] >= b.lo[w] ? double(b.hi[w] - b.lo[w] + 1) : 0.0;
+        sectors += std::min(b.edge_new[w] + scale * b.interior_new[w], span);
+      }
+    }
+    return sectors;
+  }
+
   // The launch's totals (interior blocks scaled when sampled) as one JSON object.
   std::string json() const {
     const uint64_t interior_total = blocks_total - blocks_edge_total;
@@ -209,16 +237,7 @@ struct Launch {
     Sums t = edge;
     t.add(interior, scale);
     double dram_sectors = 0;
-    for (const auto& [base, b] : buffers) {
-      for (int w = 0; w < 2; ++w) {
-        if (!sample) {
-          dram_sectors += double(b.unique[w]);
-        } else {
-          const double span = b.hi[w] >= b.lo[w] ? double(b.hi[w] - b.lo[w] + 1) : 0.0;
-          dram_sectors += std::min(b.edge_new[w] + scale * b.interior_new[w], span);
-        }
-      }
-    }
+    for (const auto& [base, b] : buffers) dram_sectors += distinct_sectors(b, scale);
     std::string out;
     char buf[256];
     out = "{\"kernel\": \"";
@@ -241,7 +260,28 @@ struct Launch {
       std::snprintf(buf, sizeof buf, ", \"%s\": %.17g", k, v);
       out += buf;
     }
-    return out + "}";
+    // Per buffer: its name, size, global traffic (scaled like the totals) and DRAM proxy.
+    out += ", \"buffers\": [";
+    bool first = true;
+    for (const auto& [base, b] : buffers) {
+      Sums bt = b.edge;
+      bt.add(b.interior, scale);
+      out += first ? "{\"name\": \"" : ", {\"name\": \"";
+      first = false;
+      for (char c : label_of(base)) out += (c == '"' || c == '\\') ? '_' : c;
+      std::snprintf(buf, sizeof buf, "\", \"bytes\": %zu", b.bytes);
+      out += buf;
+      const std::pair<const char*, double> per[] = {
+          {"load_requests", bt.gld_requests}, {"load_sectors", bt.gld_sectors}, {"load_min_sectors", bt.gld_ideal},
+          {"store_requests", bt.gst_requests}, {"store_sectors", bt.gst_sectors},
+          {"store_min_sectors", bt.gst_ideal}, {"dram_bytes", 32.0 * distinct_sectors(b, scale)}};
+      for (const auto& [k, v] : per) {
+        std::snprintf(buf, sizeof buf, ", \"%s\": %.17g", k, v);
+        out += buf;
+      }
+      out += "}";
+    }
+    return out + "]}";
   }
 };
 

@@ -49,8 +49,20 @@ std::map<uintptr_t, size_t>& allocations() {
   return m;
 }
 std::mutex g_alloc_mutex;
+// Names given to cudaMalloc'd buffers (label_buffer), by base address: the counters report each buffer's traffic.
+std::map<uintptr_t, std::string>& labels() {
+  static std::map<uintptr_t, std::string> m;
+  return m;
+}
 
 }  // namespace
+
+void label_buffer(const void* p, const char* name) {
+  std::lock_guard<std::mutex> lk(g_alloc_mutex);
+  const auto base = reinterpret_cast<uintptr_t>(p);
+  if (allocations().count(base) == 0) fail("label_buffer: not the start of a cudaMalloc'd buffer");
+  labels()[base] = name;
+}
 
 // ---- errors ---------------------------------------------------------------------------------------------------
 void fail(const char* what) {
@@ -432,6 +444,12 @@ const std::pair<const uintptr_t, size_t>* find_allocation(uintptr_t a) {
   if (it == m.begin()) return nullptr;
   --it;
   return a < it->first + it->second ? &*it : nullptr;
+}
+
+std::string label_of(uintptr_t base) {
+  std::lock_guard<std::mutex> lk(g_alloc_mutex);
+  const auto it = labels().find(base);
+  return it == labels().end() ? std::string() : it->second;
 }
 
 Launch* current() { return g_launch; }
@@ -831,6 +849,7 @@ cudaError_t cudaFree(void* p) {
   {
     std::lock_guard<std::mutex> lk(cudasim::g_alloc_mutex);
     cudasim::allocations().erase(reinterpret_cast<uintptr_t>(p));
+    cudasim::labels().erase(reinterpret_cast<uintptr_t>(p));
   }
   std::free(p);
   return cudaSuccess;

@@ -15,7 +15,11 @@
 //   kernel_driver lora_bwd  DIR M IN R SEED P S   x.f32 a.f32 dxa.f32 dx.f32        -> dx.f32 da.f32
 //   kernel_driver kron_fwd  DIR M AO AI BO BI SEED P S   x.f32 a.f32 b.f32 y.f32    -> y.f32 (y += ...)
 //   kernel_driver kron_bwd  DIR M AO AI BO BI SEED P S   dy.f32 x.f32 a.f32 b.f32 dx.f32 -> dx.f32 da.f32 db.f32
-//   kernel_driver masked_adamw DIR NUMEL K SEED P  param.f32 grad.f32 idx.i64 (2 steps) -> param.f32 m.f32 v.f32
+//   kernel_driver masked_adamw DIR NUMEL K SEED P VARIANT  param.f32 grad.f32 idx.i64 (2 steps)
+//                           -> param.f32 m.f32 v.f32 [master.f32]; VARIANT: i64-dense-f32 (16-byte path, int64
+//                           indices, dense fp32 grad), i32-compact-bf16 (int32 indices, compact bf16 grad [K],
+//                           bf16 param rounded from param.f32 with an fp32 master copy), unaligned (as the first,
+//                           exp_avg and exp_avg_sq 4 bytes off 16-byte alignment: the lane-strided path)
 //
 // SHIFT (default 0): decode writes out, gemv reads x, SHIFT floats into its allocation: 1 leaves it only 4-byte
 // aligned, for the kernels' paths that take any alignment.
@@ -222,19 +226,37 @@ int main(int argc, char** argv) {
       save(dir, "db.f32", db, d.b_out * d.b_in);
     }
   } else if (kernel == "masked_adamw") {
-    if (argc < 7) die("usage: kernel_driver masked_adamw DIR NUMEL K SEED CHILD_P");
+    if (argc < 8) die("usage: kernel_driver masked_adamw DIR NUMEL K SEED CHILD_P VARIANT");
     const int64_t k = std::atoll(argv[4]);
     const double child_p = std::atof(argv[6]);
+    const std::string variant = argv[7];
+    if (variant != "i64-dense-f32" && variant != "i32-compact-bf16" && variant != "unaligned")
+      die("unknown masked_adamw variant " + variant);
+    const bool bf16 = variant == "i32-compact-bf16";
     float* param = load<float>(dir, "param.f32", n);
-    const float* grad = load<float>(dir, "grad.f32", n);
+    const float* grad = load<float>(dir, "grad.f32", bf16 ? k : n);
     const int64_t* idx = load<int64_t>(dir, "idx.i64", k);
-    float* m = alloc<float>(k);
-    float* v = alloc<float>(k);
+    const int shift = variant == "unaligned" ? 1 : 0;
+    float* m = alloc<float>(k + shift) + shift;
+    float* v = alloc<float>(k + shift) + shift;
     cudaMemset(m, 0, k * sizeof(float));
     cudaMemset(v, 0, k * sizeof(float));
+    sparse::Selection sel{param, grad, idx, nullptr, DType::kFloat32, true, true, k};
+    if (bf16) {
+      std::vector<int64_t> idx64(size_t(k), 0);
+      cudaMemcpy(idx64.data(), idx, k * 8, cudaMemcpyDeviceToHost);
+      std::vector<int32_t> idx32(idx64.begin(), idx64.end());
+      int32_t* idx_dev = alloc<int32_t>(k);
+      cudaMemcpy(idx_dev, idx32.data(), k * 4, cudaMemcpyHostToDevice);
+      std::vector<float> p32(size_t(n), 0.0f), master(size_t(k), 0.0f);
+      cudaMemcpy(p32.data(), param, n * 4, cudaMemcpyDeviceToHost);
+      for (int64_t j = 0; j < k; ++j) master[size_t(j)] = p32[size_t(idx64[size_t(j)])];  // bf16 values already
+      float* master_dev = alloc<float>(k);
+      cudaMemcpy(master_dev, master.data(), k * 4, cudaMemcpyHostToDevice);
+      sel = {to_bf16(param, n), to_bf16(grad, k), idx_dev, master_dev, DType::kBFloat16, false, false, k};
+    }
     // lr 1e-2, betas (0.9, 0.999), eps 1e-8, weight decay 0.1: the scalars as the op body computes them
     const double lr = 1e-2, beta1 = 0.9, beta2 = 0.999, wd = 0.1;
-    const sparse::Selection sel{param, grad, idx, nullptr, DType::kFloat32, true, true, k};
     for (int64_t step = 1; step <= 2; ++step) {
       const sparse::AdamWScalars h{float(1.0 - lr * wd), float(1.0 - beta1), float(beta2), float(1.0 - beta2),
                                    float(std::sqrt(1.0 - std::pow(beta2, double(step)))), 1e-8f,
@@ -243,7 +265,12 @@ int main(int argc, char** argv) {
                                     child_p == 1.0 ? 0u : philox::drop_threshold(1.0 - child_p), float(1.0 / child_p)};
       check(cuda::masked_adamw({sel, m, v, h, child}, nullptr), "masked_adamw");
     }
-    save(dir, "param.f32", param, n);
+    if (bf16) {
+      save_bf16(dir, "param.f32", static_cast<const __nv_bfloat16*>(sel.param), n);
+      save(dir, "master.f32", sel.master, k);
+    } else {
+      save(dir, "param.f32", param, n);
+    }
     save(dir, "m.f32", m, k);
     save(dir, "v.f32", v, k);
   } else {

@@ -10,7 +10,11 @@
 //   pk_simprof lora_backward M IN R DTYPE         dx += mask * s dxa A and dA = dxa^T (mask * x)
 //   pk_simprof kron_forward  M AO AI BO BI DTYPE  y += x (A kron B)^T, dropout p = 0.1
 //   pk_simprof kron_backward M AO AI BO BI DTYPE  dx, dA, dB
-//   pk_simprof masked_adamw  NUMEL K              one sparse AdamW step over K sorted indices (fp32)
+//   pk_simprof masked_adamw  NUMEL K BITS COMPACT DTYPE
+//                                                 one sparse AdamW step over K sorted indices (int BITS: 32 or
+//                                                 64), the grad compact [K] (COMPACT 1) or dense [NUMEL] (0);
+//                                                 16-bit DTYPE with an fp32 master copy. Buffers are named for
+//                                                 the per-buffer counters.
 //
 // DTYPE: bf16, f16 or f32. Values are a fixed pseudo-random pattern: counters do not depend on them (no kernel
 // here branches on data, except the sparse indices, which are spread evenly as a magnitude mask would be).
@@ -21,6 +25,8 @@
 #include "peft_kernels/philox.h"
 
 #include <cuda_runtime_api.h>
+
+#include "cudasim.h"  // label_buffer
 
 #include <cmath>
 #include <cstdint>
@@ -189,22 +195,37 @@ int main(int argc, char** argv) {
             "kron_backward");
     }
   } else if (op == "masked_adamw") {
-    need(2, "NUMEL K");
-    const int64_t n = arg(argv, 2), k = arg(argv, 3);
+    need(5, "NUMEL K BITS COMPACT DTYPE");
+    const int64_t n = arg(argv, 2), k = arg(argv, 3), bits = arg(argv, 4), compact = arg(argv, 5);
+    const DType t = dtype_of(argv[6]);
     if (k < 1 || k > n) die("masked_adamw needs 1 <= K <= NUMEL, got K=" + std::to_string(k) + " NUMEL=" + std::to_string(n));
-    std::vector<int64_t> idx(static_cast<size_t>(k));
-    for (int64_t j = 0; j < k; ++j) idx[size_t(j)] = j * n / k;
+    if (bits != 32 && bits != 64) die("masked_adamw needs BITS 32 or 64, got " + std::to_string(bits));
+    if (bits == 32 && n > INT32_MAX) die("masked_adamw: NUMEL " + std::to_string(n) + " needs 64-bit indices");
+    const size_t isize = size_t(bits / 8);
+    std::vector<unsigned char> idx(size_t(k) * isize);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = j * n / k;
+      const int32_t e32 = int32_t(e);
+      std::memcpy(&idx[size_t(j) * isize], bits == 64 ? static_cast<const void*>(&e) : &e32, isize);
+    }
     void* idx_dev = nullptr;
-    cudaMalloc(&idx_dev, idx.size() * 8);
-    cudaMemcpy(idx_dev, idx.data(), idx.size() * 8, cudaMemcpyHostToDevice);
-    float* param = static_cast<float*>(values(size_t(n), DType::kFloat32, 1));
-    const sparse::Selection sel{param, values(size_t(n), DType::kFloat32, 2), idx_dev, nullptr, DType::kFloat32,
-                                true, true, k};
+    cudaMalloc(&idx_dev, idx.size());
+    cudaMemcpy(idx_dev, idx.data(), idx.size(), cudaMemcpyHostToDevice);
+    void* param = values(size_t(n), t, 1);
+    void* grad = values(size_t(compact ? k : n), t, 2);
+    float* master = t == DType::kFloat32 ? nullptr : static_cast<float*>(values(size_t(k), DType::kFloat32, 3));
+    float* m = static_cast<float*>(bytes(size_t(k) * 4, 0));
+    float* v = static_cast<float*>(bytes(size_t(k) * 4, 0));
+    cudasim::label_buffer(idx_dev, "indices");
+    cudasim::label_buffer(param, "param");
+    cudasim::label_buffer(grad, compact ? "grad (compact)" : "grad (dense)");
+    if (master != nullptr) cudasim::label_buffer(master, "master");
+    cudasim::label_buffer(m, "exp_avg");
+    cudasim::label_buffer(v, "exp_avg_sq");
+    const sparse::Selection sel{param, grad, idx_dev, master, t, bits == 64, compact == 0, k};
     const sparse::AdamWScalars h{0.999f, 0.1f, 0.999f, 0.001f, 0.0316f, 1e-8f, -1e-3f};
     const sparse::ChildMask child{0, 1, 0u, 1.0f};
-    check(cuda::masked_adamw({sel, static_cast<float*>(bytes(size_t(k) * 4, 0)),
-                              static_cast<float*>(bytes(size_t(k) * 4, 0)), h, child}, nullptr),
-          "masked_adamw");
+    check(cuda::masked_adamw({sel, m, v, h, child}, nullptr), "masked_adamw");
   } else {
     die("unknown op " + op);
   }

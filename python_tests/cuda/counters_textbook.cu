@@ -44,6 +44,8 @@ int main(int argc, char** argv) {
   float *in, *out;
   cudaMalloc(reinterpret_cast<void**>(&in), 32 * kN * sizeof(float));
   cudaMalloc(reinterpret_cast<void**>(&out), kN * sizeof(float));
+  cudasim::label_buffer(in, "in");
+  cudasim::label_buffer(out, "out");
   std::vector<float> host(32 * kN, 1.0f);
   cudaMemcpy(in, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice);
   const char* k = argv[1];
