@@ -45,6 +45,20 @@ struct BackwardParams {
   const void* dy = nullptr;
   const void* b = nullptr;
   int64_t out = 0;
+  float* workspace = nullptr;  // GPU bf16/f16 kernels with da: fp32 [backward_workspace(m, in, r)]; null for the CPU
 };
+
+// The GPU's dA is split over M: rows of x per fp32 partial (a multiple of its 64-row stages, at most 512 so that
+// no block sums more) chosen to give >= 264 blocks (2 per SM of an H100) over the 64-column slices of x where M
+// allows, and the number of partials. 2048 x 4096: 448 rows, 5 partials, 320 blocks.
+PK_HD int64_t da_split_rows(int64_t m, int64_t in) {
+  const int64_t slices = (in + 63) / 64, splits = (264 + slices - 1) / slices;
+  const int64_t rows = ((m + splits - 1) / splits + 63) / 64 * 64;
+  return rows < 64 ? 64 : (rows > 512 ? 512 : rows);
+}
+PK_HD int64_t da_splits(int64_t m, int64_t in) { return (m + da_split_rows(m, in) - 1) / da_split_rows(m, in); }
+
+// fp32 elements of BackwardParams::workspace the GPU kernels need: one [r, in] partial of dA per split.
+inline int64_t backward_workspace(int64_t m, int64_t in, int r) { return da_splits(m, in) * r * in; }
 
 }  // namespace peft_kernels::lora
