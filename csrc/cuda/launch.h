@@ -50,7 +50,7 @@ template <> __device__ __forceinline__ void store_f32<__nv_bfloat16>(__nv_bfloat
 // The host compiler splits a uint4 whose members are used one by one into four 4-byte accesses, which the
 // executor's counters would see as four warp instructions (4x the sectors, and shared bank conflicts an
 // LDS.128 does not have); a 16-byte scalar keeps it one access there.
-inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+__host__ __device__ inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 template <class V = uint4> __device__ __forceinline__ V load16(const void* p) {
   static_assert(sizeof(V) == 16, "a 16-byte vector type");
