@@ -108,8 +108,15 @@ __device__ __forceinline__ void store_pair(float* at, float lo, float hi) {
 
 // Swizzled shared tiles of 16-bit values, by row length. The readers are ldmatrix phases (8 consecutive rows, one
 // 16-byte chunk each), which must hit 8 different 16-byte bank groups, and the copies (8 consecutive chunks).
-// 64 values (128 bytes): chunk c of row r at c ^ (r & 7).
-__device__ __forceinline__ int offset64(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
+// 64 values (128 bytes), filled 2, 4 or 8 chunks a row (16, 32 or 64 ranks of dxa), so that a quarter-warp's copies
+// cover 4, 2 or 1 rows: chunk c of row r at c ^ rev(r & 7), rev reversing 3 bits (0 4 2 6 1 5 3 7). Any 8 rows get 8
+// different XOR masks, 4 rows 4k .. 4k+3 masks that differ above bit 0 and rows 2k, 2k+1 masks that differ in bit 2:
+// every quarter-warp's 8 chunks land in 8 bank groups. (c ^ (r & 7) gave the 2-chunk rows of r = 16 two-way
+// conflicts: 9% extra wavefronts in dA.)
+__device__ __forceinline__ int offset64(int row, int chunk) {
+  const int rev = ((row & 1) << 2) | (row & 2) | ((row >> 2) & 1);
+  return row * 128 + ((chunk ^ rev) << 4);
+}
 // 128 values (256 bytes): the same on the chunk's low 3 bits.
 __device__ __forceinline__ int offset128(int row, int chunk) { return row * 256 + ((chunk ^ (row & 7)) << 4); }
 // 32 values (64 bytes, 2 rows per 128 bytes): c ^ ((r >> 1) & 3), so that rows r .. r+7 cover all 8 bank groups.
@@ -714,14 +721,12 @@ PK_UNROLL
   }
 }
 
-template <class T, int kSlices> void launch_down(const lora::DownParams& p, cudaStream_t stream) {
-  const int a_rows = round16(p.r < kRankChunk ? p.r : kRankChunk);
-  const size_t stages = kRing * down_stage_bytes(16 * kSlices, a_rows), parts = down_part_bytes(a_rows);
-  const size_t smem = stages > parts ? stages : parts;  // 32 KiB at r = 16, 80 KiB at r >= 64 (16-row blocks)
-  const int64_t blocks = ceil_div(p.m, 16 * kSlices) * ceil_div(p.r, kRankChunk);
-  if (prepare(down_tc_kernel<T, kSlices>, int64_t(smem)) == cudaSuccess) {
-    KLAUNCH((down_tc_kernel<T, kSlices>), unsigned(blocks), kThreads, smem, stream, p);
-  }
+// Dynamic shared memory of down_tc_kernel: the ring, or the warps' partials where they are larger. 32 KiB at r = 16,
+// 80 KiB at r >= 64 (16-row blocks).
+size_t down_smem(int r, int rows) {
+  const int a_rows = round16(r < kRankChunk ? r : kRankChunk);
+  const size_t ring = kRing * down_stage_bytes(rows, a_rows), parts = down_part_bytes(a_rows);
+  return ring > parts ? ring : parts;
 }
 
 }  // namespace
@@ -732,9 +737,15 @@ cudaError_t lora_down(const lora::DownParams& p, cudaStream_t stream) {
       const int64_t blocks = ceil_div(p.m, 32) * ceil_div(p.r, kRankChunk);
       KLAUNCH(down_f32_kernel<T>, unsigned(blocks), kThreads, 0, stream, p);
     } else if (p.m >= kDownWideRows) {
-      launch_down<T, 2>(p, stream);
+      const size_t smem = down_smem(p.r, 32);
+      if (prepare(down_tc_kernel<T, 2>, int64_t(smem)) == cudaSuccess) {
+        KLAUNCH((down_tc_kernel<T, 2>), unsigned(ceil_div(p.m, 32) * ceil_div(p.r, kRankChunk)), kThreads, smem, stream, p);
+      }
     } else {
-      launch_down<T, 1>(p, stream);
+      const size_t smem = down_smem(p.r, 16);
+      if (prepare(down_tc_kernel<T, 1>, int64_t(smem)) == cudaSuccess) {
+        KLAUNCH((down_tc_kernel<T, 1>), unsigned(ceil_div(p.m, 16) * ceil_div(p.r, kRankChunk)), kThreads, smem, stream, p);
+      }
     }
   });
 }
