@@ -217,10 +217,12 @@ def test_a_llama_layer_is_counted_in_under_a_minute(gemm_counted):
 
 def test_profile_rejects_bad_input():
     with pytest.raises(ValueError, match=r"op: expected one of"):
-        sim.profile("nf4_gemm", 1, 2, 3)
+        sim.profile("nf4_matmul", 1, 2, 3)
     with pytest.raises(ValueError, match=r"shape: nf4_gemv takes M IN OUT DTYPE, got 2 sizes"):
         sim.profile("nf4_gemv", 1, 4096)
     with pytest.raises(ValueError, match=r"dtype: expected"):
         sim.profile("nf4_gemv", 1, 64, 64, dtype="fp8")
     with pytest.raises(RuntimeError, match=re.escape("nf4_gemv needs 1 <= M <= 16")):
         sim.profile("nf4_gemv", 17, 64, 64)
+    with pytest.raises(RuntimeError, match=re.escape("nf4_gemm needs M, IN, OUT >= 1 and IN*OUT % 64 == 0")):
+        sim.profile("nf4_gemm", 1, 2, 3)
