@@ -28,8 +28,8 @@ from ptxas_report import ROOT, demangle, parse_report
 # names in peft_kernels/_C.so, matched against the demangled and the mangled name, for example "nf4_mm_kernel".
 # A name must match at least one kernel, so a renamed or deleted kernel fails here instead of going unchecked.
 DECLARED: dict[str, set[str]] = {
-    "tensor_core": {"nf4_gemm_kernel", "nf4_dx_kernel"},
-    "pipelined": {"nf4_gemm_kernel", "nf4_dx_kernel"},
+    "tensor_core": {"nf4_gemm_kernel", "nf4_dx_kernel", "down_tc_kernel", "dx_tc_kernel", "da_tc_kernel"},
+    "pipelined": {"nf4_gemm_kernel", "nf4_dx_kernel", "down_tc_kernel", "dx_tc_kernel", "da_tc_kernel"},
 }
 
 # The SASS opcode proving each trait on sm_80..sm_90: mma.sync -> HMMA, cp.async -> LDGSTS. A Hopper-only kernel
