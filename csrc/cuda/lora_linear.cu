@@ -29,7 +29,7 @@
 namespace peft_kernels::cuda {
 namespace {
 
-constexpr int kRing = 4;      // cp.async ring: 3 stages in flight while one is multiplied
+constexpr int kRing = 4;        // cp.async ring: 3 stages in flight while one is multiplied
 constexpr int kRankChunk = 64;  // ranks per block: a warp's accumulators stay at <= 64 fp32 (32 in down)
 static_assert(kRankChunk == lora::kDaRanks, "dA's blocks are sized in lora_params.h");
 
