@@ -79,11 +79,12 @@ def test_values_and_grads(backend, dtype, r, p):
 # Shapes for the GPU kernels' tiles (lead dims, in, r): 1 row (one partial 16-row down block, one dA stage); 37 rows of
 # in = 67 (rows not 16-byte multiples: the element-wise staging; Philox groups straddle rows); 130 rows of in = 200
 # (16-byte rows: cp.async; dx tiles of 128 and 72 columns; two dA splits of 128 rows and 2; 24 ranks, a partial
-# 16-rank step); 2 x 65 rows with r = 70 (two rank chunks of 64 and 6 in every kernel).
-TC_SHAPES = [((1,), 200, 24), ((37,), 67, 5), ((130,), 200, 24), ((2, 65), 136, 70)]
+# 16-rank step); 2 x 65 rows with r = 70 (two rank chunks of 64 and 6 in every kernel); 8449 rows (the 32-row down
+# blocks from 8448 rows on, the last with one row; 67 dA splits).
+TC_SHAPES = [((1,), 200, 24), ((37,), 67, 5), ((130,), 200, 24), ((2, 65), 136, 70), ((8449,), 40, 24)]
 
 
-@pytest.mark.parametrize("shape", TC_SHAPES, ids=["m1", "m37-in67", "m130-in200", "m130-r70"])
+@pytest.mark.parametrize("shape", TC_SHAPES, ids=["m1", "m37-in67", "m130-in200", "m130-r70", "m8449"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_gpu_kernel_shapes(backend, dtype, shape):
     """The dropout kernels at shapes that make every tile of the GPU kernels partial (tensor cores for bf16/fp16,
