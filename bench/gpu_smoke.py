@@ -47,6 +47,19 @@ def main() -> None:
     y.sum().backward()
     want = R.lora_linear(x.detach().cpu(), weight.cpu(), None, a.detach().cpu(), b.detach().cpu(), 0.5, 0.3, 7)
     close("lora_linear p=0.3", y.cpu(), want, 1e-4)
+    # bf16 at 130 x 200, r = 24: the tensor-core LoRA kernels' cp.async paths, partial tiles and two dA row splits
+    x3 = torch.randn(130, 200, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    w3 = (torch.randn(45, 200, generator=g) * 0.05).to(dev, torch.bfloat16)
+    a3 = (torch.randn(24, 200, generator=g) * 0.1).to(dev, torch.bfloat16).requires_grad_()
+    b3 = (torch.randn(45, 24, generator=g) * 0.1).to(dev, torch.bfloat16).requires_grad_()
+    y = pk.lora_linear(x3, w3, None, a3, b3, 0.5, 0.3, seed=7)
+    y.float().sum().backward()
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x3, a3, b3)]
+    want = R.lora_linear(leaves[0], w3.cpu().double(), None, leaves[1], leaves[2], 0.5, 0.3, 7)
+    want.sum().backward()
+    close("lora_linear bf16 p=0.3", y.cpu(), want.detach(), 0.05)
+    for name, got, ref in zip(("dx", "dA", "dB"), (x3.grad, a3.grad, b3.grad), leaves):
+        close(f"lora_linear bf16 {name}", got.cpu(), ref.grad, 0.03 * ref.grad.abs().max().item())
     qw = pk.nf4_quantize(torch.randn(45, 64, generator=g).to(dev) * 0.1, 64, True)
     x2 = torch.randn(37, 64, generator=g).to(dev).requires_grad_()
     a2 = (torch.randn(5, 64, generator=g) * 0.1).to(dev).requires_grad_()

@@ -57,9 +57,14 @@ def _cases() -> dict[str, list[tuple[str, tuple, float, float | None]]]:
                 cases[op].append((f"{n_in}->{n_out} M={m}", (m, n_in, n_out), packed + B16 * m * (n_in + n_out),
                                   dense_us(m, n_in, n_out)))
     cases["nf4_decode"].append(("4096x4096", (4096, 4096), 4096 * 4096 * (0.5 + 1 / 64 + B16), None))
-    m, n, r = 2048, 4096, 16
-    cases["lora_down"].append((f"M={m} in={n} r={r}", (m, n, r), B16 * (m * n + r * n + m * r), None))
-    cases["lora_backward"].append((f"M={m} in={n} r={r}", (m, n, r), B16 * (m * n * 3 + 2 * r * n + m * r), None))
+    # LoRA's dropout kernels see x [M, in] and A [r, in] only (dxa = dy B and dB are cuBLAS): in = 4096 serves the
+    # 4096->4096 and 4096->11008 layers, in = 11008 the 11008->4096 one (one dA split: dA written directly).
+    # Minimum: forward x, A, xa; backward x, dxa, A, dx read and written, dA.
+    for n, r, m in [(4096, r, m) for r in (16, 64) for m in (2048, 8192)] + [(11008, 16, 2048)]:
+        label = f"in={n} r={r} M={m}"
+        cases["lora_down"].append((label, (m, n, r), B16 * (m * n + r * n + m * r), None))
+        cases["lora_backward"].append((label, (m, n, r), B16 * (m * n * 3 + 2 * r * n + m * r), None))
+    m, n = 2048, 4096
     kron = (m, 64, 64, 64, 64)  # A 64x64 kron B 64x64 = 4096x4096
     cases["kron_forward"].append(("M=2048 64x64 (x) 64x64", kron, B16 * (m * 4096 * 3 + 2 * 64 * 64), None))
     cases["kron_backward"].append(("M=2048 64x64 (x) 64x64", kron, B16 * (m * 4096 * 4 + 4 * 64 * 64), None))
@@ -81,7 +86,7 @@ def _cases() -> dict[str, list[tuple[str, tuple, float, float | None]]]:
 
 # The tensor-core kernels' grids are sampled at every size (8 interior blocks, plus the first and the last):
 # an exact 512-block run of the 4096x4096 GEMM takes ~2.5 min on 2 cores, its sampled run ~3 s.
-SAMPLE = {"nf4_gemm": 8, "nf4_linear_dx": 8}
+SAMPLE = {"nf4_gemm": 8, "nf4_linear_dx": 8, "lora_down": 8, "lora_backward": 8}
 
 
 def resources(arch: str) -> dict[str, tuple[int, int]]:

@@ -30,7 +30,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CUDA_INCLUDE = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 NUMEL, BLOCKSIZE, NUMEL8 = 704, 64, 300  # 11 NF4 blocks (2 thread blocks), 8-bit: one full block + a partial
-LORA_M, LORA_IN, LORA_R, LORA_SEED, LORA_P, LORA_SCALING = 37, 67, 5, 2024, 0.3, 0.5
+LORA_SEED, LORA_P, LORA_SCALING = 2024, 0.3, 0.5
+# LoRA dropout kernels (dtype, M, in, r). fp32 (CUDA-core kernels): 130 rows make two dA splits (128 rows and 2), in 67
+# makes rows that are not 16-byte multiples (element-wise loads; chunks straddle Philox groups). bf16 (tensor cores):
+# 130 x 200 x 24 takes the cp.async paths with partial tiles everywhere (9 down blocks of 16 rows; dx column tiles of
+# 128 and 72; 7 dA slices of 32 columns, the last of 8, in two splits; 24 ranks: a partial 16-rank step); 37 x 67 x 5
+# the element-wise staging.
+LORA_CASES = [("f32", 130, 67, 5), ("bf16", 130, 200, 24), ("bf16", 37, 67, 5)]
 # tensor-core GEMM and dx: M rows (a partial 128-row tile), in 288 (5 pipeline stages of 64, the last one half
 # full; 4.5 NF4 blocks of 64 per row, so blocks straddle rows), out 136 (a partial 128-column tile), bf16
 TC_M, TC_IN, TC_OUT = 37, 288, 136
@@ -93,10 +99,11 @@ class Case:
         self.x8 = torch.randn(NUMEL8, generator=g)
         self.ref = R.nf4_quantize(self.weight, BLOCKSIZE, self.code)
         self.ref_plain = R.nf4_quantize(self.weight, BLOCKSIZE, None)
-        self.lora_x = torch.randn(LORA_M, LORA_IN, generator=g)
-        self.lora_a = torch.randn(LORA_R, LORA_IN, generator=g)
-        self.lora_dxa = torch.randn(LORA_M, LORA_R, generator=g)
-        self.lora_dx = torch.randn(LORA_M, LORA_IN, generator=g)
+        self.gemv_bias = torch.randn(67, generator=g)
+        self.lora = {}  # (m, in, r) -> x, A, dxa, dx
+        for _, m, n_in, r in LORA_CASES:
+            lg = torch.Generator().manual_seed(m * n_in + r)
+            self.lora[m, n_in, r] = tuple(torch.randn(*shape, generator=lg) for shape in ((m, n_in), (r, n_in), (m, r), (m, n_in)))
         self.kron = {
             "x": torch.randn(KRON_M, KRON_AI * KRON_BI, generator=g),
             "a": torch.randn(KRON_AO, KRON_AI, generator=g),
@@ -124,7 +131,7 @@ class Case:
         """Runs the GEMV kernel against the dequantized weight w [out, in] (codes.u8 and absmax.f32 written):
         y = x w^T + bias, x the first m rows and in columns of wide_x."""
         n_in = w.shape[1]
-        x, bias = self.wide_x[:m, :n_in], self.lora_a[0, :n_out]
+        x, bias = self.wide_x[:m, :n_in], self.gemv_bias[:n_out]
         write(self.work / "x.f32", x.contiguous())
         write(self.work / "bias.f32", bias.contiguous())
         if step("gemv", m, n_in, n_out, blocksize, shift):
@@ -203,20 +210,26 @@ class Case:
         if step("dx", TC_M, TC_IN, TC_OUT, BLOCKSIZE):
             want = (tc_dy.double() @ tc_dense).to(torch.bfloat16)
             compare("dx", read(self.work / "dx.f32", torch.float32), want, bf16_ulp)
-        # LoRA dropout kernels against the float64 reference (fp32 accumulation: a tolerance, not equality)
-        keep = R.dropout_keep((LORA_M, LORA_IN), LORA_P, LORA_SEED).double() / (1 - LORA_P)
-        xd = self.lora_x.double() * keep
-        lora = ("x.f32", self.lora_x), ("a.f32", self.lora_a), ("dxa.f32", self.lora_dxa), ("dx.f32", self.lora_dx)
-        for name, t in lora:
-            write(self.work / name, t)
-        sizes = (LORA_M, LORA_IN, LORA_R, LORA_SEED, LORA_P)
-        if step("lora_down", *sizes):
-            compare("lora_down", read(self.work / "xa.f32", torch.float32), xd @ self.lora_a.double().t(), 1e-5)
-        if step("lora_bwd", *sizes, LORA_SCALING):
-            dxa = self.lora_dxa.double() * LORA_SCALING
-            want_dx = self.lora_dx.double() + keep * (dxa @ self.lora_a.double())
-            compare("lora_bwd dx", read(self.work / "dx.f32", torch.float32), want_dx, 1e-5)
-            compare("lora_bwd da", read(self.work / "da.f32", torch.float32), dxa.t() @ xd, 1e-5)
+        # LoRA dropout kernels against the float64 reference: fp32 accumulation (a tolerance, not equality); bf16
+        # against the bf16-rounded inputs, one rounding to bf16 at the end
+        for dtype, m, n_in, r in LORA_CASES:
+            x, a, dxa, dx = self.lora[m, n_in, r]
+            if dtype == "bf16":
+                x, a, dxa, dx = (t.to(torch.bfloat16).float() for t in (x, a, dxa, dx))
+            rounded = (lambda t: t.to(torch.bfloat16)) if dtype == "bf16" else (lambda t: t)  # noqa: E731
+            tol = 2.0**-7 if dtype == "bf16" else 1e-5
+            keep = R.dropout_keep((m, n_in), LORA_P, LORA_SEED).double() / (1 - LORA_P)
+            xd = x.double() * keep
+            for name, t in (("x.f32", x), ("a.f32", a), ("dxa.f32", dxa), ("dx.f32", dx)):
+                write(self.work / name, t)
+            label = f"{dtype} {m}x{n_in}x{r}"
+            if step("lora_down", m, n_in, r, LORA_SEED, LORA_P, dtype):
+                compare(f"lora_down {label}", read(self.work / "xa.f32", torch.float32), rounded(xd @ a.double().t()), tol)
+            if step("lora_bwd", m, n_in, r, LORA_SEED, LORA_P, LORA_SCALING, dtype):
+                d = dxa.double() * LORA_SCALING
+                compare(f"lora_bwd dx {label}", read(self.work / "dx.f32", torch.float32),
+                        rounded(dx.double() + keep * (d @ a.double())), tol)
+                compare(f"lora_bwd da {label}", read(self.work / "da.f32", torch.float32), rounded(d.t() @ xd), tol)
         # kron_linear kernels against the float64 torch.kron reference (y and dx accumulate onto given values)
         for name, t in self.kron.items():
             write(self.work / f"{name}.f32", t)
@@ -314,9 +327,29 @@ MUTANTS = [
     # dx takes column 4g + 1's nibble for column 4g
     ("dx-nibble-order", "nf4_gemm.cu", "lo[r][0] = mul_rn(lut[(codes >> 4) & 15u], scale);",
      "lo[r][0] = mul_rn(lut[codes & 15u], scale);", None, r"^dx: \d+ of 10656"),
-    # LoRA backward applies the mask of the neighbouring element to dx
-    ("shifted-mask", "lora_linear.cu", "keep_scale(p.drop, e) * t", "keep_scale(p.drop, e + 1) * t", None,
-     r"^lora_bwd dx: \d+ of 2479"),
+    # the tensor-core dx applies the mask of the neighbouring element (a mask offset off by one)
+    ("shifted-mask", "lora_linear.cu", "keep_bits<8>(p.drop, uint64_t(row * K + col))",
+     "keep_bits<8>(p.drop, uint64_t(row * K + col + 1))", None, r"^lora_bwd dx bf16 130x200x24: \d+ of 26000"),
+    # the tensor-core down projection reads rows 8-15 of its x slice where rows 0-7 at k 8-15 belong (a wrong fragment row)
+    ("lora-down-fragment-row", "lora_linear.cu",
+     "offset128(slice * 16 + (mat & 1) * 8 + (lane & 7), ks * 2 + (mat >> 1))",
+     "offset128(slice * 16 + (mat >> 1) * 8 + (lane & 7), ks * 2 + (mat >> 1))", None,
+     r"^lora_down bf16 130x200x24: \d+ of 3120"),
+    # the tensor-core dA's x fragments read rows 0-7 of the step twice and never rows 8-15
+    ("lora-da-fragment-row", "lora_linear.cu", "offset32(warp * 16 + (mat & 1) * 8 + (lane & 7)",
+     "offset32(warp * 16 + (lane & 7)", None, r"^lora_bwd da bf16 130x200x24: \d+ of 4800"),
+    # dA's reduction leaves out the last split-M partial (bf16 and fp32 share it)
+    ("lora-da-missing-split", "lora_linear.cu", "for (int64_t sp = 0; sp < splits; ++sp)",
+     "for (int64_t sp = 0; sp < splits - 1; ++sp)", None, r"^lora_bwd da f32 130x67x5: \d+ of 335"),
+    # the fp32 down projection pairs x at column k ^ 1 with A at column k
+    ("lora-f32-down-column", "lora_linear.cu", "acc[i] += xs[rows0 + i][k] * av;", "acc[i] += xs[rows0 + i][k ^ 1] * av;",
+     None, r"^lora_down f32 130x67x5: \d+ of 650"),
+    # the fp32 dx applies the mask of the neighbouring element
+    ("lora-f32-shifted-mask", "lora_linear.cu", "keep_bits<4>(p.drop, uint64_t(i * K + k0))",
+     "keep_bits<4>(p.drop, uint64_t(i * K + k0 + 1))", None, r"^lora_bwd dx f32 130x67x5: \d+ of 8710"),
+    # the fp32 dA skips the last row of every 32-row tile
+    ("lora-f32-da-short-tile", "lora_linear.cu", "for (int row = 0; row < 32; ++row)", "for (int row = 0; row < 31; ++row)",
+     None, r"^lora_bwd da f32 130x67x5: \d+ of 335"),
     # kron_linear's block reduction: thread 0 sums the warps' partials before the other warps have written them
     ("kron-missing-barrier", "kron_linear.cu", "partial[threadIdx.x >> 5] = v;\n  __syncthreads();",
      "partial[threadIdx.x >> 5] = v;", "thread", r"^kron_bwd: exit 66: WARNING: ThreadSanitizer: data race"),

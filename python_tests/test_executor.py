@@ -210,9 +210,10 @@ def test_sampled_counters_equal_exact_ones_on_a_medium_gemm(gemm_counted):
 
 
 def test_sampled_counters_equal_exact_ones_on_a_scalar_kernel():
-    """LoRA's dx kernel (one thread per element of dx: 1024 blocks), sampled against every block."""
-    exact = sim.profile("lora_backward", 256, 1024, 16, sample="exact")
-    sampled = sim.profile("lora_backward", 256, 1024, 16, sample=8, seed=1)
+    """LoRA's fp32 backward kernels (dx: one thread per 4 elements, 256 blocks; dA: 32-column slices in 2 row splits,
+    64 blocks; the split reduction), sampled against every block."""
+    exact = sim.profile("lora_backward", 256, 1024, 16, dtype="f32", sample="exact")
+    sampled = sim.profile("lora_backward", 256, 1024, 16, dtype="f32", sample=8, seed=1)
     assert [d["kernel"] for d in exact] == [d["kernel"] for d in sampled]
     for s, e in zip(sampled, exact):
         assert close(s, e) == [], s["kernel"]

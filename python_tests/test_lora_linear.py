@@ -76,6 +76,28 @@ def test_values_and_grads(backend, dtype, r, p):
     assert_matches_reference(grads_of(run_ours(backend.ops, 0.7, p, seed=99), args, dy), args, dy, 0.7, p, 99, dtype)
 
 
+# Shapes for the GPU kernels' tiles (lead dims, in, r): 1 row (one partial 16-row down block, one dA stage); 37 rows of
+# in = 67 (rows not 16-byte multiples: the element-wise staging; Philox groups straddle rows); 130 rows of in = 200
+# (16-byte rows: cp.async; dx tiles of 128 and 72 columns; two dA splits of 128 rows and 2; 24 ranks, a partial
+# 16-rank step); 2 x 65 rows with r = 70 (two rank chunks of 64 and 6 in every kernel); 8449 rows (the 32-row down
+# blocks from 8448 rows on, the last with one row; 67 dA splits).
+TC_SHAPES = [((1,), 200, 24), ((37,), 67, 5), ((130,), 200, 24), ((2, 65), 136, 70), ((8449,), 40, 24)]
+
+
+@pytest.mark.parametrize("shape", TC_SHAPES, ids=["m1", "m37-in67", "m130-in200", "m130-r70", "m8449"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gpu_kernel_shapes(backend, dtype, shape):
+    """The dropout kernels at shapes that make every tile of the GPU kernels partial (tensor cores for bf16/fp16,
+    CUDA cores for fp32): y and every gradient within the tolerance rule."""
+    if backend.name == "cpu":
+        pytest.skip("the CPU kernels are covered by test_cpu_dropout_paths")
+    lead, n_in, r = shape
+    args = make(lead, n_in, 45, r, dtype, backend.device, seed=n_in + r)
+    dy = torch.randn(*lead, 45, generator=torch.Generator().manual_seed(4)).to(dtype).to(backend.device)
+    assert_matches_reference(grads_of(run_ours(backend.ops, 0.7, 0.25, seed=11), args, dy), args, dy, 0.7, 0.25, 11,
+                             dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_dropout_backward_in_waves_matches_reference_whatever_the_threads(dtype):
     """The CPU dropout backward sums dA in waves of row blocks (16 blocks of 16 rows at in=4096, r=64): 600 rows
@@ -155,17 +177,19 @@ def test_dropout_threshold_rounds_half_up(backend, dtype):
         assert torch.equal((xa != 0).cpu(), R.dropout_keep(x.shape, p, 4)), p
 
 
+@pytest.mark.parametrize("n", [37, 40], ids=["in37", "in40"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("seed", [0, 12345, -7])
-def test_dropout_mask_matches_reference(backend, seed):
-    """With x = 1 and A = I, x A^T is the scaled keep mask itself: it must be the reference's, bit for bit."""
-    n = 37
-    x = torch.ones(5, 11, n, device=backend.device)
-    eye = torch.eye(n, device=backend.device)
-    _, xa = backend.ops.lora_linear_fwd(x, torch.zeros(3, n, device=backend.device), None, eye,
-                                        torch.zeros(3, n, device=backend.device), 1.0, 0.3, torch.tensor(seed))
+def test_dropout_mask_matches_reference(backend, seed, dtype, n):
+    """With x = 1 and A = I, x A^T is the scaled keep mask itself: it must be the reference's, bit for bit. in = 37 and
+    40: the GPU kernels' element-wise and 16-byte (one Philox call per 8 or 4 elements) paths."""
+    x = torch.ones(5, 11, n, dtype=dtype, device=backend.device)
+    eye = torch.eye(n, dtype=dtype, device=backend.device)
+    zeros = torch.zeros(3, n, dtype=dtype, device=backend.device)
+    _, xa = backend.ops.lora_linear_fwd(x, zeros, None, eye, zeros, 1.0, 0.3, torch.tensor(seed))
     keep = R.dropout_keep(x.shape, 0.3, seed, backend.device)
     assert torch.equal(xa != 0, keep)
-    assert torch.allclose(xa[keep], torch.tensor(1 / 0.7))
+    assert torch.equal(xa[keep], torch.full_like(xa[keep], 1 / 0.7))
 
 
 def test_keep_rate_and_seeds_differ():
@@ -174,9 +198,12 @@ def test_keep_rate_and_seeds_differ():
     assert (keep != R.dropout_keep((1000, 1000), 0.1, 43)).float().mean().item() > 0.15
 
 
-def test_dx_passes_through_the_forward_mask(backend):
-    """With W = 0, dx is the LoRA branch's alone: zero exactly where forward dropped x."""
-    args = make((4, 9), 33, 21, 6, torch.float32, backend.device, bias=False)
+@pytest.mark.parametrize("n_in", [33, 40], ids=["in33", "in40"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dx_passes_through_the_forward_mask(backend, dtype, n_in):
+    """With W = 0, dx is the LoRA branch's alone: zero exactly where forward dropped x (in = 40: the tensor-core dx's
+    16-byte epilogue, one Philox call per 8 columns)."""
+    args = make((4, 9), n_in, 21, 6, dtype, backend.device, bias=False)
     args["weight"] = torch.zeros_like(args["weight"])
     y = run_ours(backend.ops, 1.0, 0.5, seed=5)(**args)
     (dx,) = torch.autograd.grad(y, [args["x"]], torch.ones_like(y))

@@ -32,8 +32,8 @@ from ptxas_report import ROOT, demangle, parse_report
 _SPARSE_VECTOR = {f"{op}_kernel<{t}, {i}, true>" for op in ("adamw", "sgd") for t in ("float", "__nv_bfloat16")
                   for i in ("int", "long")}
 DECLARED: dict[str, set[str]] = {
-    "tensor_core": {"nf4_gemm_kernel", "nf4_dx_kernel"},
-    "pipelined": {"nf4_gemm_kernel", "nf4_dx_kernel"},
+    "tensor_core": {"nf4_gemm_kernel", "nf4_dx_kernel", "down_tc_kernel", "dx_tc_kernel", "da_tc_kernel"},
+    "pipelined": {"nf4_gemm_kernel", "nf4_dx_kernel", "down_tc_kernel", "dx_tc_kernel", "da_tc_kernel"},
     "vector16_load": _SPARSE_VECTOR,
     "vector16_store": _SPARSE_VECTOR,
 }

@@ -40,6 +40,7 @@ struct Gpu {
   using Guard = cuda::DeviceGuard;
   static constexpr bool kFloat64 = false;
   static constexpr bool kFusedDxa = false;  // dxa comes from cuBLAS
+  static constexpr bool kWorkspace = true;  // dA's split-M partials
   static void down(const DownParams& p) { cuda::check_launch(cuda::lora_down(p, cuda::current_stream()), "lora_down"); }
   static void backward(const BackwardParams& p) {
     cuda::check_launch(cuda::lora_backward(p, cuda::current_stream()), "lora_backward");

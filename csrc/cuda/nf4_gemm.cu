@@ -23,6 +23,7 @@
 #include "nf4_launch.h"
 #include "peft_kernels/nf4.h"
 #include "peft_kernels/ptx.cuh"
+#include "tensor_core.h"
 
 namespace peft_kernels::cuda {
 namespace {
@@ -93,28 +94,6 @@ __device__ __forceinline__ float finish_scale(const nf4::Packed& w, const ScaleL
   if (!s.valid) return 0.0f;
   if (w.nested_absmax == nullptr) return s.value;
   return nf4::nested_absmax(code8, static_cast<uint8_t>(s.q), s.value, offset);
-}
-
-// Two weights as one mma B register: `lo` at k (the low 16 bits), `hi` at k + 1.
-template <class T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  uint32_t r;
-  if constexpr (sizeof(T) == 2 && std::is_same_v<T, __half>) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    memcpy(&r, &h, 4);
-  } else {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    memcpy(&r, &h, 4);
-  }
-  return r;
-}
-
-template <class T>
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  if constexpr (std::is_same_v<T, __half>) {
-    pk::ptx::mma_m16n8k16_f16(d, a, b, d);
-  } else {
-    pk::ptx::mma_m16n8k16_bf16(d, a, b, d);
-  }
 }
 
 // The 4 x 16 rows of a warp's 64-row slice of the activation tile for k16 step `ks`, as mma A fragments.
@@ -441,13 +420,6 @@ constexpr int64_t kMaxSmem = 163 * 1024;
 int64_t forward_smem(const nf4::GemmParams& p) {
   const ScaleSmem e = forward_scale_smem(p.in, p.w.blocksize, p.w.nested_absmax != nullptr);
   return int64_t(kSmemBytes + kCode8Bytes) + 4 * e.nested + e.q;
-}
-
-// Raises the kernel's dynamic shared memory limit (above the 48 KiB default) on the current device; a
-// host-side attribute write, cheap next to a launch, and per device, so done before every launch.
-template <class K> cudaError_t prepare(K kernel, int64_t bytes) {
-  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              int(bytes));
 }
 
 }  // namespace

@@ -11,8 +11,9 @@
 //   kernel_driver gemm      DIR M IN OUT BLOCKSIZE x.f32 codes.u8 q.u8 nested.f32 code.f32 offset.f32 bias.f32 -> y.f32
 //   kernel_driver dx        DIR M IN OUT BLOCKSIZE dy.f32 codes.u8 q.u8 nested.f32 code.f32 offset.f32 -> dx.f32
 //                           (the tensor-core kernels, bf16 activations: inputs rounded to bf16, outputs widened)
-//   kernel_driver lora_down DIR M IN R SEED P     x.f32 a.f32                       -> xa.f32
-//   kernel_driver lora_bwd  DIR M IN R SEED P S   x.f32 a.f32 dxa.f32 dx.f32        -> dx.f32 da.f32
+//   kernel_driver lora_down DIR M IN R SEED P DTYPE      x.f32 a.f32                -> xa.f32
+//   kernel_driver lora_bwd  DIR M IN R SEED P S DTYPE    x.f32 a.f32 dxa.f32 dx.f32 -> dx.f32 da.f32
+//                           (DTYPE f32: the CUDA-core kernels; bf16: the tensor-core ones, inputs rounded to bf16)
 //   kernel_driver kron_fwd  DIR M AO AI BO BI SEED P S   x.f32 a.f32 b.f32 y.f32    -> y.f32 (y += ...)
 //   kernel_driver kron_bwd  DIR M AO AI BO BI SEED P S   dy.f32 x.f32 a.f32 b.f32 dx.f32 -> dx.f32 da.f32 db.f32
 //   kernel_driver masked_adamw DIR NUMEL K SEED P VARIANT  param.f32 grad.f32 idx.i64 (2 steps)
@@ -180,24 +181,43 @@ int main(int argc, char** argv) {
       save_bf16(dir, "dx.f32", static_cast<const __nv_bfloat16*>(p.dx), m * in);
     }
   } else if (kernel == "lora_down" || kernel == "lora_bwd") {
-    if (argc < 8) die("usage: kernel_driver lora_down|lora_bwd DIR M IN R SEED P [SCALING]");
+    const bool bwd = kernel == "lora_bwd";
+    if (argc != (bwd ? 10 : 9)) die("usage: kernel_driver lora_down DIR M IN R SEED P DTYPE | lora_bwd DIR M IN R SEED P S DTYPE");
     const int64_t m = n, in = std::atoll(argv[4]);
     const int r = std::atoi(argv[5]);
-    const double p = std::atof(argv[7]), scaling = argc > 8 ? std::atof(argv[8]) : 1.0;
+    const double p = std::atof(argv[7]), scaling = bwd ? std::atof(argv[8]) : 1.0;
+    const std::string dtype = argv[bwd ? 9 : 8];
+    if (dtype != "f32" && dtype != "bf16") die("DTYPE must be f32 or bf16, got " + dtype);
+    const bool b16 = dtype == "bf16";
+    const DType t = b16 ? DType::kBFloat16 : DType::kFloat32;
     const lora::Dropout drop{std::strtoull(argv[6], nullptr, 10), philox::dropout_threshold(p), scaling / (1.0 - p)};
-    const float* x = load<float>(dir, "x.f32", m * in);
-    const float* a = load<float>(dir, "a.f32", size_t(r) * in);
-    if (kernel == "lora_down") {
-      float* xa = alloc<float>(m * r);
-      check(cuda::lora_down({x, a, xa, DType::kFloat32, m, in, r, drop}, nullptr), "lora_down");
-      save(dir, "xa.f32", xa, m * r);
+    // the inputs in the kernels' dtype, and an output of `count` elements read back as fp32 into DIR/name
+    auto input = [&](const char* name, size_t count) -> void* {
+      float* f = load<float>(dir, name, count);
+      return b16 ? static_cast<void*>(to_bf16(f, count)) : static_cast<void*>(f);
+    };
+    auto output = [&](size_t count) -> void* { return b16 ? static_cast<void*>(alloc<__nv_bfloat16>(count)) : alloc<float>(count); };
+    auto save_out = [&](const char* name, const void* dev, size_t count) {
+      if (b16) {
+        save_bf16(dir, name, static_cast<const __nv_bfloat16*>(dev), count);
+      } else {
+        save(dir, name, static_cast<const float*>(dev), count);
+      }
+    };
+    const void* x = input("x.f32", m * in);
+    const void* a = input("a.f32", size_t(r) * in);
+    if (!bwd) {
+      void* xa = output(m * r);
+      check(cuda::lora_down({x, a, xa, t, m, in, r, drop}, nullptr), "lora_down");
+      save_out("xa.f32", xa, m * r);
     } else {
-      float* dx = load<float>(dir, "dx.f32", m * in);
-      float* da = alloc<float>(size_t(r) * in);
-      const float* dxa = load<float>(dir, "dxa.f32", m * r);
-      check(cuda::lora_backward({x, a, dxa, dx, da, DType::kFloat32, m, in, r, drop}, nullptr), "lora_backward");
-      save(dir, "dx.f32", dx, m * in);
-      save(dir, "da.f32", da, size_t(r) * in);
+      void* dx = input("dx.f32", m * in);
+      void* da = output(size_t(r) * in);
+      const void* dxa = input("dxa.f32", m * r);
+      float* ws = alloc<float>(size_t(lora::backward_workspace(m, in, r, t)) + 1);  // 0xFF: NaN where never written
+      check(cuda::lora_backward({x, a, dxa, dx, da, t, m, in, r, drop, nullptr, nullptr, 0, ws}, nullptr), "lora_backward");
+      save_out("dx.f32", dx, m * in);
+      save_out("da.f32", da, size_t(r) * in);
     }
   } else if (kernel == "kron_fwd" || kernel == "kron_bwd") {
     if (argc < 11) die("usage: kernel_driver kron_fwd|kron_bwd DIR M AO AI BO BI SEED P SCALING");

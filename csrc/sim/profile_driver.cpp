@@ -6,8 +6,8 @@
 //   pk_simprof nf4_decode    IN OUT DTYPE         dequantize the whole weight (merge/export)
 //   pk_simprof nf4_gemm      M IN OUT DTYPE       tensor-core y = x W^T (M > 8), DTYPE bf16 or f16
 //   pk_simprof nf4_linear_dx M IN OUT DTYPE       tensor-core dx = dy W, DTYPE bf16 or f16
-//   pk_simprof lora_down     M IN R DTYPE         x A^T with Philox dropout p = 0.1
-//   pk_simprof lora_backward M IN R DTYPE         dx += mask * s dxa A and dA = dxa^T (mask * x)
+//   pk_simprof lora_down     M IN R DTYPE         xa = dropout(x) A^T, Philox dropout p = 0.1
+//   pk_simprof lora_backward M IN R DTYPE         dx += mask * s dxa A and dA = s dxa^T (mask * x), split-M partials
 //   pk_simprof kron_forward  M AO AI BO BI DTYPE  y += x (A kron B)^T, dropout p = 0.1
 //   pk_simprof kron_backward M AO AI BO BI DTYPE  dx, dA, dB
 //   pk_simprof masked_adamw  NUMEL K BITS COMPACT DTYPE
@@ -169,8 +169,10 @@ int main(int argc, char** argv) {
       check(cuda::lora_down({x, a, bytes(size_t(m * r) * elem_size(t), 0xFF), t, m, in, r, dropout(0.1, 1.0)}, nullptr),
             "lora_down");
     } else {
+      auto* ws = static_cast<float*>(bytes(size_t(lora::backward_workspace(m, in, r, t)) * sizeof(float), 0xFF));
       const lora::BackwardParams p{x, a, values(size_t(m * r), t, 3), values(size_t(m * in), t, 4),
-                                   bytes(size_t(r * in) * elem_size(t), 0xFF), t, m, in, r, dropout(0.1, 2.0)};
+                                   bytes(size_t(r * in) * elem_size(t), 0xFF), t, m, in, r, dropout(0.1, 2.0),
+                                   nullptr, nullptr, 0, ws};
       check(cuda::lora_backward(p, nullptr), "lora_backward");
     }
   } else if (op == "kron_forward" || op == "kron_backward") {

@@ -1,7 +1,8 @@
 // The fused LoRA op bodies, written once for every backend:
 //   y = x W^T + b + scaling * (dropout(x) A^T) B^T,   x [..., in], W [out, in], A [r, in], B [out, r].
 // A Backend also declares `static constexpr bool kFloat64` (whether its kernels take fp64: the CPU's do, for
-// gradcheck) and `kFusedDxa` (whether its backward computes dxa = dy B itself, lora_params.h). The large products
+// gradcheck), `kFusedDxa` (whether its backward computes dxa = dy B itself, lora_params.h) and `kWorkspace`
+// (whether its backward takes BackwardParams::workspace for dA's split-M partials). The large products
 // (x W^T, dy W, with p = 0 the rank-r ones, and dxa unless kFusedDxa) go to the platform BLAS through ATen; the
 // rank-r update of y is an in-place GEMM accumulate (beta = 1), so y is written once. With dropout the Backend's
 // kernels apply the Philox mask on the fly:
@@ -160,11 +161,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   } else {
     if (need_da) da = empty_output({s.r, in}, dy.options());
     if (m > 0) {
+      const DType dtype = check::float_dtype(op, "dy", dy.scalar_type(), true);
+      // The GPU's split-M partials of dA (lora_params.h); the CPU needs none.
+      const int64_t ws_numel = Backend::kWorkspace && need_da ? backward_workspace(m, in, static_cast<int>(s.r), dtype) : 0;
+      const at::Tensor ws = ws_numel > 0 ? at::empty({ws_numel}, dy.options().dtype(at::kFloat)) : at::Tensor();
       Backend::backward(BackwardParams{need_da ? x2.data_ptr() : nullptr, a.contiguous().data_ptr(),
                                        fused_dxa ? nullptr : dxa.data_ptr(), need_dx ? dx.data_ptr() : nullptr,
-                                       need_da ? da.data_ptr() : nullptr,
-                                       check::float_dtype(op, "dy", dy.scalar_type(), true), m, in, static_cast<int>(s.r),
-                                       drop, dy2.data_ptr(), fused_dxa ? b2.data_ptr() : nullptr, out});
+                                       need_da ? da.data_ptr() : nullptr, dtype, m, in, static_cast<int>(s.r), drop,
+                                       dy2.data_ptr(), fused_dxa ? b2.data_ptr() : nullptr, out,
+                                       ws.defined() ? ws.data_ptr<float>() : nullptr});
     } else if (need_da) {
       da.zero_();
     }

@@ -45,6 +45,36 @@ struct BackwardParams {
   const void* dy = nullptr;
   const void* b = nullptr;
   int64_t out = 0;
+  float* workspace = nullptr;  // GPU kernels with da and da_splits > 1: fp32 [backward_workspace(...)]; CPU: null
 };
+
+// The GPU's dA is a reduction over the m rows of x, split over M: a block sums the rows of one split for kDaCols
+// columns of x and <= kDaRanks ranks, and when there are several splits it writes an fp32 partial [r, in] per split
+// into BackwardParams::workspace, which a second kernel adds in split order (deterministic, no float atomics).
+// The split is sized for >= 264 blocks (2 per SM of an H100) where M allows, in whole 128-row stages, with at most
+// 512 rows summed by one thread: the 8 warps of the tensor-core kernel share a split's rows (4096 rows a block), the
+// fp32 kernel's threads each sum all of them (512). At in = 4096, r <= 64: 128 column slices, 3 splits (384 blocks)
+// at M = 2048 (768 rows) and M = 8192 (2816 rows: 352 per warp); fp32 4 splits of 512 rows at M = 2048.
+constexpr int64_t kDaCols = 32;
+constexpr int kDaRanks = 64;
+constexpr int64_t kDaStageRows = 128;
+PK_HD int64_t da_split_rows(int64_t m, int64_t in, int r, DType dtype) {
+  const int64_t tiles = (in + kDaCols - 1) / kDaCols * ((r + kDaRanks - 1) / kDaRanks);
+  const int64_t want = (264 + tiles - 1) / tiles;
+  const int64_t cap = dtype == DType::kFloat32 ? 512 : 8 * 512;
+  const int64_t rows = ((m + want - 1) / want + kDaStageRows - 1) / kDaStageRows * kDaStageRows;
+  return rows < cap ? rows : cap;
+}
+PK_HD int64_t da_splits(int64_t m, int64_t in, int r, DType dtype) {
+  const int64_t rows = da_split_rows(m, in, r, dtype);
+  return (m + rows - 1) / rows;
+}
+
+// fp32 elements of BackwardParams::workspace the GPU's dA needs: one [r, in] partial per split, none for one split
+// (its kernel writes dA itself).
+inline int64_t backward_workspace(int64_t m, int64_t in, int r, DType dtype) {
+  const int64_t splits = da_splits(m, in, r, dtype);
+  return splits > 1 ? splits * r * in : 0;
+}
 
 }  // namespace peft_kernels::lora
