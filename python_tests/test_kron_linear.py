@@ -96,6 +96,25 @@ def test_values_and_grads(backend, dtype, shape, p, weight):
     check_against_reference(backend.ops, backend.device, shape, dtype, p, weight)
 
 
+# The CUDA tensor-core kernels (bf16/f16, b_in and b_out multiples of 8, factor dimensions <= 128): every 16-wide
+# tile partial (a_out 5 and 37, a_in 3 and 20, b_in 40 = 16 + 16 + 8), y's 32-column chunks partial (b_out 24), one
+# and three 16-row slices of U per block (1 and 3 warps), rows M = 1, 37 and 130 (the row blocks' strided share and
+# the dA/dB splits of 1 row).
+TC_SHAPES = {"tc-small": (5, 3, 24, 40), "tc-wide": (37, 20, 8, 16)}
+
+
+@pytest.mark.parametrize("lead", [(1,), (37,), (130,)], ids=["m1", "m37", "m130"])
+@pytest.mark.parametrize("shape", list(TC_SHAPES.values()), ids=list(TC_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_tensor_core_shapes(backend, dtype, shape, lead):
+    if backend.name == "cpu":
+        pytest.skip("the CUDA kernels' shapes (the CPU kernels take them in test_values_and_grads' sizes)")
+    check_against_reference(backend.ops, backend.device, shape, dtype, 0.25, True, lead=lead)
+    if lead == (37,):
+        for frozen in (("A",), ("B",)):  # dA without dB and dB without dA
+            check_against_reference(backend.ops, backend.device, shape, dtype, 0.25, False, lead=lead, frozen=frozen)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", list(LARGE.values()), ids=list(LARGE))
 def test_llama_widths_cpu(dtype, shape):

@@ -14,8 +14,9 @@
 //   kernel_driver lora_down DIR M IN R SEED P DTYPE      x.f32 a.f32                -> xa.f32
 //   kernel_driver lora_bwd  DIR M IN R SEED P S DTYPE    x.f32 a.f32 dxa.f32 dx.f32 -> dx.f32 da.f32
 //                           (DTYPE f32: the CUDA-core kernels; bf16: the tensor-core ones, inputs rounded to bf16)
-//   kernel_driver kron_fwd  DIR M AO AI BO BI SEED P S   x.f32 a.f32 b.f32 y.f32    -> y.f32 (y += ...)
-//   kernel_driver kron_bwd  DIR M AO AI BO BI SEED P S   dy.f32 x.f32 a.f32 b.f32 dx.f32 -> dx.f32 da.f32 db.f32
+//   kernel_driver kron_fwd  DIR M AO AI BO BI SEED P S DTYPE  x.f32 a.f32 b.f32 y.f32 -> y.f32 (y += ...)
+//   kernel_driver kron_bwd  DIR M AO AI BO BI SEED P S DTYPE  dy.f32 x.f32 a.f32 b.f32 dx.f32 -> dx.f32 da.f32 db.f32
+//                           (DTYPE as for lora; bf16 takes the tensor-core kernels where the factor shapes allow)
 //   kernel_driver masked_adamw DIR NUMEL K SEED P VARIANT  param.f32 grad.f32 idx.i64 (2 steps)
 //                           -> param.f32 m.f32 v.f32 [master.f32]; VARIANT: i64-dense-f32 (16-byte path, int64
 //                           indices, dense fp32 grad), i32-compact-bf16 (int32 indices, compact bf16 grad [K],
@@ -103,6 +104,31 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) die(std::string(what) + " failed");
 }
 
+// Device data of a DTYPE argument (f32, or bf16: the tensor-core kernels): inputs read from DIR as fp32 (rounded to
+// bf16), outputs written back as fp32.
+struct Typed {
+  std::string dir;
+  bool b16;
+  Typed(std::string d, const std::string& dtype) : dir(std::move(d)), b16(dtype == "bf16") {
+    if (dtype != "f32" && dtype != "bf16") die("DTYPE must be f32 or bf16, got " + dtype);
+  }
+  peft_kernels::DType dtype() const { return b16 ? peft_kernels::DType::kBFloat16 : peft_kernels::DType::kFloat32; }
+  void* input(const char* name, size_t count) const {
+    float* f = load<float>(dir, name, count);
+    return b16 ? static_cast<void*>(to_bf16(f, count)) : static_cast<void*>(f);
+  }
+  void* output(size_t count) const {
+    return b16 ? static_cast<void*>(alloc<__nv_bfloat16>(count)) : static_cast<void*>(alloc<float>(count));
+  }
+  void save_out(const char* name, const void* dev, size_t count) const {
+    if (b16) {
+      save_bf16(dir, name, static_cast<const __nv_bfloat16*>(dev), count);
+    } else {
+      save(dir, name, static_cast<const float*>(dev), count);
+    }
+  }
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -186,64 +212,49 @@ int main(int argc, char** argv) {
     const int64_t m = n, in = std::atoll(argv[4]);
     const int r = std::atoi(argv[5]);
     const double p = std::atof(argv[7]), scaling = bwd ? std::atof(argv[8]) : 1.0;
-    const std::string dtype = argv[bwd ? 9 : 8];
-    if (dtype != "f32" && dtype != "bf16") die("DTYPE must be f32 or bf16, got " + dtype);
-    const bool b16 = dtype == "bf16";
-    const DType t = b16 ? DType::kBFloat16 : DType::kFloat32;
+    const Typed io(dir, argv[bwd ? 9 : 8]);
+    const DType t = io.dtype();
     const lora::Dropout drop{std::strtoull(argv[6], nullptr, 10), philox::dropout_threshold(p), scaling / (1.0 - p)};
-    // the inputs in the kernels' dtype, and an output of `count` elements read back as fp32 into DIR/name
-    auto input = [&](const char* name, size_t count) -> void* {
-      float* f = load<float>(dir, name, count);
-      return b16 ? static_cast<void*>(to_bf16(f, count)) : static_cast<void*>(f);
-    };
-    auto output = [&](size_t count) -> void* { return b16 ? static_cast<void*>(alloc<__nv_bfloat16>(count)) : alloc<float>(count); };
-    auto save_out = [&](const char* name, const void* dev, size_t count) {
-      if (b16) {
-        save_bf16(dir, name, static_cast<const __nv_bfloat16*>(dev), count);
-      } else {
-        save(dir, name, static_cast<const float*>(dev), count);
-      }
-    };
-    const void* x = input("x.f32", m * in);
-    const void* a = input("a.f32", size_t(r) * in);
+    const void* x = io.input("x.f32", m * in);
+    const void* a = io.input("a.f32", size_t(r) * in);
     if (!bwd) {
-      void* xa = output(m * r);
+      void* xa = io.output(m * r);
       check(cuda::lora_down({x, a, xa, t, m, in, r, drop}, nullptr), "lora_down");
-      save_out("xa.f32", xa, m * r);
+      io.save_out("xa.f32", xa, m * r);
     } else {
-      void* dx = input("dx.f32", m * in);
-      void* da = output(size_t(r) * in);
-      const void* dxa = input("dxa.f32", m * r);
+      void* dx = io.input("dx.f32", m * in);
+      void* da = io.output(size_t(r) * in);
+      const void* dxa = io.input("dxa.f32", m * r);
       float* ws = alloc<float>(size_t(lora::backward_workspace(m, in, r, t)) + 1);  // 0xFF: NaN where never written
       check(cuda::lora_backward({x, a, dxa, dx, da, t, m, in, r, drop, nullptr, nullptr, 0, ws}, nullptr), "lora_backward");
-      save_out("dx.f32", dx, m * in);
-      save_out("da.f32", da, size_t(r) * in);
+      io.save_out("dx.f32", dx, m * in);
+      io.save_out("da.f32", da, size_t(r) * in);
     }
   } else if (kernel == "kron_fwd" || kernel == "kron_bwd") {
-    if (argc < 11) die("usage: kernel_driver kron_fwd|kron_bwd DIR M AO AI BO BI SEED P SCALING");
+    if (argc != 12) die("usage: kernel_driver kron_fwd|kron_bwd DIR M AO AI BO BI SEED P SCALING DTYPE");
     const int64_t m = n;
     const kron::Dims d{std::atoll(argv[4]), std::atoll(argv[5]), std::atoll(argv[6]), std::atoll(argv[7])};
     const double p = std::atof(argv[9]), scaling = std::atof(argv[10]);
+    const Typed io(dir, argv[11]);
     const lora::Dropout drop{std::strtoull(argv[8], nullptr, 10), philox::dropout_threshold(p), scaling / (1.0 - p)};
-    const float* x = load<float>(dir, "x.f32", m * d.in());
-    const float* a = load<float>(dir, "a.f32", d.a_out * d.a_in);
-    const float* b = load<float>(dir, "b.f32", d.b_out * d.b_in);
+    const void* x = io.input("x.f32", m * d.in());
+    const void* a = io.input("a.f32", d.a_out * d.a_in);
+    const void* b = io.input("b.f32", d.b_out * d.b_in);
     if (kernel == "kron_fwd") {
-      float* y = load<float>(dir, "y.f32", m * d.out());
-      float* ws = alloc<float>(kron::forward_workspace(m, d));
-      check(cuda::kron_forward({x, a, b, y, true, DType::kFloat32, m, d, drop, ws}, nullptr), "kron_forward");
-      save(dir, "y.f32", y, m * d.out());
+      void* y = io.input("y.f32", m * d.out());
+      float* ws = alloc<float>(size_t(kron::forward_workspace(m, d, io.dtype())) + 1);
+      check(cuda::kron_forward({x, a, b, y, true, io.dtype(), m, d, drop, ws}, nullptr), "kron_forward");
+      io.save_out("y.f32", y, m * d.out());
     } else {
-      const float* dy = load<float>(dir, "dy.f32", m * d.out());
-      float* dx = load<float>(dir, "dx.f32", m * d.in());
-      float* da = alloc<float>(d.a_out * d.a_in);
-      float* db = alloc<float>(d.b_out * d.b_in);
-      float* ws = alloc<float>(kron::backward_workspace(m, d));
-      check(cuda::kron_backward({dy, x, a, b, dx, da, db, true, DType::kFloat32, m, d, drop, ws}, nullptr),
-            "kron_backward");
-      save(dir, "dx.f32", dx, m * d.in());
-      save(dir, "da.f32", da, d.a_out * d.a_in);
-      save(dir, "db.f32", db, d.b_out * d.b_in);
+      const void* dy = io.input("dy.f32", m * d.out());
+      void* dx = io.input("dx.f32", m * d.in());
+      void* da = io.output(d.a_out * d.a_in);
+      void* db = io.output(d.b_out * d.b_in);
+      float* ws = alloc<float>(size_t(kron::backward_workspace(m, d, io.dtype(), true)) + 1);
+      check(cuda::kron_backward({dy, x, a, b, dx, da, db, true, io.dtype(), m, d, drop, ws}, nullptr), "kron_backward");
+      io.save_out("dx.f32", dx, m * d.in());
+      io.save_out("da.f32", da, d.a_out * d.a_in);
+      io.save_out("db.f32", db, d.b_out * d.b_in);
     }
   } else if (kernel == "masked_adamw") {
     if (argc < 8) die("usage: kernel_driver masked_adamw DIR NUMEL K SEED CHILD_P VARIANT");

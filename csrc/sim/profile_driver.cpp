@@ -185,14 +185,14 @@ int main(int argc, char** argv) {
     const void* b = values(size_t(d.b_out * d.b_in), t, 3);
     if (op == "kron_forward") {
       void* y = values(size_t(m * d.out()), t, 4);
-      auto* ws = static_cast<float*>(bytes(kron::forward_workspace(m, d) * sizeof(float), 0xFF));
+      auto* ws = static_cast<float*>(bytes(size_t(kron::forward_workspace(m, d, t)) * sizeof(float) + 4, 0xFF));
       check(cuda::kron_forward({x, a, b, y, true, t, m, d, dropout(0.1, 1.0), ws}, nullptr), "kron_forward");
     } else {
       const void* dy = values(size_t(m * d.out()), t, 5);
       void* dx = values(size_t(m * d.in()), t, 6);
       void* da = bytes(size_t(d.a_out * d.a_in) * elem_size(t), 0xFF);
       void* db = bytes(size_t(d.b_out * d.b_in) * elem_size(t), 0xFF);
-      auto* ws = static_cast<float*>(bytes(kron::backward_workspace(m, d) * sizeof(float), 0xFF));
+      auto* ws = static_cast<float*>(bytes(size_t(kron::backward_workspace(m, d, t, true)) * sizeof(float) + 4, 0xFF));
       check(cuda::kron_backward({dy, x, a, b, dx, da, db, true, t, m, d, dropout(0.1, 1.0), ws}, nullptr),
             "kron_backward");
     }

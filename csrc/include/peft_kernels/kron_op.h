@@ -80,11 +80,11 @@ at::Tensor forward_op(const at::Tensor& x, const std::optional<at::Tensor>& weig
   }
   if (m > 0) {
     const at::Tensor a2 = a.contiguous(), b2 = b.contiguous();
-    const at::Tensor ws = Backend::kWorkspace ? at::empty({forward_workspace(m, d)}, x.options().dtype(at::kFloat))
-                                              : at::Tensor();
-    Backend::forward(ForwardParams{x2.data_ptr(), a2.data_ptr(), b2.data_ptr(), y.data_ptr(), weight || bias,
-                                   check::float_dtype(op, "x", x.scalar_type(), true), m, d, drop,
-                                   ws.defined() ? ws.data_ptr<float>() : nullptr});
+    const DType dtype = check::float_dtype(op, "x", x.scalar_type(), true);
+    const at::Tensor ws =
+        Backend::kWorkspace ? at::empty({forward_workspace(m, d, dtype)}, x.options().dtype(at::kFloat)) : at::Tensor();
+    Backend::forward(ForwardParams{x2.data_ptr(), a2.data_ptr(), b2.data_ptr(), y.data_ptr(), weight || bias, dtype, m,
+                                   d, drop, ws.defined() ? ws.data_ptr<float>() : nullptr});
   }
   auto shape = x.sizes().vec();
   shape.back() = d.out();
@@ -124,12 +124,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   } else if (need_dx || need_x) {
     const at::Tensor x2 = need_x ? x->reshape({m, d.in()}).contiguous() : at::Tensor();
     const at::Tensor a2 = a.contiguous(), b2 = b.contiguous();
-    const at::Tensor ws = Backend::kWorkspace ? at::empty({backward_workspace(m, d)}, dy.options().dtype(at::kFloat))
-                                              : at::Tensor();
+    const DType dtype = check::float_dtype(op, "dy", dy.scalar_type(), true);
+    const at::Tensor ws = Backend::kWorkspace
+                              ? at::empty({backward_workspace(m, d, dtype, need_x)}, dy.options().dtype(at::kFloat))
+                              : at::Tensor();
     Backend::backward(BackwardParams{dy2.data_ptr(), need_x ? x2.data_ptr() : nullptr, a2.data_ptr(), b2.data_ptr(),
                                      need_dx ? dx.data_ptr() : nullptr, need_da ? da.data_ptr() : nullptr,
-                                     need_db ? db.data_ptr() : nullptr, weight.has_value(),
-                                     check::float_dtype(op, "dy", dy.scalar_type(), true), m, d, drop,
+                                     need_db ? db.data_ptr() : nullptr, weight.has_value(), dtype, m, d, drop,
                                      ws.defined() ? ws.data_ptr<float>() : nullptr});
   }
   if (need_dx) {
