@@ -64,10 +64,15 @@ def _cases() -> dict[str, list[tuple[str, tuple, float, float | None]]]:
         label = f"in={n} r={r} M={m}"
         cases["lora_down"].append((label, (m, n, r), B16 * (m * n + r * n + m * r), None))
         cases["lora_backward"].append((label, (m, n, r), B16 * (m * n * 3 + 2 * r * n + m * r), None))
-    m, n = 2048, 4096
-    kron = (m, 64, 64, 64, 64)  # A 64x64 kron B 64x64 = 4096x4096
-    cases["kron_forward"].append(("M=2048 64x64 (x) 64x64", kron, B16 * (m * 4096 * 3 + 2 * 64 * 64), None))
-    cases["kron_backward"].append(("M=2048 64x64 (x) 64x64", kron, B16 * (m * 4096 * 4 + 4 * 64 * 64), None))
+    # KronA at PEFT LoKr's default factors of the LLaMA-7B layers (A [a_out, a_in] (x) B [b_out, b_in]), y and dx added
+    # onto the base layer's output. Minimum: forward x, A, B, y read and written; backward dy, x, A, B, dx read and
+    # written, dA, dB.
+    for m, ao, ai, bo, bi in ((2048, 64, 64, 64, 64), (8192, 64, 64, 64, 64), (2048, 86, 64, 128, 64),
+                              (2048, 64, 86, 64, 128)):
+        n_in, n_out, factors = ai * bi, ao * bo, ao * ai + bo * bi
+        label = f"{n_in}->{n_out} M={m} {ao}x{ai} (x) {bo}x{bi}"
+        cases["kron_forward"].append((label, (m, ao, ai, bo, bi), B16 * (m * (n_in + 2 * n_out) + factors), None))
+        cases["kron_backward"].append((label, (m, ao, ai, bo, bi), B16 * (m * (3 * n_in + n_out) + 2 * factors), None))
     numel, k = 4096 * 4096, 4096 * 4096 // 100
     # (label, index bits, compact grad, param dtype): the minimum bytes are the indices, the grad, param read
     # (fp32) or master read and written (16-bit) besides param written, m and v read and written. The gathered

@@ -48,8 +48,11 @@ GEMV_CASES = [(3, 32, 0), (5, 64, 0), (3, 11, 0), (1, 11, 0), (5, 2, 0), (3, 11,
 # A wider GEMV of its own weight (blocksize 32): 129 chunks per row, so all 4 warps splitting K of a row group
 # hold partial sums and one of them takes a second step, ending on half a pair; 3 rows of a group of 4.
 WIDE_GEMV = dict(m=5, in_=4128, out=3, blocksize=32)
-# kron_linear: M rows, A [AO, AI], B [BO, BI] (in 10, out 12; 6 and 20 dA/dB blocks of 256 threads)
+# kron_linear: M rows, A [AO, AI], B [BO, BI] (in 10, out 12; 6 and 20 dA/dB blocks of 256 threads), fp32 (the
+# CUDA-core kernels); KRON_TC: bf16 on tensor cores, every 16-wide tile partial (a_out 5, a_in 3, b_in 40), y's
+# 32-column chunk partial (b_out 24), 37 rows (37 row blocks and 37 dA/dB splits of one row each)
 KRON_M, KRON_AO, KRON_AI, KRON_BO, KRON_BI, KRON_SEED, KRON_P, KRON_SCALING = 7, 3, 2, 4, 5, 77, 0.3, 0.8
+KRON_TC = (37, 5, 3, 24, 40)
 # Sparse AdamW: 1531 of 4999 entries, 11 warps of 128 and a partial 123 (two 256-thread blocks). The
 # first 76 indices are, by groups of 4: 16 runs of consecutive indices from a multiple of 4 (one 16-byte vector
 # of the param), one from a multiple of 4 with a gap (64, 65, 66, 68), one consecutive from 70, one more run.
@@ -104,14 +107,16 @@ class Case:
         for _, m, n_in, r in LORA_CASES:
             lg = torch.Generator().manual_seed(m * n_in + r)
             self.lora[m, n_in, r] = tuple(torch.randn(*shape, generator=lg) for shape in ((m, n_in), (r, n_in), (m, r), (m, n_in)))
-        self.kron = {
-            "x": torch.randn(KRON_M, KRON_AI * KRON_BI, generator=g),
-            "a": torch.randn(KRON_AO, KRON_AI, generator=g),
-            "b": torch.randn(KRON_BO, KRON_BI, generator=g),
-            "y": torch.randn(KRON_M, KRON_AO * KRON_BO, generator=g),
-            "dy": torch.randn(KRON_M, KRON_AO * KRON_BO, generator=g),
-            "dx": torch.randn(KRON_M, KRON_AI * KRON_BI, generator=g),
-        }
+        self.kron = {}  # dtype -> x, a, b, y, dy, dx
+        for dtype, (m, ao, ai, bo, bi) in (("f32", (KRON_M, KRON_AO, KRON_AI, KRON_BO, KRON_BI)), ("bf16", KRON_TC)):
+            self.kron[dtype] = {
+                "x": torch.randn(m, ai * bi, generator=g),
+                "a": torch.randn(ao, ai, generator=g),
+                "b": torch.randn(bo, bi, generator=g),
+                "y": torch.randn(m, ao * bo, generator=g),
+                "dy": torch.randn(m, ao * bo, generator=g),
+                "dx": torch.randn(m, ai * bi, generator=g),
+            }
         self.adamw_param = torch.randn(ADAMW_NUMEL, generator=g)
         self.adamw_grad = torch.randn(ADAMW_NUMEL, generator=g)
         rest = 80 + torch.randperm(ADAMW_NUMEL - 80, generator=g)[:ADAMW_K - len(ADAMW_HEAD)].sort().values
@@ -137,11 +142,14 @@ class Case:
         if step("gemv", m, n_in, n_out, blocksize, shift):
             compare(name, read(self.work / "y.f32", torch.float32), x.double() @ w.t() + bias.double(), 1e-5)
 
-    def failures(self, exe: pathlib.Path) -> list[str]:
-        """Runs every kernel; returns what went wrong (sanitizer reports, crashes, wrong outputs)."""
+    def failures(self, exe: pathlib.Path, source: str | None = None) -> list[str]:
+        """Runs every kernel, or those of one csrc/cuda file (a mutant's: the others are built from the same text as
+        in the clean runs); returns what went wrong (sanitizer reports, crashes, wrong outputs)."""
         problems = []
 
         def step(kernel, *args):
+            if source is not None and kernel not in KERNELS_OF[source]:
+                return False
             r = self.run(exe, kernel, *args)
             if r.returncode != 0 or "Sanitizer" in r.stderr:
                 reports = [line for line in r.stderr.splitlines() if "Sanitizer:" in line]
@@ -230,20 +238,27 @@ class Case:
                 compare(f"lora_bwd dx {label}", read(self.work / "dx.f32", torch.float32),
                         rounded(dx.double() + keep * (d @ a.double())), tol)
                 compare(f"lora_bwd da {label}", read(self.work / "da.f32", torch.float32), rounded(d.t() @ xd), tol)
-        # kron_linear kernels against the float64 torch.kron reference (y and dx accumulate onto given values)
-        for name, t in self.kron.items():
-            write(self.work / f"{name}.f32", t)
-        x, a, b = (self.kron[k].double().requires_grad_() for k in ("x", "a", "b"))
-        ref = R.kron_linear(x, a, b, KRON_SCALING, dropout_p=KRON_P, seed=KRON_SEED)
-        grads = torch.autograd.grad(ref, [x, a, b], self.kron["dy"].double())
-        sizes = (KRON_M, KRON_AO, KRON_AI, KRON_BO, KRON_BI, KRON_SEED, KRON_P, KRON_SCALING)
-        if step("kron_fwd", *sizes):
-            compare("kron_fwd y", read(self.work / "y.f32", torch.float32), self.kron["y"].double() + ref.detach(), 1e-5)
-        write(self.work / "dx.f32", self.kron["dx"])
-        if step("kron_bwd", *sizes):
-            compare("kron_bwd dx", read(self.work / "dx.f32", torch.float32), self.kron["dx"].double() + grads[0], 1e-5)
-            compare("kron_bwd da", read(self.work / "da.f32", torch.float32), grads[1], 1e-5)
-            compare("kron_bwd db", read(self.work / "db.f32", torch.float32), grads[2], 1e-5)
+        # kron_linear kernels against the float64 torch.kron reference (y and dx accumulate onto given values); bf16
+        # against the bf16-rounded inputs: U, G and the rounding of y / dx to bf16 each cost <= 2^-9 relative
+        for dtype, sizes in (("f32", (KRON_M, KRON_AO, KRON_AI, KRON_BO, KRON_BI)), ("bf16", KRON_TC)):
+            t = self.kron[dtype]
+            if dtype == "bf16":
+                t = {k: v.to(torch.bfloat16).float() for k, v in t.items()}
+            for name, v in t.items():
+                write(self.work / f"{name}.f32", v)
+            x, a, b = (t[k].double().requires_grad_() for k in ("x", "a", "b"))
+            ref = R.kron_linear(x, a, b, KRON_SCALING, dropout_p=KRON_P, seed=KRON_SEED)
+            grads = torch.autograd.grad(ref, [x, a, b], t["dy"].double())
+            tol = 2.0**-7 if dtype == "bf16" else 1e-5
+            args = (*sizes, KRON_SEED, KRON_P, KRON_SCALING, dtype)
+            label = f"{dtype} " + "x".join(map(str, sizes))
+            if step("kron_fwd", *args):
+                compare(f"kron_fwd y {label}", read(self.work / "y.f32", torch.float32), t["y"].double() + ref.detach(), tol)
+            write(self.work / "dx.f32", t["dx"])
+            if step("kron_bwd", *args):
+                compare(f"kron_bwd dx {label}", read(self.work / "dx.f32", torch.float32), t["dx"].double() + grads[0], tol)
+                compare(f"kron_bwd da {label}", read(self.work / "da.f32", torch.float32), grads[1], tol)
+                compare(f"kron_bwd db {label}", read(self.work / "db.f32", torch.float32), grads[2], tol)
         # Sparse AdamW with the Child-Tuning_F mask, two steps, against the reference bit for bit: the 16-byte path
         # (int64 indices, dense fp32 grad), the int32 / compact bf16 grad / bf16 param with master path, and the
         # lane-strided path of unaligned state
@@ -280,8 +295,11 @@ def test_kernels_clean_under_sanitizer(work, sanitizer):
     assert Case(work / f"run-{sanitizer}").failures(exe) == []
 
 
-SOURCES = {name: (CSRC / "cuda" / name).read_text()
-           for name in ("nf4.cu", "nf4_gemm.cu", "lora_linear.cu", "kron_linear.cu", "masked_adamw.cu")}
+# The driver's kernels by source file
+KERNELS_OF = {"nf4.cu": {"encode", "quantize8", "decode", "decode8", "gemv"}, "nf4_gemm.cu": {"gemm", "dx"},
+              "lora_linear.cu": {"lora_down", "lora_bwd"}, "kron_linear.cu": {"kron_fwd", "kron_bwd"},
+              "masked_adamw.cu": {"masked_adamw"}}
+SOURCES = {name: (CSRC / "cuda" / name).read_text() for name in KERNELS_OF}
 
 # (id, file, text to replace, replacement, sanitizer the mutant is built with, a regex for how it must be caught)
 MUTANTS = [
@@ -355,7 +373,16 @@ MUTANTS = [
      "partial[threadIdx.x >> 5] = v;", "thread", r"^kron_bwd: exit 66: WARNING: ThreadSanitizer: data race"),
     # kron_linear's u kernel reads x[r, j, i] instead of x[r, i, j]: the Kronecker index map transposed
     ("kron-transposed-index", "kron_linear.cu", "kron::x_at(d, i, pj.inner)", "i + pj.inner * d.a_in", None,
-     r"^kron_fwd y: \d+ of 84"),
+     r"^kron_fwd y f32 7x3x2x4x5: \d+ of 84"),
+    # the tensor-core forward reads rows 0-7 of A's 16-row slice for rows 8-15 too (a wrong fragment row)
+    ("kron-tc-fragment-row", "kron_linear.cu", "sa_tile + (pt * 16 + (lane & 15)) * sa", "sa_tile + (pt * 16 + (lane & 7)) * sa",
+     None, r"^kron_fwd y bf16 37x5x3x24x40: \d+ of 4440"),
+    # the tensor-core dx applies the mask of the neighbouring element (a mask offset off by one)
+    ("kron-tc-shifted-mask", "kron_linear.cu", "keep_bits<8>(p.drop, uint64_t(r * in + e))",
+     "keep_bits<8>(p.drop, uint64_t(r * in + e + 1))", None, r"^kron_bwd dx bf16 37x5x3x24x40: \d+ of 4440"),
+    # dA/dB's reduction leaves out the last split-M partial
+    ("kron-tc-missing-split", "kron_linear.cu", "for (int64_t sp = 0; sp < splits; ++sp)",
+     "for (int64_t sp = 0; sp < splits - 1; ++sp)", None, r"^kron_bwd da bf16 37x5x3x24x40: \d+ of 15"),
     # the 16-byte path also takes the last, partial 128 entries: past the end of the indices and the state
     ("adamw-off-by-one", "masked_adamw.cu", "if (base + 32 * kVec <= k) {", "if (base < k) {", "address",
      r"^masked_adamw: exit 67: ==\d+==ERROR: AddressSanitizer: heap-buffer-overflow"),
@@ -392,5 +419,5 @@ MUTANTS = [
 def test_mutant_is_caught(work, name, source, old, new, sanitizer, caught_by):
     assert SOURCES[source].count(old) == 1, f"mutation site of {name!r} not found once in {source}: update MUTANTS"
     exe = build(work / f"mutant-{name}", sanitizer, {source: SOURCES[source].replace(old, new)})
-    problems = Case(work / f"mutant-run-{name}").failures(exe)
+    problems = Case(work / f"mutant-run-{name}").failures(exe, source)
     assert any(re.search(caught_by, p) for p in problems), f"mutant {name!r} not caught as expected: {problems}"

@@ -151,15 +151,15 @@ kron_db_kernel(const T* dy, const float* u, Dims d, int64_t m, float s, T* db) {
   }
 }
 
-// ---- tensor cores (bf16/f16) -----------------------------------------------------------------------------------------
+// ---- tensor cores (bf16/f16) ----------------------------------------------------------------------------------------
 
 using kron::kTcStages;
 using kron::round_up;
 using kron::tc_stride;
 constexpr int kTcTiles = int(kron::kTcMaxDim / 16);  // 16-wide tiles of the largest factor dimension
 
-// A [rows][cols] row-major factor into the zero-padded shared tile [pad_rows][stride] (columns up to pad_cols), tile row
-// t holding source row row_of(t). Once per block: the factors are L2-resident after the first blocks read them.
+// A [rows][cols] row-major factor into the zero-padded shared tile [pad_rows][stride] (columns up to pad_cols), tile
+// row t holding source row row_of(t). Once per block: the factors are L2-resident after the first blocks read them.
 template <class T, class RowOf>
 __device__ void kron_load_factor(T* dst, int stride, const T* src, int rows, int cols, int pad_rows, int pad_cols,
                                  RowOf row_of) {
@@ -246,7 +246,8 @@ PK_UNROLL
 
 // The four registers of an m16n8k16 A fragment (k = the 16 columns of two adjacent n8 accumulator tiles, rounded to
 // T): an accumulator tile's (row g, columns 2t, 2t+1) and (row g + 8, ...) are exactly a0a1 and a2a3 of it.
-template <class T> __device__ __forceinline__ void kron_as_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+template <class T>
+__device__ __forceinline__ void kron_as_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
   a[0] = pack2<T>(lo[0], lo[1]);
   a[1] = pack2<T>(lo[2], lo[3]);
   a[2] = pack2<T>(hi[0], hi[1]);
@@ -291,7 +292,8 @@ __global__ void __launch_bounds__(kThreads) kron_fwd_tc_kernel(kron::ForwardPara
   const int64_t rows = (p.m - blockIdx.x + gridDim.x - 1) / gridDim.x;
   const auto row_of = [&](int64_t k) { return int64_t(blockIdx.x) + k * gridDim.x; };
   kron_rows(
-      rows, [&](int64_t k, int slot) { kron_stage_row(ring + slot * slot_elems, sx, x + row_of(k) * in, in, bi, xvec); },
+      rows,
+      [&](int64_t k, int slot) { kron_stage_row(ring + slot * slot_elems, sx, x + row_of(k) * in, in, bi, xvec); },
       [&](int64_t k, int slot) {
         const int64_t r = row_of(k);
         T* tile = ring + slot * slot_elems;
@@ -370,7 +372,10 @@ __global__ void __launch_bounds__(kThreads) kron_dx_tc_kernel(kron::BackwardPara
   const int64_t rows = (p.m - blockIdx.x + gridDim.x - 1) / gridDim.x;
   const auto row_of = [&](int64_t k) { return int64_t(blockIdx.x) + k * gridDim.x; };
   kron_rows(
-      rows, [&](int64_t k, int slot) { kron_stage_row(ring + slot * slot_elems, sy, dy + row_of(k) * out, out, bo, dyvec); },
+      rows,
+      [&](int64_t k, int slot) {
+        kron_stage_row(ring + slot * slot_elems, sy, dy + row_of(k) * out, out, bo, dyvec);
+      },
       [&](int64_t k, int slot) {
         const int64_t r = row_of(k);
         const T* tile = ring + slot * slot_elems;
@@ -426,6 +431,22 @@ PK_UNROLL
           kron_add8(dx + r * in + e, v, s, p.accumulate_dx, dxvec);
         }
       });
+}
+
+// Elements (row, col) and (row, col + 1) of the row-major fp32 [rows][cols] matrix m, those inside it: one 8-byte
+// store where both are inside and the address allows.
+__device__ __forceinline__ void kron_store_pair(float* m, int cols, int rows, int row, int col, float v0, float v1) {
+  if (row >= rows || col >= cols) return;
+  float* at = m + int64_t(row) * cols + col;
+  if (col + 1 < cols && reinterpret_cast<uintptr_t>(at) % 8 == 0) {
+    const float v[2] = {v0, v1};
+    uint64_t bits;
+    memcpy(&bits, v, 8);
+    *reinterpret_cast<uint64_t*>(at) = bits;
+  } else {
+    at[0] = v0;
+    if (col + 1 < cols) at[1] = v1;
+  }
 }
 
 // dA and dB partials of one split of rows. Shared: A [a_out16][tc_stride(a_in)], B [b_out16][tc_stride(b_in)], and a
@@ -524,43 +545,45 @@ PK_UNROLL
           }
         }
       });
+  // Lane (g, t) holds columns 2t, 2t+1 of each accumulator tile: one 8-byte store per pair, so a warp's store covers
+  // whole 32-byte sectors (4 lanes per row) where the columns are even in number.
   float* part = p.workspace + int64_t(blockIdx.x) * kron::grad_partial_elements(d);
   if (do_da) {
 PK_UNROLL
     for (int n = 0; n < 2 * kTcTiles; ++n) {
 PK_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int prow = warp * 16 + g + 8 * (e >> 1), i = 8 * n + 2 * t + (e & 1);
-        if (prow < ao && i < ai) part[prow * ai + i] = da[n][e];
+      for (int h = 0; h < 2; ++h) {
+        kron_store_pair(part, ai, ao, warp * 16 + g + 8 * h, 8 * n + 2 * t, da[n][2 * h], da[n][2 * h + 1]);
       }
     }
   }
   if (do_db) {
-    part += ao * ai;
 PK_UNROLL
     for (int qt = 0; qt < kTcTiles; ++qt) {
 PK_UNROLL
       for (int n = 0; n < 2; ++n) {
 PK_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int q = qt * 16 + g + 8 * (e >> 1), j = warp * 16 + 8 * n + 2 * t + (e & 1);
-          if (q < bo && j < bi) part[q * bi + j] = db[qt][n][e];
+        for (int h = 0; h < 2; ++h) {
+          kron_store_pair(part + ao * ai, bi, bo, qt * 16 + g + 8 * h, warp * 16 + 8 * n + 2 * t, db[qt][n][2 * h],
+                          db[qt][n][2 * h + 1]);
         }
       }
     }
   }
 }
 
-// out[e] = s * (sum over splits of partial[split][first + e]) for e < count, the splits added in order: one thread
-// per element, a warp reading 128 consecutive bytes of each split.
+// dA = s * (sum over splits of the partials' first a_count elements) and dB likewise of the b_count after them, the
+// splits added in order (deterministic): one thread per element, a warp reading 128 consecutive bytes of each split.
+// One launch for both; a null output is skipped.
 template <class T>
-__global__ void __launch_bounds__(kThreads)
-kron_reduce_kernel(const float* partial, int64_t splits, int64_t stride, int64_t first, int64_t count, float s, T* out) {
-  const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (e >= count) return;
+__global__ void __launch_bounds__(kThreads) kron_reduce_kernel(const float* partial, int64_t splits, int64_t a_count,
+                                                               T* da, int64_t b_count, T* db, float s) {
+  const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x, stride = a_count + b_count;
+  T* out = e < a_count ? da : db;
+  if (e >= stride || out == nullptr) return;
   float sum = 0.0f;
-  for (int64_t sp = 0; sp < splits; ++sp) sum += partial[sp * stride + first + e];
-  store_f32(out, e, s * sum);
+  for (int64_t sp = 0; sp < splits; ++sp) sum += partial[sp * stride + e];
+  store_f32(out, e < a_count ? e : e - a_count, s * sum);
 }
 
 inline unsigned kron_row_blocks(int64_t m) { return unsigned(m < kron::kTcRowBlocks ? m : kron::kTcRowBlocks); }
@@ -609,16 +632,9 @@ cudaError_t kron_backward(const kron::BackwardParams& p, cudaStream_t stream) {
         const int64_t np = round_up(d.a_out, 16) / 16, nj = round_up(d.b_in, 16) / 16, smem = kron::tc_grad_smem(d);
         if (prepare(kron_grad_tc_kernel<T>, smem) != cudaSuccess) return;
         KLAUNCH(kron_grad_tc_kernel<T>, unsigned(splits), 32 * int(np > nj ? np : nj), smem, stream, p);
-        if (p.da != nullptr) {
-          KLAUNCH(kron_reduce_kernel<T>, grid_for(d.a_out * d.a_in, kThreads), kThreads, 0, stream,
-                  static_cast<const float*>(p.workspace), splits, stride, int64_t(0), d.a_out * d.a_in, s,
-                  static_cast<T*>(p.da));
-        }
-        if (p.db != nullptr) {
-          KLAUNCH(kron_reduce_kernel<T>, grid_for(d.b_out * d.b_in, kThreads), kThreads, 0, stream,
-                  static_cast<const float*>(p.workspace), splits, stride, d.a_out * d.a_in, d.b_out * d.b_in, s,
-                  static_cast<T*>(p.db));
-        }
+        KLAUNCH(kron_reduce_kernel<T>, grid_for(stride, kThreads), kThreads, 0, stream,
+                static_cast<const float*>(p.workspace), splits, d.a_out * d.a_in, static_cast<T*>(p.da),
+                d.b_out * d.b_in, static_cast<T*>(p.db), s);
         return;
       }
     }
