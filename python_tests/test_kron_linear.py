@@ -111,7 +111,7 @@ def test_tensor_core_shapes(backend, dtype, shape, lead):
         pytest.skip("the CUDA kernels' shapes (the CPU kernels take them in test_values_and_grads' sizes)")
     check_against_reference(backend.ops, backend.device, shape, dtype, 0.25, True, lead=lead)
     if lead == (37,):
-        for frozen in (("A",), ("B",)):  # dA without dB and dB without dA
+        for frozen in (("A",), ("B",), ("A", "B")):  # dB without dA, dA without dB, dx alone (x not staged)
             check_against_reference(backend.ops, backend.device, shape, dtype, 0.25, False, lead=lead, frozen=frozen)
 
 

@@ -32,9 +32,9 @@ from ptxas_report import ROOT, demangle, parse_report
 _SPARSE_VECTOR = {f"{op}_kernel<{t}, {i}, true>" for op in ("adamw", "sgd") for t in ("float", "__nv_bfloat16")
                   for i in ("int", "long")}
 _TENSOR_CORE = {"nf4_gemm_kernel", "nf4_dx_kernel", "down_tc_kernel", "dx_tc_kernel", "da_tc_kernel",
-                "kron_fwd_tc_kernel", "kron_dx_tc_kernel", "kron_grad_tc_kernel"}
+                "kron_fwd_tc_kernel", "kron_bwd_tc_kernel"}
 # KronA's y (forward) and dx are read-modify-written 16 bytes at a time
-_KRON_VECTOR = {"kron_fwd_tc_kernel", "kron_dx_tc_kernel"}
+_KRON_VECTOR = {"kron_fwd_tc_kernel", "kron_bwd_tc_kernel"}
 DECLARED: dict[str, set[str]] = {
     "tensor_core": _TENSOR_CORE,
     "pipelined": _TENSOR_CORE,

@@ -8,11 +8,11 @@
 // - kron_fwd_tc_kernel: per row, U = A keep(X) (a warp per 16 rows of U, fp32, rounded to T in registers, where its
 //   accumulators are already the next product's A fragments), then y (+)= s U B^T, 16-byte stores (B's rows are
 //   staged in a permuted order so that a lane holds 8 adjacent outputs).
-// - kron_dx_tc_kernel: per row, G^T = B^T dY^T (a warp per 16 columns of G), dX^T = G^T A, staged in shared memory
-//   as fp32 and written as dx (+)= s keep dX with 16-byte loads and stores.
-// - kron_grad_tc_kernel + kron_reduce_kernel: dA = s sum_r G_r keep(X_r)^T and dB = s sum_r dY_r^T U_r, split over
-//   M (kron::grad_splits: 264 blocks, <= 512 rows each); a warp keeps 16 rows of dA and 16 columns of dB in fp32
-//   registers over its block's rows, the blocks' partials are added in split order by a second kernel.
+// - kron_bwd_tc_kernel + kron_reduce_kernel: one pass over dy (and x) per split of rows (kron::grad_splits: 264
+//   blocks, <= 512 rows each) for dx and the dA/dB partials. Per row, G = dY B (a warp per 16 rows of G) feeds
+//   dA's slice in registers and is staged once in shared memory as T; U^T = X^T A^T (a warp per 16 columns j) feeds
+//   dB's slice; then dX^T = G^T A goes through an fp32 staging tile and out as dx (+)= s keep dX with 16-byte loads
+//   and stores. The blocks' dA/dB partials are added in split order by the reduce kernel (no float atomics).
 // The mask is redrawn from Philox per 16-byte chunk of a staged x row (one call per 8 elements) and never stored.
 //
 // fp32 and the other shapes take the CUDA-core kernels below the tensor-core ones: each contraction of a row is its
@@ -153,6 +153,7 @@ kron_db_kernel(const T* dy, const float* u, Dims d, int64_t m, float s, T* db) {
 
 // ---- tensor cores (bf16/f16) ----------------------------------------------------------------------------------------
 
+using kron::kTcBackwardStages;
 using kron::kTcStages;
 using kron::round_up;
 using kron::tc_stride;
@@ -203,20 +204,20 @@ __device__ void kron_mask_row(T* tile, int stride, int n, int cols, uint64_t row
   }
 }
 
-// Runs the block's rows k = 0 .. n-1 through the ring: issue(k, slot) starts row k's copies into a slot, body(k,
-// slot) uses them once every thread's copies have landed. Slot (k - 1) % S is refilled only after the barrier that
-// follows every warp's body(k - 1).
-template <class Issue, class Body> __device__ __forceinline__ void kron_rows(int64_t n, Issue issue, Body body) {
-  for (int s = 0; s < kTcStages - 1; ++s) {
+// Runs the block's rows k = 0 .. n-1 through an S-slot ring: issue(k, slot) starts row k's copies into a slot,
+// body(k, slot) uses them once every thread's copies have landed. Slot (k - 1) % S is refilled only after the barrier
+// that follows every warp's body(k - 1).
+template <int S, class Issue, class Body> __device__ __forceinline__ void kron_rows(int64_t n, Issue issue, Body body) {
+  for (int s = 0; s < S - 1; ++s) {
     if (s < n) issue(s, s);
     pk::ptx::cp_async_commit();
   }
   for (int64_t k = 0; k < n; ++k) {
-    pk::ptx::cp_async_wait<kTcStages - 2>();
+    pk::ptx::cp_async_wait<S - 2>();
     __syncthreads();
-    if (k + kTcStages - 1 < n) issue(k + kTcStages - 1, int((k + kTcStages - 1) % kTcStages));
+    if (k + S - 1 < n) issue(k + S - 1, int((k + S - 1) % S));
     pk::ptx::cp_async_commit();
-    body(k, int(k % kTcStages));
+    body(k, int(k % S));
   }
   pk::ptx::cp_async_wait<0>();
 }
@@ -291,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) kron_fwd_tc_kernel(kron::ForwardPara
   const int nj = bi16 / 16, ni = ai16 / 16;
   const int64_t rows = (p.m - blockIdx.x + gridDim.x - 1) / gridDim.x;
   const auto row_of = [&](int64_t k) { return int64_t(blockIdx.x) + k * gridDim.x; };
-  kron_rows(
+  kron_rows<kTcStages>(
       rows,
       [&](int64_t k, int slot) { kron_stage_row(ring + slot * slot_elems, sx, x + row_of(k) * in, in, bi, xvec); },
       [&](int64_t k, int slot) {
@@ -342,97 +343,6 @@ PK_UNROLL
       });
 }
 
-// dx. Shared: A [a_out16][tc_stride(a_in)], B [b_out16][tc_stride(b_in)], the ring of dy rows
-// [a_out16][tc_stride(b_out)], and dX staged as fp32 [a_in][tc_dx_stage_stride]. Warp w takes the 16-column slices
-// w, w + warps, ... of G: G^T = B^T dY^T over b_out, 16 columns of G^T (rows of G) at a time, each rounded into one A
-// fragment; then dX^T = G^T A over a_out, 16 columns i at a time, into the staging tile. After a barrier the block
-// writes the row 16 bytes at a time, the mask applied there (8 elements per Philox call).
-template <class T>
-__global__ void __launch_bounds__(kThreads) kron_dx_tc_kernel(kron::BackwardParams p) {
-  DYN_SMEM(unsigned char, smem);
-  const Dims d = p.d;
-  const int ao = int(d.a_out), ai = int(d.a_in), bo = int(d.b_out), bi = int(d.b_in), in = ai * bi, out = ao * bo;
-  const int ao16 = int(round_up(ao, 16)), ai16 = int(round_up(ai, 16)), bi16 = int(round_up(bi, 16));
-  const int bo16 = int(round_up(bo, 16)), sa = int(tc_stride(ai)), sb = int(tc_stride(bi)), sy = int(tc_stride(bo));
-  const int st = int(kron::tc_dx_stage_stride(d));
-  T* sa_tile = reinterpret_cast<T*>(smem);
-  T* sb_tile = sa_tile + ao16 * sa;
-  T* ring = sb_tile + bo16 * sb;
-  const int slot_elems = ao16 * sy;
-  float* stage = reinterpret_cast<float*>(ring + kTcStages * slot_elems);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5, g = lane >> 2, t = lane & 3;
-  const T* dy = static_cast<const T*>(p.dy);
-  T* dx = static_cast<T*>(p.dx);
-  kron_load_factor(sa_tile, sa, static_cast<const T*>(p.a), ao, ai, ao16, ai16, kron_same_row);
-  kron_load_factor(sb_tile, sb, static_cast<const T*>(p.b), bo, bi, bo16, bi16, kron_same_row);
-  for (int s = 0; s < kTcStages; ++s) kron_zero_padding(ring + s * slot_elems, sy, ao, bo, ao16, bo16);
-  const bool dyvec = aligned16(dy), dxvec = aligned16(dx);
-  const float s = static_cast<float>(p.drop.scale);
-  const int np = ao16 / 16, nq = bo16 / 16;
-  const int64_t rows = (p.m - blockIdx.x + gridDim.x - 1) / gridDim.x;
-  const auto row_of = [&](int64_t k) { return int64_t(blockIdx.x) + k * gridDim.x; };
-  kron_rows(
-      rows,
-      [&](int64_t k, int slot) {
-        kron_stage_row(ring + slot * slot_elems, sy, dy + row_of(k) * out, out, bo, dyvec);
-      },
-      [&](int64_t k, int slot) {
-        const int64_t r = row_of(k);
-        const T* tile = ring + slot * slot_elems;
-        for (int jt = warp; jt < bi16 / 16; jt += warps) {
-          uint32_t ga[kTcTiles][4];
-PK_UNROLL
-          for (int pk = 0; pk < kTcTiles; ++pk) {
-            if (pk >= np) break;
-            float lo[4] = {}, hi[4] = {};
-            for (int qk = 0; qk < nq; ++qk) {
-              uint32_t af[4], bf[4];
-              pk::ptx::ldmatrix_x4_trans(af, sb_tile + (qk * 16 + (lane >> 4) * 8 + (lane & 7)) * sb + jt * 16 +
-                                                 ((lane >> 3) & 1) * 8);
-              pk::ptx::ldmatrix_x4(bf, tile + (pk * 16 + (lane >> 4) * 8 + (lane & 7)) * sy + qk * 16 +
-                                           ((lane >> 3) & 1) * 8);
-              kron_mma2<T>(lo, hi, af, bf);
-            }
-            kron_as_a<T>(ga[pk], lo, hi);
-          }
-          for (int ic = 0; ic < ai16 / 16; ++ic) {
-            float acc[2][4] = {};
-PK_UNROLL
-            for (int pk = 0; pk < kTcTiles; ++pk) {
-              if (pk >= np) break;
-              uint32_t bf[4];
-              pk::ptx::ldmatrix_x4_trans(bf, sa_tile + (pk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * sa + ic * 16 +
-                                                 (lane >> 4) * 8);
-              kron_mma2<T>(acc[0], acc[1], ga[pk], bf);
-            }
-PK_UNROLL
-            for (int n = 0; n < 2; ++n) {
-PK_UNROLL
-              for (int e = 0; e < 4; ++e) {
-                const int i = ic * 16 + 8 * n + 2 * t + (e & 1), j = jt * 16 + g + 8 * (e >> 1);
-                if (i < ai) stage[i * st + j] = acc[n][e];
-              }
-            }
-          }
-        }
-        __syncthreads();
-        // Lanes 4-7 of each 8 read their chunk's halves in the other order: the 8 lanes' first 16-byte reads then
-        // cover 32 different banks (8 chunks of 32 bytes, a bank group of 4 words each).
-        const int swap = (lane >> 2) & 1;
-        for (int c = threadIdx.x; c < in / 8; c += blockDim.x) {
-          const int e = 8 * c, i = e / bi, j = e - i * bi;
-          const float4 first = load16<float4>(stage + i * st + j + 4 * swap);
-          const float4 second = load16<float4>(stage + i * st + j + 4 - 4 * swap);
-          const float4 lo = swap ? second : first, hi = swap ? first : second;
-          const unsigned keep = p.drop.threshold != 0 ? keep_bits<8>(p.drop, uint64_t(r * in + e)) : 0xFFu;
-          const float v[8] = {keep & 1u ? lo.x : 0.0f,   keep & 2u ? lo.y : 0.0f,   keep & 4u ? lo.z : 0.0f,
-                              keep & 8u ? lo.w : 0.0f,   keep & 16u ? hi.x : 0.0f,  keep & 32u ? hi.y : 0.0f,
-                              keep & 64u ? hi.z : 0.0f,  keep & 128u ? hi.w : 0.0f};
-          kron_add8(dx + r * in + e, v, s, p.accumulate_dx, dxvec);
-        }
-      });
-}
-
 // Elements (row, col) and (row, col + 1) of the row-major fp32 [rows][cols] matrix m, those inside it: one 8-byte
 // store where both are inside and the address allows.
 __device__ __forceinline__ void kron_store_pair(float* m, int cols, int rows, int row, int col, float v0, float v1) {
@@ -449,56 +359,69 @@ __device__ __forceinline__ void kron_store_pair(float* m, int cols, int rows, in
   }
 }
 
-// dA and dB partials of one split of rows. Shared: A [a_out16][tc_stride(a_in)], B [b_out16][tc_stride(b_in)], and a
-// ring of (x row [a_in16][tc_stride(b_in)], dy row [a_out16][tc_stride(b_out)]) pairs. Warp w owns rows 16w .. +16 of
-// dA (fp32 registers da, all a_in columns) and columns 16w .. +16 of dB (db, all b_out rows) and adds every row's
-// terms to them:
-//   dA slice += G X^T, G = dY B formed 16 columns j at a time (one A fragment, k = j);
-//   dB slice += dY^T U^T-as-B, U^T = X^T A^T formed 16 columns p at a time: its accumulators (rows j, columns p) are
-//   exactly the B fragments (k = p, n = j) of the dB product.
-// The block's partials go to workspace [split][a_out * a_in + b_out * b_in]; kron_reduce_kernel adds them up.
+// Backward: dx, and the dA/dB partials of one split of rows, in one pass over dy (and x). Shared: A
+// [a_out16][tc_stride(a_in)], B [b_out16][tc_stride(b_in)], a 2-slot ring of (x row [a_in16][tc_stride(b_in)], dy
+// row [a_out16][tc_stride(b_out)]) pairs, G = dY B of the current row [a_out16][tc_stride(b_in)] in T, and dX staged
+// as fp32 [a_in][tc_dx_stage_stride]. Per row:
+// 1. warp w < a_out16 / 16 forms rows 16w .. +16 of G, 16 columns j at a time (one A fragment, k = j); it adds
+//    G X^T to its dA slice (fp32 registers, all a_in columns) and stores the fragment into the shared G;
+//    warp w < b_in16 / 16 forms columns 16w .. +16 of U^T = X^T A^T, 16 columns p at a time: its accumulators (rows j,
+//    columns p) are exactly the B fragments (k = p, n = j) of dB slice += dY^T U^T (fp32 registers, all b_out rows);
+// 2. after a barrier, warp w < b_in16 / 16 forms dX^T = G^T A for its 16 columns j (G^T by ldmatrix.trans of the
+//    shared G), 16 columns i at a time, into the staging tile;
+// 3. after a barrier the block writes the row 16 bytes at a time, the mask applied there (8 elements per Philox call).
+// The dA/dB slices go to workspace [split][a_out * a_in + b_out * b_in] at the end; kron_reduce_kernel adds them up.
+// Two slots, not three: the row's work (~200 mma per warp at 64 x 64 factors) hides the next row's copies, and the
+// 11008 -> 4096 factors (64 x 86, 64 x 128) then fit the 163 KiB an A100 grants a block (164 192 bytes).
 template <class T>
-__global__ void __launch_bounds__(kThreads) kron_grad_tc_kernel(kron::BackwardParams p) {
+__global__ void __launch_bounds__(kThreads) kron_bwd_tc_kernel(kron::BackwardParams p) {
   DYN_SMEM(unsigned char, smem);
   const Dims d = p.d;
   const int ao = int(d.a_out), ai = int(d.a_in), bo = int(d.b_out), bi = int(d.b_in), in = ai * bi, out = ao * bo;
   const int ao16 = int(round_up(ao, 16)), ai16 = int(round_up(ai, 16)), bi16 = int(round_up(bi, 16));
   const int bo16 = int(round_up(bo, 16)), sa = int(tc_stride(ai)), sx = int(tc_stride(bi)), sy = int(tc_stride(bo));
+  const int st = int(kron::tc_dx_stage_stride(d));
   T* sa_tile = reinterpret_cast<T*>(smem);
   T* sb_tile = sa_tile + ao16 * sa;
   T* ring = sb_tile + bo16 * sx;
   const int x_elems = ai16 * sx, slot_elems = x_elems + ao16 * sy;
+  T* g_tile = ring + kTcBackwardStages * slot_elems;
+  float* stage = reinterpret_cast<float*>(g_tile + ao16 * sx);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
+  T* dx = static_cast<T*>(p.dx);
   kron_load_factor(sa_tile, sa, static_cast<const T*>(p.a), ao, ai, ao16, ai16, kron_same_row);
   kron_load_factor(sb_tile, sx, static_cast<const T*>(p.b), bo, bi, bo16, bi16, kron_same_row);
-  for (int s = 0; s < kTcStages; ++s) {
+  for (int s = 0; s < kTcBackwardStages; ++s) {
     kron_zero_padding(ring + s * slot_elems, sx, ai, bi, ai16, bi16);
     kron_zero_padding(ring + s * slot_elems + x_elems, sy, ao, bo, ao16, bo16);
   }
-  const bool xvec = aligned16(x), dyvec = aligned16(dy);
+  const bool need_x = p.da != nullptr || p.db != nullptr, need_dx = p.dx != nullptr;
+  const bool xvec = aligned16(x), dyvec = aligned16(dy), dxvec = aligned16(dx);
+  const float s = static_cast<float>(p.drop.scale);
   const int np = ao16 / 16, ni = ai16 / 16, nj = bi16 / 16, nq = bo16 / 16;
-  const bool do_da = p.da != nullptr && warp < np, do_db = p.db != nullptr && warp < nj;
+  const bool do_g = (need_dx || p.da != nullptr) && warp < np, do_db = p.db != nullptr && warp < nj;
   const int64_t per = kron::grad_rows_per_split(p.m), first = blockIdx.x * per;
   const int64_t rows = p.m - first < per ? p.m - first : per;
   float da[2 * kTcTiles][4] = {};
   float db[kTcTiles][2][4] = {};
-  kron_rows(
+  kron_rows<kTcBackwardStages>(
       rows,
       [&](int64_t k, int slot) {
         T* tile = ring + slot * slot_elems;
-        kron_stage_row(tile, sx, x + (first + k) * in, in, bi, xvec);
+        if (need_x) kron_stage_row(tile, sx, x + (first + k) * in, in, bi, xvec);
         kron_stage_row(tile + x_elems, sy, dy + (first + k) * out, out, bo, dyvec);
       },
       [&](int64_t k, int slot) {
+        const int64_t r = first + k;
         T* xt = ring + slot * slot_elems;
         const T* yt = xt + x_elems;
-        if (p.drop.threshold != 0) {
-          kron_mask_row(xt, sx, in, bi, uint64_t((first + k) * in), p.drop);
+        if (need_x && p.drop.threshold != 0) {
+          kron_mask_row(xt, sx, in, bi, uint64_t(r * in), p.drop);
           __syncthreads();
         }
-        if (do_da) {
+        if (do_g) {
           for (int jk = 0; jk < nj; ++jk) {
             float lo[4] = {}, hi[4] = {};
             for (int qk = 0; qk < nq; ++qk) {
@@ -510,13 +433,24 @@ __global__ void __launch_bounds__(kThreads) kron_grad_tc_kernel(kron::BackwardPa
             }
             uint32_t ga[4];
             kron_as_a<T>(ga, lo, hi);
+            if (need_dx) {
+              // ga[h] holds G (row g + 8 (h & 1), columns 2t, 2t+1 + 8 (h >> 1)): 4-byte stores, 32 different banks
+              // (the row stride is 4 mod 8 words)
+              uint32_t* gw = reinterpret_cast<uint32_t*>(g_tile + (warp * 16 + g) * sx + jk * 16 + 2 * t);
+              gw[0] = ga[0];
+              gw[4 * sx] = ga[1];
+              gw[4] = ga[2];
+              gw[4 * sx + 4] = ga[3];
+            }
+            if (p.da != nullptr) {
 PK_UNROLL
-            for (int ip = 0; ip < kTcTiles; ++ip) {
-              if (ip >= ni) break;
-              uint32_t bf[4];
-              pk::ptx::ldmatrix_x4(bf, xt + (ip * 16 + (lane >> 4) * 8 + (lane & 7)) * sx + jk * 16 +
-                                         ((lane >> 3) & 1) * 8);
-              kron_mma2<T>(da[2 * ip], da[2 * ip + 1], ga, bf);
+              for (int ip = 0; ip < kTcTiles; ++ip) {
+                if (ip >= ni) break;
+                uint32_t bf[4];
+                pk::ptx::ldmatrix_x4(bf, xt + (ip * 16 + (lane >> 4) * 8 + (lane & 7)) * sx + jk * 16 +
+                                           ((lane >> 3) & 1) * 8);
+                kron_mma2<T>(da[2 * ip], da[2 * ip + 1], ga, bf);
+              }
             }
           }
         }
@@ -544,11 +478,50 @@ PK_UNROLL
             }
           }
         }
+        if (!need_dx) return;
+        __syncthreads();
+        if (warp < nj) {
+          for (int ic = 0; ic < ni; ++ic) {
+            float acc[2][4] = {};
+            for (int pk = 0; pk < np; ++pk) {
+              uint32_t af[4], bf[4];
+              pk::ptx::ldmatrix_x4_trans(af, g_tile + (pk * 16 + (lane >> 4) * 8 + (lane & 7)) * sx + warp * 16 +
+                                                 ((lane >> 3) & 1) * 8);
+              pk::ptx::ldmatrix_x4_trans(bf, sa_tile + (pk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * sa + ic * 16 +
+                                                 (lane >> 4) * 8);
+              kron_mma2<T>(acc[0], acc[1], af, bf);
+            }
+PK_UNROLL
+            for (int n = 0; n < 2; ++n) {
+PK_UNROLL
+              for (int e = 0; e < 4; ++e) {
+                const int i = ic * 16 + 8 * n + 2 * t + (e & 1), j = warp * 16 + g + 8 * (e >> 1);
+                if (i < ai) stage[i * st + j] = acc[n][e];
+              }
+            }
+          }
+        }
+        __syncthreads();
+        // Lanes 4-7 of each 8 read their chunk's halves in the other order: the 8 lanes' first 16-byte reads then
+        // cover 32 different banks (8 chunks of 32 bytes, a bank group of 4 words each).
+        const int swap = (lane >> 2) & 1;
+        for (int c = threadIdx.x; c < in / 8; c += blockDim.x) {
+          const int e = 8 * c, i = e / bi, j = e - i * bi;
+          const float4 first4 = load16<float4>(stage + i * st + j + 4 * swap);
+          const float4 second4 = load16<float4>(stage + i * st + j + 4 - 4 * swap);
+          const float4 lo = swap ? second4 : first4, hi = swap ? first4 : second4;
+          const unsigned keep = p.drop.threshold != 0 ? keep_bits<8>(p.drop, uint64_t(r * in + e)) : 0xFFu;
+          const float v[8] = {keep & 1u ? lo.x : 0.0f,  keep & 2u ? lo.y : 0.0f,  keep & 4u ? lo.z : 0.0f,
+                              keep & 8u ? lo.w : 0.0f,  keep & 16u ? hi.x : 0.0f, keep & 32u ? hi.y : 0.0f,
+                              keep & 64u ? hi.z : 0.0f, keep & 128u ? hi.w : 0.0f};
+          kron_add8(dx + r * in + e, v, s, p.accumulate_dx, dxvec);
+        }
       });
+  if (!need_x) return;
   // Lane (g, t) holds columns 2t, 2t+1 of each accumulator tile: one 8-byte store per pair, so a warp's store covers
   // whole 32-byte sectors (4 lanes per row) where the columns are even in number.
   float* part = p.workspace + int64_t(blockIdx.x) * kron::grad_partial_elements(d);
-  if (do_da) {
+  if (p.da != nullptr && warp < np) {
 PK_UNROLL
     for (int n = 0; n < 2 * kTcTiles; ++n) {
 PK_UNROLL
@@ -622,16 +595,11 @@ cudaError_t kron_backward(const kron::BackwardParams& p, cudaStream_t stream) {
     const T* dy = static_cast<const T*>(p.dy);
     if constexpr (sizeof(T) == 2) {
       if (kron::tensor_cores(d, p.dtype)) {
-        if (p.dx != nullptr) {
-          const int64_t smem = kron::tc_dx_smem(d);
-          if (prepare(kron_dx_tc_kernel<T>, smem) != cudaSuccess) return;
-          KLAUNCH(kron_dx_tc_kernel<T>, kron_row_blocks(p.m), 32 * int(round_up(d.b_in, 16) / 16), smem, stream, p);
-        }
-        if (p.da == nullptr && p.db == nullptr) return;
         const int64_t splits = kron::grad_splits(p.m), stride = kron::grad_partial_elements(d);
-        const int64_t np = round_up(d.a_out, 16) / 16, nj = round_up(d.b_in, 16) / 16, smem = kron::tc_grad_smem(d);
-        if (prepare(kron_grad_tc_kernel<T>, smem) != cudaSuccess) return;
-        KLAUNCH(kron_grad_tc_kernel<T>, unsigned(splits), 32 * int(np > nj ? np : nj), smem, stream, p);
+        const int64_t np = round_up(d.a_out, 16) / 16, nj = round_up(d.b_in, 16) / 16, smem = kron::tc_backward_smem(d);
+        if (prepare(kron_bwd_tc_kernel<T>, smem) != cudaSuccess) return;  // launch_typed reports the error
+        KLAUNCH(kron_bwd_tc_kernel<T>, unsigned(splits), 32 * int(np > nj ? np : nj), smem, stream, p);
+        if (p.da == nullptr && p.db == nullptr) return;
         KLAUNCH(kron_reduce_kernel<T>, grid_for(stride, kThreads), kThreads, 0, stream,
                 static_cast<const float*>(p.workspace), splits, d.a_out * d.a_in, static_cast<T*>(p.da),
                 d.b_out * d.b_in, static_cast<T*>(p.db), s);

@@ -55,9 +55,10 @@ struct BackwardParams {
 // registers: <= 64 fp32 or 32 packed registers each), and the shared memory of every kernel within the
 // 163 KiB an A100 grants one block (an H100 grants 227 KiB). Other shapes and fp32 take the CUDA-core kernels.
 constexpr int64_t kTcMaxDim = 128;
-constexpr int64_t kTcStages = 3;              // cp.async ring depth: 2 rows in flight while one is multiplied
+constexpr int64_t kTcStages = 3;              // forward cp.async ring: 2 rows in flight while one is multiplied
+constexpr int64_t kTcBackwardStages = 2;      // backward ring (x and dy rows): 1 in flight (kron_linear.cu says why)
 constexpr int64_t kTcSmemLimit = 166912;      // bytes: A100's opt-in maximum per block
-constexpr int64_t kTcRowBlocks = 264;         // forward and dx blocks: 2 per SM of a 132-SM H100
+constexpr int64_t kTcRowBlocks = 264;         // forward blocks, backward splits: 2 per SM of a 132-SM H100
 constexpr int64_t kTcMaxSplitRows = 512;      // dA/dB: no block sums more rows than this
 
 PK_HD int64_t round_up(int64_t v, int64_t k) { return (v + k - 1) / k * k; }
@@ -68,19 +69,17 @@ PK_HD int64_t tc_stride(int64_t n) { return round_up(n, 16) + 8; }
 // (rows 2t, columns g) hit 32 different banks.
 PK_HD int64_t tc_dx_stage_stride(const Dims& d) { return round_up(d.b_in, 16) + 4; }
 
-// Shared memory bytes of the three tensor-core kernels (the layouts are in kron_linear.cu).
+// Shared memory bytes of the tensor-core kernels (the layouts are in kron_linear.cu).
 PK_HD int64_t tc_forward_smem(const Dims& d) {
   return 2 * (round_up(d.a_out, 16) * tc_stride(d.a_in) + round_up(d.b_out, 32) * tc_stride(d.b_in) +
               kTcStages * round_up(d.a_in, 16) * tc_stride(d.b_in));
 }
-PK_HD int64_t tc_dx_smem(const Dims& d) {
+// Backward: the ring of (x, dy) row pairs, G of one row, and dX's fp32 staging tile.
+PK_HD int64_t tc_backward_smem(const Dims& d) {
+  const int64_t slot = round_up(d.a_in, 16) * tc_stride(d.b_in) + round_up(d.a_out, 16) * tc_stride(d.b_out);
   return 2 * (round_up(d.a_out, 16) * tc_stride(d.a_in) + round_up(d.b_out, 16) * tc_stride(d.b_in) +
-              kTcStages * round_up(d.a_out, 16) * tc_stride(d.b_out)) +
+              kTcBackwardStages * slot + round_up(d.a_out, 16) * tc_stride(d.b_in)) +
          4 * d.a_in * tc_dx_stage_stride(d);
-}
-PK_HD int64_t tc_grad_smem(const Dims& d) {
-  return 2 * (round_up(d.a_out, 16) * tc_stride(d.a_in) + round_up(d.b_out, 16) * tc_stride(d.b_in) +
-              kTcStages * (round_up(d.a_in, 16) * tc_stride(d.b_in) + round_up(d.a_out, 16) * tc_stride(d.b_out)));
 }
 
 PK_HD bool tensor_cores(const Dims& d, DType dtype) {
@@ -88,10 +87,11 @@ PK_HD bool tensor_cores(const Dims& d, DType dtype) {
   if (d.b_in % 8 != 0 || d.b_out % 8 != 0) return false;
   if (round_up(d.a_out, 16) > kTcMaxDim || round_up(d.a_in, 16) > kTcMaxDim) return false;
   if (round_up(d.b_out, 16) > kTcMaxDim || round_up(d.b_in, 16) > kTcMaxDim) return false;
-  return tc_forward_smem(d) <= kTcSmemLimit && tc_dx_smem(d) <= kTcSmemLimit && tc_grad_smem(d) <= kTcSmemLimit;
+  return tc_forward_smem(d) <= kTcSmemLimit && tc_backward_smem(d) <= kTcSmemLimit;
 }
 
-// dA/dB blocks (split-M): 264 (2 per SM) when there are that many rows, more when a block would sum > 512 rows.
+// Backward blocks (split-M for dA/dB): 264 (2 per SM) when there are that many rows, more when a block would sum more
+// than 512 rows.
 PK_HD int64_t grad_splits(int64_t m) {
   const int64_t by_rows = (m + kTcMaxSplitRows - 1) / kTcMaxSplitRows;
   const int64_t splits = by_rows > kTcRowBlocks ? by_rows : kTcRowBlocks;
