@@ -60,6 +60,21 @@ def main() -> None:
     close("lora_linear bf16 p=0.3", y.cpu(), want.detach(), 0.05)
     for name, got, ref in zip(("dx", "dA", "dB"), (x3.grad, a3.grad, b3.grad), leaves):
         close(f"lora_linear bf16 {name}", got.cpu(), ref.grad, 0.03 * ref.grad.abs().max().item())
+    # KronA: bf16 37 rows x (13x3 (x) 24x40), the tensor-core kernels (partial tiles, both halves of a 16-row slice,
+    # 37 row splits); fp32 the CUDA-core ones
+    for dtype, tol in ((torch.bfloat16, 0.05), (torch.float32, 1e-4)):
+        xk = torch.randn(37, 120, generator=g).to(dev, dtype).requires_grad_()
+        ak = (torch.randn(13, 3, generator=g) * 0.5).to(dev, dtype).requires_grad_()
+        bk = (torch.randn(24, 40, generator=g) * 0.2).to(dev, dtype).requires_grad_()
+        y = pk.kron_linear(xk, ak, bk, scaling=0.8, dropout_p=0.3, seed=7)
+        y.float().sum().backward()
+        leaves = [t.detach().cpu().double().requires_grad_() for t in (xk, ak, bk)]
+        want = R.kron_linear(leaves[0], leaves[1], leaves[2], 0.8, dropout_p=0.3, seed=7)
+        want.sum().backward()
+        label = f"kron_linear {str(dtype).removeprefix('torch.')}"
+        close(label, y.cpu(), want.detach(), tol * want.abs().max().item())
+        for name, got, ref in zip(("dx", "dA", "dB"), (xk.grad, ak.grad, bk.grad), leaves):
+            close(f"{label} {name}", got.cpu(), ref.grad, tol * ref.grad.abs().max().item())
     qw = pk.nf4_quantize(torch.randn(45, 64, generator=g).to(dev) * 0.1, 64, True)
     x2 = torch.randn(37, 64, generator=g).to(dev).requires_grad_()
     a2 = (torch.randn(5, 64, generator=g) * 0.1).to(dev).requires_grad_()
