@@ -9,6 +9,7 @@ from .composite import AdapterFusionConfig, CompositeConfig, S4Config, SparseAda
 from .hybrids import MAMConfig, UniPELTConfig
 from .krona import KronAConfig
 from .lora import LoRAConfig, load_adapter, save_adapter
+from .loss import fuse_causal_lm_loss
 from .lora_variants import AdaLoRAConfig, DeltaLoRAConfig, DyLoRAConfig, LoRAFAConfig, loftq_init
 from .nf4 import NF4Weight, dynamic_map
 from .qlora import QLoRAConfig, bnb_nf4_state_dict, load_bnb_nf4, weight_bytes
@@ -52,6 +53,7 @@ __all__ = [
     "composite",
     "consistency_loss",
     "dynamic_map",
+    "fuse_causal_lm_loss",
     "hybrids",
     "kron_linear",
     "load_adapter",
