@@ -159,3 +159,18 @@ def test_bad_input():
         model(input_ids=ids, labels=ids.float())
     with pytest.raises(ValueError, match=r"'logits_to_keep' must be 0"):
         model(input_ids=ids, labels=ids, logits_to_keep=1)
+
+
+def test_patched_model_compiles_whole():
+    """torch.compile of the patched model, training with labels: one graph (the decoder, the chunk loop and our
+    autograd.Function), the same loss and gradients as eager."""
+    base = tiny_llama(seed=4).train()
+    ids = tokens(LLAMA_VOCAB, (2, 9), seed=6)
+    eager_out, eager = loss_and_grads(pk.fuse_causal_lm_loss(copy.deepcopy(base), chunk_tokens=5), ids, ids)
+    model = pk.fuse_causal_lm_loss(copy.deepcopy(base), chunk_tokens=5)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, eager_out.loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)
