@@ -3,8 +3,8 @@
 //
 // bf16/f16 with the shapes of kron::tensor_cores (kron_params.h: every LLaMA width PEFT's factorization gives) run on
 // tensor cores (mma.sync m16n8k16, fp32 accumulation). A block keeps A and B in shared memory for its whole life and
-// streams rows of x (or dy) through a 3-slot cp.async ring, each row a [a_in, b_in] (or [a_out, b_out]) tile; A (x) B
-// is never formed, and no intermediate leaves the SM:
+// streams rows of x (and dy) through a cp.async ring (3 slots forward, 2 backward), each row a [a_in, b_in] (or
+// [a_out, b_out]) tile; A (x) B is never formed, and no intermediate leaves the SM:
 // - kron_fwd_tc_kernel: per row, U = A keep(X) (a warp per 16 rows of U, fp32, rounded to T in registers, where its
 //   accumulators are already the next product's A fragments), then y (+)= s U B^T, 16-byte stores (B's rows are
 //   staged in a permuted order so that a lane holds 8 adjacent outputs).
