@@ -1,7 +1,7 @@
 """Counters of every CUDA kernel at LLaMA-7B layer shapes, from the CPU executor (no GPU): one markdown table
 per op, each row a kernel launch, the predicted H100 time labelled as predicted.
 
-    python -P bench/kernel_counters.py                 # all ops at the default shapes (~4 min on 2 cores)
+    python -P bench/kernel_counters.py                 # all ops at the default shapes (~11 min on 2 cores)
     python -P bench/kernel_counters.py nf4_gemv lora_backward
     python -P bench/kernel_counters.py --json out.json
 
