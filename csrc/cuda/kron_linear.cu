@@ -262,6 +262,19 @@ template <class T> __device__ __forceinline__ void kron_mma2(float (&lo)[4], flo
   mma<T>(hi, a, b1);
 }
 
+// Where lane `lane` points ldmatrix.x4 in the 16 x 16 block at (row0, col0) of a shared tile with row stride
+// `stride`, for the two orders the products need of its four 8 x 8 matrices:
+// - kron_frag16: lane l gives row l & 15, column half l >> 4 - an mma A fragment (plain), or the B fragments of two
+//   n8 tiles from a tile stored [k][n] (.trans);
+// - kron_frag8x2: lane l gives row (l >> 4) * 8 + (l & 7), column half (l >> 3) & 1 - the B fragments of two n8 tiles
+//   from a tile stored [n][k] (plain), or an A fragment from a tile stored [k][m] (.trans).
+template <class T> __device__ __forceinline__ T* kron_frag16(T* tile, int stride, int row0, int col0, int lane) {
+  return tile + (row0 + (lane & 15)) * stride + col0 + (lane >> 4) * 8;
+}
+template <class T> __device__ __forceinline__ T* kron_frag8x2(T* tile, int stride, int row0, int col0, int lane) {
+  return tile + (row0 + (lane >> 4) * 8 + (lane & 7)) * stride + col0 + ((lane >> 3) & 1) * 8;
+}
+
 // Forward. Shared: A [a_out16][tc_stride(a_in)], B [b_out32][tc_stride(b_in)] with row 32c + 8n + k holding B row
 // 32c + 8 (k >> 1) + 2n + (k & 1) (mma n index k of n-tile n: lane (g, t) then holds the 8 adjacent columns
 // 32c + 8t .. +7 of y), and the ring of x rows [a_in16][tc_stride(b_in)]. Warp w takes the 16-row slices w, w + warps,
@@ -310,9 +323,8 @@ PK_UNROLL
             float lo[4] = {}, hi[4] = {};
             for (int ik = 0; ik < ni; ++ik) {
               uint32_t af[4], bf[4];
-              pk::ptx::ldmatrix_x4(af, sa_tile + (pt * 16 + (lane & 15)) * sa + ik * 16 + (lane >> 4) * 8);
-              pk::ptx::ldmatrix_x4_trans(bf, tile + (ik * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * sx + jk * 16 +
-                                                 (lane >> 4) * 8);
+              pk::ptx::ldmatrix_x4(af, kron_frag16(sa_tile, sa, pt * 16, ik * 16, lane));
+              pk::ptx::ldmatrix_x4_trans(bf, kron_frag16(tile, sx, ik * 16, jk * 16, lane));
               kron_mma2<T>(lo, hi, af, bf);
             }
             kron_as_a<T>(ua[jk], lo, hi);
@@ -323,9 +335,8 @@ PK_UNROLL
             for (int jk = 0; jk < kTcTiles; ++jk) {
               if (jk >= nj) break;
               uint32_t lo[4], hi[4];
-              const T* at = sb_tile + (c * 32 + (lane >> 4) * 8 + (lane & 7)) * sx + jk * 16 + ((lane >> 3) & 1) * 8;
-              pk::ptx::ldmatrix_x4(lo, at);
-              pk::ptx::ldmatrix_x4(hi, at + 16 * sx);
+              pk::ptx::ldmatrix_x4(lo, kron_frag8x2(sb_tile, sx, c * 32, jk * 16, lane));
+              pk::ptx::ldmatrix_x4(hi, kron_frag8x2(sb_tile, sx, c * 32 + 16, jk * 16, lane));
               kron_mma2<T>(acc[0], acc[1], ua[jk], lo);
               kron_mma2<T>(acc[2], acc[3], ua[jk], hi);
             }
@@ -426,9 +437,8 @@ __global__ void __launch_bounds__(kThreads) kron_bwd_tc_kernel(kron::BackwardPar
             float lo[4] = {}, hi[4] = {};
             for (int qk = 0; qk < nq; ++qk) {
               uint32_t af[4], bf[4];
-              pk::ptx::ldmatrix_x4(af, yt + (warp * 16 + (lane & 15)) * sy + qk * 16 + (lane >> 4) * 8);
-              pk::ptx::ldmatrix_x4_trans(bf, sb_tile + (qk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * sx + jk * 16 +
-                                                 (lane >> 4) * 8);
+              pk::ptx::ldmatrix_x4(af, kron_frag16(yt, sy, warp * 16, qk * 16, lane));
+              pk::ptx::ldmatrix_x4_trans(bf, kron_frag16(sb_tile, sx, qk * 16, jk * 16, lane));
               kron_mma2<T>(lo, hi, af, bf);
             }
             uint32_t ga[4];
@@ -447,8 +457,7 @@ PK_UNROLL
               for (int ip = 0; ip < kTcTiles; ++ip) {
                 if (ip >= ni) break;
                 uint32_t bf[4];
-                pk::ptx::ldmatrix_x4(bf, xt + (ip * 16 + (lane >> 4) * 8 + (lane & 7)) * sx + jk * 16 +
-                                           ((lane >> 3) & 1) * 8);
+                pk::ptx::ldmatrix_x4(bf, kron_frag8x2(xt, sx, ip * 16, jk * 16, lane));
                 kron_mma2<T>(da[2 * ip], da[2 * ip + 1], ga, bf);
               }
             }
@@ -459,10 +468,8 @@ PK_UNROLL
             float lo[4] = {}, hi[4] = {};
             for (int ik = 0; ik < ni; ++ik) {
               uint32_t af[4], bf[4];
-              pk::ptx::ldmatrix_x4_trans(af, xt + (ik * 16 + (lane >> 4) * 8 + (lane & 7)) * sx + warp * 16 +
-                                                 ((lane >> 3) & 1) * 8);
-              pk::ptx::ldmatrix_x4(bf, sa_tile + (pk * 16 + (lane >> 4) * 8 + (lane & 7)) * sa + ik * 16 +
-                                           ((lane >> 3) & 1) * 8);
+              pk::ptx::ldmatrix_x4_trans(af, kron_frag8x2(xt, sx, ik * 16, warp * 16, lane));
+              pk::ptx::ldmatrix_x4(bf, kron_frag8x2(sa_tile, sa, pk * 16, ik * 16, lane));
               kron_mma2<T>(lo, hi, af, bf);
             }
             const uint32_t ub_lo[2] = {pack2<T>(lo[0], lo[1]), pack2<T>(hi[0], hi[1])};  // columns j 0-7 of the slice
@@ -471,8 +478,7 @@ PK_UNROLL
             for (int qt = 0; qt < kTcTiles; ++qt) {
               if (qt >= nq) break;
               uint32_t af[4];
-              pk::ptx::ldmatrix_x4_trans(af, yt + (pk * 16 + (lane >> 4) * 8 + (lane & 7)) * sy + qt * 16 +
-                                                 ((lane >> 3) & 1) * 8);
+              pk::ptx::ldmatrix_x4_trans(af, kron_frag8x2(yt, sy, pk * 16, qt * 16, lane));
               mma<T>(db[qt][0], af, ub_lo);
               mma<T>(db[qt][1], af, ub_hi);
             }
@@ -485,10 +491,8 @@ PK_UNROLL
             float acc[2][4] = {};
             for (int pk = 0; pk < np; ++pk) {
               uint32_t af[4], bf[4];
-              pk::ptx::ldmatrix_x4_trans(af, g_tile + (pk * 16 + (lane >> 4) * 8 + (lane & 7)) * sx + warp * 16 +
-                                                 ((lane >> 3) & 1) * 8);
-              pk::ptx::ldmatrix_x4_trans(bf, sa_tile + (pk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * sa + ic * 16 +
-                                                 (lane >> 4) * 8);
+              pk::ptx::ldmatrix_x4_trans(af, kron_frag8x2(g_tile, sx, pk * 16, warp * 16, lane));
+              pk::ptx::ldmatrix_x4_trans(bf, kron_frag16(sa_tile, sa, pk * 16, ic * 16, lane));
               kron_mma2<T>(acc[0], acc[1], af, bf);
             }
 PK_UNROLL
