@@ -113,7 +113,7 @@ def _fused_forward(self, *args, **kwargs):
     """The patched forward: HF's unless training with labels; then the decoder, and the chunked loss in place of the
     logits (``logits`` is None in the output)."""
     cls_forward = type(self).forward
-    bound = inspect.signature(cls_forward).bind(self, *args, **kwargs)
+    bound = self._pk_forward_signature.bind(self, *args, **kwargs)
     arguments = dict(bound.arguments)
     labels = arguments.get("labels")
     if labels is None or not self.training:
@@ -155,5 +155,6 @@ def fuse_causal_lm_loss(model: nn.Module, chunk_tokens: int | None = None) -> nn
         raise ValueError(f"fuse_causal_lm_loss: argument 'chunk_tokens' must be a positive int or None, got "
                          f"{chunk_tokens!r}")
     model._pk_chunk_tokens = chunk_tokens
+    model._pk_forward_signature = inspect.signature(type(model).forward)  # once, not per step
     model.forward = types.MethodType(_fused_forward, model)
     return model
