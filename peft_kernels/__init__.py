@@ -13,7 +13,7 @@ from .loss import fuse_causal_lm_loss
 from .lora_variants import AdaLoRAConfig, DeltaLoRAConfig, DyLoRAConfig, LoRAFAConfig, loftq_init
 from .nf4 import NF4Weight, dynamic_map
 from .qlora import QLoRAConfig, bnb_nf4_state_dict, load_bnb_nf4, weight_bytes
-from .ops import (kron_linear, lora_linear, masked_adamw_step_, masked_sgd_step_, nf4_dequantize, nf4_linear,
+from .ops import (adamw8bit_step_, kron_linear, lora_linear, masked_adamw_step_, masked_sgd_step_, nf4_dequantize, nf4_linear,
                   nf4_quantize, qlora_linear)
 from .prompts import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from .sparse import SparseFTConfig, load_sparse_diff, save_sparse_diff
@@ -21,6 +21,7 @@ from .targeting import apply, trainable_parameters
 from .unified import AdaMixConfig, ProPETLConfig, consistency_loss, merge_experts
 
 __all__ = [
+    "adamw8bit_step_",
     "AdaLoRAConfig",
     "AdaMixConfig",
     "AdapterConfig",

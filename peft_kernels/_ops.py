@@ -262,13 +262,19 @@ def _register_kron(namespace: str) -> None:
 
 
 def _register_sparse(namespace: str) -> None:
-    """Fakes of the in-place sparse optimizer steps: they return nothing and write only their (a!) arguments."""
+    """Fakes of the in-place optimizer steps (sparse and 8-bit): they return nothing and write only their (a!)
+    arguments."""
     @torch.library.register_fake(f"{namespace}::masked_adamw_step_")
     def _(param, grad, indices, exp_avg, exp_avg_sq, master, step, lr, beta1, beta2, eps, weight_decay, child_p, seed):
         return None
 
     @torch.library.register_fake(f"{namespace}::masked_sgd_step_")
     def _(param, grad, indices, momentum_buffer, master, step, lr, momentum, weight_decay, child_p, seed):
+        return None
+
+    @torch.library.register_fake(f"{namespace}::adamw8bit_step_")
+    def _(param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, signed_map, unsigned_map, step, lr,
+          beta1, beta2, eps, weight_decay):
         return None
 
 

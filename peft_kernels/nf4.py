@@ -16,25 +16,28 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 @functools.lru_cache(maxsize=None)
-def _dynamic_map_cpu() -> torch.Tensor:
+def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
     values = [0.0, 1.0]
-    # 7 decades (1e-6 .. 1), decade i holding 2**i evenly spaced magnitudes (midpoints of linspace(0.1, 1)),
-    # each with both signs: 254 + 2 = 256 entries, the map bitsandbytes calls "dynamic" (signed, 8 bits).
+    # 7 decades (1e-6 .. 1), decade i holding evenly spaced magnitudes (midpoints of linspace(0.1, 1)): 2**i of
+    # them with both signs (signed), or 2**(i + 1) positive ones (unsigned); 254 + 2 = 256 entries either way,
+    # the maps bitsandbytes calls "dynamic" and "udynamic" (8 bits).
     for i in range(7):
-        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        count = 2**i if signed else 2 ** (i + 1)
+        edges = torch.linspace(0.1, 1, count + 1, dtype=torch.float32)
         mids = (edges[:-1] + edges[1:]) / 2.0
         scale = 10 ** (i - 6)
-        values += (scale * mids).tolist() + (-scale * mids).tolist()
+        values += (scale * mids).tolist() + ((-scale * mids).tolist() if signed else [])
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map, fp32 [256] sorted: the code of double-quantized absmax.
+def dynamic_map(device: torch.device | str = "cpu", signed: bool = True) -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic map, fp32 [256] sorted: signed (the code of double-quantized absmax and of
+    :class:`peft_kernels.optim.AdamW8bit`'s first moment) or unsigned (its second moment).
 
     A new tensor at each call: every NF4Weight owns its map (1 KiB). Handing out the cached one made all
     NF4Linear modules on the CPU share one buffer, which save_pretrained (HF Trainer checkpoints) refuses as
     "shared tensors", and which a load_state_dict into any of them would have overwritten for all."""
-    return _dynamic_map_cpu().to(device, copy=True)
+    return _dynamic_map_cpu(signed).to(device, copy=True)
 
 
 @dataclasses.dataclass(frozen=True)

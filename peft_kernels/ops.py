@@ -225,3 +225,39 @@ def masked_sgd_step_(
     arguments as :func:`masked_adamw_step_`."""
     torch.ops.peft_kernels.masked_sgd_step_(param, grad, indices, momentum_buffer, master, step, lr, momentum,
                                             weight_decay, child_p, seed)
+
+
+def adamw8bit_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_absmax: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    exp_avg_sq_absmax: torch.Tensor,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    signed_map: torch.Tensor | None = None,
+    unsigned_map: torch.Tensor | None = None,
+) -> None:
+    """One ``torch.optim.AdamW`` step of ``param`` with both moments stored in 8 bits, in place.
+
+    Args:
+        param: fp32, bf16 or fp16, any shape, contiguous, n elements.
+        grad: param's dtype and number of elements, contiguous.
+        exp_avg, exp_avg_sq: uint8 [n] codes of the first / second moment into ``signed_map`` /
+            ``unsigned_map``; all-zero moments are the codes of 0.0 (127 and 0) with absmax 0.
+        exp_avg_absmax, exp_avg_sq_absmax: fp32 [ceil(n / 256)], each block of 256 elements' scale.
+        step: this update's 1-based count (bias correction).
+        signed_map, unsigned_map: fp32 [256] sorted maps on param's device; default bitsandbytes' dynamic maps
+            (:func:`peft_kernels.dynamic_map`).
+    """
+    if signed_map is None:
+        signed_map = dynamic_map(param.device, signed=True)
+    if unsigned_map is None:
+        unsigned_map = dynamic_map(param.device, signed=False)
+    torch.ops.peft_kernels.adamw8bit_step_(param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax,
+                                           signed_map, unsigned_map, step, lr, beta1, beta2, eps, weight_decay)

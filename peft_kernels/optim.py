@@ -1,8 +1,12 @@
-"""Optimizers that update only selected entries of each parameter, with state for those entries alone:
-:class:`SparseAdamW` and :class:`SparseSGD`, ordinary ``torch.optim.Optimizer`` subclasses (LR schedulers, HF
-Trainer's ``optimizers=(opt, sched)``, ``state_dict()`` / ``load_state_dict()`` with bit-exact resume).
+"""Optimizers with less state than torch's, each an ordinary ``torch.optim.Optimizer`` subclass (LR schedulers, HF
+Trainer's ``optimizers=(opt, sched)``, ``state_dict()`` / ``load_state_dict()`` with bit-exact resume):
 
-Each step is one ``masked_adamw_step_`` / ``masked_sgd_step_`` call per parameter: it reads the k selected
+* :class:`AdamW8bit`: AdamW with both moments stored in 8 bits (2.03 bytes of state per parameter element
+  instead of 8), one ``adamw8bit_step_`` call per parameter.
+* :class:`SparseAdamW` and :class:`SparseSGD`: update only selected entries of each parameter, with state for
+  those entries alone.
+
+For the sparse ones, each step is one ``masked_adamw_step_`` / ``masked_sgd_step_`` call per parameter: it reads the k selected
 entries of the dense ``.grad`` autograd produced and writes k entries of the parameter; every other entry keeps
 its value bit for bit (weight decay included). Per parameter the state is fp32 ``exp_avg`` / ``exp_avg_sq``
 (AdamW) or ``momentum_buffer`` (SGD with momentum) of length k, the indices, and for bf16/fp16 parameters an
@@ -15,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
+from .nf4 import dynamic_map
 
 # Child-Tuning_F draws each element's mask from Philox keyed by (seed, step, flat element index): parameters
 # get distinct seeds (seed + position * the 64-bit golden ratio) so that element i of two parameters of the
@@ -200,6 +206,131 @@ class SparseSGD(_SparseOptimizer):
         return loss
 
 
+class AdamW8bit(torch.optim.Optimizer):
+    """torch.optim.AdamW with both moments stored in 8 bits, blockwise.
+
+    Each step decodes a parameter's moments, applies AdamW's update in fp32 (the same roundings as torch's
+    single-tensor AdamW), and stores the new moments again as uint8 codes, one code per element, with an fp32
+    absmax per block of 256 elements: the first moment in bitsandbytes' signed dynamic map, the second (never
+    negative) in the unsigned one (:func:`peft_kernels.dynamic_map`). State per parameter of n elements:
+    ``exp_avg``, ``exp_avg_sq`` uint8 [n]; ``exp_avg_absmax``, ``exp_avg_sq_absmax`` fp32 [ceil(n / 256)];
+    ``step`` (int): 2 + 8/256 = 2.03 bytes per element, 0.254x fp32 AdamW's 8. Parameters are fp32, bf16 or
+    fp16 and are updated in their own dtype (no fp32 master copy: keep 16-bit parameters' updates above half
+    an ulp, or train fp32 adapters as QLoRA does). Why 256 and how this compares with bitsandbytes:
+    docs/optim8bit.md.
+
+    Args:
+        params: parameters or parameter groups, as for torch.optim.AdamW; dense gradients only.
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
+    """
+
+    _CODES = ("exp_avg", "exp_avg_sq")
+    _SCALES = ("exp_avg_absmax", "exp_avg_sq_absmax")
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        if not lr >= 0.0:
+            raise ValueError(f"AdamW8bit: lr must be >= 0, got {lr}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamW8bit: betas must be two values in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"AdamW8bit: eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"AdamW8bit: weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                    raise TypeError(f"AdamW8bit: parameters must be float32, bfloat16 or float16, got {param.dtype} "
+                                    f"for a parameter of shape {list(param.shape)}")
+        self._maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _maps_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._maps:
+            self._maps[device] = (dynamic_map(device, signed=True), dynamic_map(device, signed=False))
+        return self._maps[device]
+
+    @staticmethod
+    def _blocks(param: torch.Tensor) -> int:
+        return -(-param.numel() // 256)
+
+    def _fresh_state(self, param: torch.Tensor) -> dict:
+        signed, unsigned = self._maps_on(param.device)
+        n, blocks = param.numel(), self._blocks(param)
+        # All-zero moments: the codes of 0.0 (127 in the signed map, 0 in the unsigned one) with absmax 0.
+        zero = lambda code: int((code == 0).nonzero()[0, 0])  # noqa: E731
+        return {
+            "step": 0,
+            "exp_avg": torch.full((n,), zero(signed), dtype=torch.uint8, device=param.device),
+            "exp_avg_absmax": torch.zeros(blocks, dtype=torch.float32, device=param.device),
+            "exp_avg_sq": torch.full((n,), zero(unsigned), dtype=torch.uint8, device=param.device),
+            "exp_avg_sq_absmax": torch.zeros(blocks, dtype=torch.float32, device=param.device),
+        }
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise TypeError("AdamW8bit: sparse gradients are not supported (use SparseAdamW)")
+                if grad.dtype != param.dtype:
+                    raise TypeError(f"AdamW8bit: a gradient must have its parameter's dtype {param.dtype}, got "
+                                    f"{grad.dtype} for a parameter of shape {list(param.shape)}")
+                state = self.state[param]
+                if not state:
+                    state.update(self._fresh_state(param))
+                signed, unsigned = self._maps_on(param.device)
+                step = state["step"] + 1
+                torch.ops.peft_kernels.adamw8bit_step_(
+                    param, grad.contiguous(), state["exp_avg"], state["exp_avg_absmax"], state["exp_avg_sq"],
+                    state["exp_avg_sq_absmax"], signed, unsigned, step, group["lr"], beta1, beta2, group["eps"],
+                    group["weight_decay"])
+                state["step"] = step
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, after checking that every entry is this optimizer's 8-bit state of the right size (a state
+        dict of torch.optim.AdamW, say, is refused with the reason, and nothing changes); the fp32 scales stay fp32
+        for 16-bit parameters (torch casts floating state to the parameter's dtype), so a resumed run continues
+        bit for bit."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(saved_ids) != len(params):
+            raise ValueError(f"AdamW8bit.load_state_dict: the state dict holds {len(saved_ids)} parameters, this "
+                             f"optimizer has {len(params)}")
+        for position, (pid, param) in enumerate(zip(saved_ids, params)):
+            entry = state_dict["state"].get(pid)
+            if entry is None:
+                continue
+            where = f"parameter {position} (shape {list(param.shape)})"
+            expected = {"exp_avg": (torch.uint8, param.numel()), "exp_avg_sq": (torch.uint8, param.numel()),
+                        "exp_avg_absmax": (torch.float32, self._blocks(param)),
+                        "exp_avg_sq_absmax": (torch.float32, self._blocks(param))}
+            for key, (dtype, numel) in expected.items():
+                value = entry.get(key)
+                if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.numel() != numel:
+                    got = (f"{value.dtype} tensor of {value.numel()} elements" if isinstance(value, torch.Tensor)
+                           else "nothing" if value is None else type(value).__name__)
+                    raise ValueError(f"AdamW8bit.load_state_dict: {where} needs {key} as a {dtype} tensor of {numel} "
+                                     f"elements, got {got}: is this the state dict of another optimizer?")
+            if not isinstance(entry.get("step"), int) or entry["step"] < 0:
+                raise ValueError(f"AdamW8bit.load_state_dict: {where} needs an int step >= 0, got {entry.get('step')!r}")
+        super().load_state_dict(state_dict)
+        for pid, param in zip(saved_ids, params):
+            entry = state_dict["state"].get(pid)
+            if entry is not None:
+                for key in self._SCALES:
+                    self.state[param][key] = entry[key].to(device=param.device, dtype=torch.float32).clone()
+
+
 def sparse_parameters(model: torch.nn.Module, indices: Mapping[str, torch.Tensor]) -> list[tuple]:
     """(name, parameter, indices) triples of ``model`` for the optimizers, from a mask builder's result."""
     params = dict(model.named_parameters())
@@ -209,4 +340,4 @@ def sparse_parameters(model: torch.nn.Module, indices: Mapping[str, torch.Tensor
     return [(name, params[name], idx) for name, idx in indices.items()]
 
 
-__all__ = ["SparseAdamW", "SparseSGD", "check_indices", "sparse_parameters"]
+__all__ = ["AdamW8bit", "SparseAdamW", "SparseSGD", "check_indices", "sparse_parameters"]

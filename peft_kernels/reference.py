@@ -246,15 +246,8 @@ def _write_back(param, mask, work, indices, master):
         master.copy_(work[indices.long()])
 
 
-def masked_adamw_step_(param, grad, indices, exp_avg, exp_avg_sq, master, step, lr, beta1, beta2, eps, weight_decay,
-                       child_p=1.0, seed=0) -> None:
-    """Reference of ``torch.ops.peft_kernels.masked_adamw_step_``: torch's single-tensor AdamW over the whole
-    parameter with the gradient multiplied by the mask (and Child-Tuning_F's Bernoulli mask), state scattered
-    to dense tensors; then only the masked entries of param (and the state) are written back."""
-    mask, p, g = _masked_dense(param, grad, indices, master, child_p, seed, step)
-    m = torch.zeros_like(p)
-    v = torch.zeros_like(p)
-    m[indices.long()], v[indices.long()] = exp_avg, exp_avg_sq
+def _adamw_(p, m, v, g, step, lr, beta1, beta2, eps, weight_decay) -> None:
+    """torch's single-tensor AdamW on fp32 tensors p, m, v with gradient g, in place."""
     p.mul_(1 - lr * weight_decay)
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -264,6 +257,18 @@ def masked_adamw_step_(param, grad, indices, exp_avg, exp_avg_sq, master, step, 
     bc2_sqrt = torch.tensor(math.sqrt(1 - beta2**step), dtype=torch.float32, device=v.device)
     denom = (v.double().sqrt().float() / bc2_sqrt).add_(eps)
     p.addcdiv_(m, denom, value=-(lr / (1 - beta1**step)))
+
+
+def masked_adamw_step_(param, grad, indices, exp_avg, exp_avg_sq, master, step, lr, beta1, beta2, eps, weight_decay,
+                       child_p=1.0, seed=0) -> None:
+    """Reference of ``torch.ops.peft_kernels.masked_adamw_step_``: torch's single-tensor AdamW over the whole
+    parameter with the gradient multiplied by the mask (and Child-Tuning_F's Bernoulli mask), state scattered
+    to dense tensors; then only the masked entries of param (and the state) are written back."""
+    mask, p, g = _masked_dense(param, grad, indices, master, child_p, seed, step)
+    m = torch.zeros_like(p)
+    v = torch.zeros_like(p)
+    m[indices.long()], v[indices.long()] = exp_avg, exp_avg_sq
+    _adamw_(p, m, v, g, step, lr, beta1, beta2, eps, weight_decay)
     _write_back(param, mask, p, indices, master)
     exp_avg.copy_(m[indices.long()])
     exp_avg_sq.copy_(v[indices.long()])
@@ -284,3 +289,40 @@ def masked_sgd_step_(param, grad, indices, momentum_buffer, master, step, lr, mo
         g = buf
     p.add_(g, alpha=-lr)
     _write_back(param, mask, p, indices, master)
+
+
+# ---- 8-bit AdamW (csrc/include/peft_kernels/adamw8bit.h) -------------------------------------------------------
+ADAMW8BIT_BLOCK = 256
+
+
+def _nearest_entry(code: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Index of the entry of the sorted ``code`` nearest to each value of ``s`` (a tie keeps the lower entry)."""
+    lo = (torch.searchsorted(code, s, right=True) - 1).clamp(0, code.numel() - 1)
+    hi = (lo + 1).clamp(max=code.numel() - 1)
+    closer_hi = (code[hi] - s).abs() < (s - code[lo]).abs()
+    return torch.where(closer_hi & (lo < code.numel() - 1), hi, lo).to(torch.uint8)
+
+
+def adamw8bit_step_(param, grad, exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, signed_map, unsigned_map,
+                    step, lr, beta1, beta2, eps, weight_decay, block: int = ADAMW8BIT_BLOCK) -> None:
+    """Reference of ``torch.ops.peft_kernels.adamw8bit_step_``: decode both moments (``map[code] * absmax`` of
+    their block of ``block`` elements), torch's single-tensor AdamW in fp32, then re-encode the new moments with
+    their blocks' new absmax (entry nearest to ``moment * (1 / absmax)``, clamped to [-1, 1]). ``block`` other
+    than 256 serves the block-size study only (the op's block is 256)."""
+    n = param.numel()
+    nblocks = -(-n // block)
+
+    def per_element(absmax):
+        return absmax.repeat_interleave(block)[:n]
+
+    m = signed_map[exp_avg.long()] * per_element(exp_avg_absmax)
+    v = unsigned_map[exp_avg_sq.long()] * per_element(exp_avg_sq_absmax)
+    p = param.detach().reshape(-1).float().clone()
+    _adamw_(p, m, v, grad.reshape(-1).float(), step, lr, beta1, beta2, eps, weight_decay)
+    param.view(-1).copy_(p.to(param.dtype))
+    for moment, codes, absmax, code in ((m, exp_avg, exp_avg_absmax, signed_map), (v, exp_avg_sq, exp_avg_sq_absmax,
+                                                                                     unsigned_map)):
+        padded = torch.nn.functional.pad(moment, (0, nblocks * block - n))
+        absmax.copy_(padded.reshape(nblocks, block).abs().amax(dim=1))
+        scaled = (moment * per_element(1.0 / absmax.clamp(min=1e-38))).clamp(-1, 1)
+        codes.copy_(_nearest_entry(code, scaled))

@@ -72,6 +72,13 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "masked_sgd_step_(Tensor(a!) param, Tensor grad, Tensor indices, Tensor(b!)? momentum_buffer, "
       "Tensor(c!)? master, int step, float lr, float momentum, float weight_decay, float child_p, int seed) -> ()");
+  // One torch.optim.AdamW step of a whole parameter with 8-bit moments, in place (adamw8bit_params.h has the
+  // layout): param [any shape, n elements] fp32/bf16/fp16 and its grad; exp_avg, exp_avg_sq uint8 [n] codes into
+  // signed_map / unsigned_map (fp32 [256], sorted); exp_avg_absmax, exp_avg_sq_absmax fp32 [ceil(n / 256)].
+  m.def(
+      "adamw8bit_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_absmax, "
+      "Tensor(d!) exp_avg_sq, Tensor(e!) exp_avg_sq_absmax, Tensor signed_map, Tensor unsigned_map, int step, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
 }
 
 }  // namespace peft_kernels
