@@ -298,9 +298,9 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, after checking that every entry is this optimizer's 8-bit state of the right size (a state
-        dict of torch.optim.AdamW, say, is refused with the reason, and nothing changes); the fp32 scales stay fp32
-        for 16-bit parameters (torch casts floating state to the parameter's dtype), so a resumed run continues
-        bit for bit."""
+        dict of torch.optim.AdamW, say, is refused with the reason, and nothing changes); the codes stay uint8 and
+        the scales fp32 (torch casts every state tensor of a floating parameter to the parameter's dtype), so a
+        resumed run continues bit for bit."""
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         if len(saved_ids) != len(params):
@@ -327,8 +327,8 @@ class AdamW8bit(torch.optim.Optimizer):
         for pid, param in zip(saved_ids, params):
             entry = state_dict["state"].get(pid)
             if entry is not None:
-                for key in self._SCALES:
-                    self.state[param][key] = entry[key].to(device=param.device, dtype=torch.float32).clone()
+                for key in (*self._CODES, *self._SCALES):
+                    self.state[param][key] = entry[key].to(device=param.device).clone()
 
 
 def sparse_parameters(model: torch.nn.Module, indices: Mapping[str, torch.Tensor]) -> list[tuple]:

@@ -58,20 +58,27 @@ KRON_TC = (37, 13, 3, 24, 40)
 # of the param), one from a multiple of 4 with a gap (64, 65, 66, 68), one consecutive from 70, one more run.
 ADAMW_NUMEL, ADAMW_K, ADAMW_SEED, ADAMW_P = 4999, 1531, 77, 0.6
 ADAMW_HEAD = list(range(64)) + [64, 65, 66, 68] + [70, 71, 72, 73] + [76, 77, 78, 79]
+# 8-bit AdamW: 5420 elements are two 256-thread blocks (8 warps of 512 elements, then 2 full spans and a partial
+# one of 300: a whole absmax block and 44 elements of a 22nd), 3 steps from zero moments; gradients spread over
+# four decades so the moments use much of the dynamic maps
+ADAMW8_NUMEL, ADAMW8_STEPS = 5420, 3
 
 if not (CUDA_INCLUDE / "cuda_runtime.h").is_file() or shutil.which("g++") is None:
     pytest.skip(f"needs g++ and the CUDA headers under {CUDA_INCLUDE} (set CUDA_HOME)", allow_module_level=True)
 
 
 def build(out_dir: pathlib.Path, sanitizer: str | None, replace: dict[str, str] | None = None) -> pathlib.Path:
-    """Compile the driver; `replace` maps a csrc/cuda file name to the text that stands in for it (written to
-    out_dir, which comes first on the include path)."""
+    """Compile the driver; `replace` maps a csrc/cuda file name to the text that stands in for it. The mutated
+    sources are a copy of csrc/cuda in out_dir: a header such as launch.h is found by the .cu files that include
+    it (a quoted include looks in the including file's directory first)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    includes = []
-    for name, text in (replace or {}).items():
-        (out_dir / name).write_text(text)
-        includes.append(f"-I{out_dir}")
-    includes += [f"-I{CSRC / 'cuda'}", f"-I{CSRC / 'include'}", f"-I{CSRC / 'sim'}", f"-I{CUDA_INCLUDE}"]
+    cuda_dir = CSRC / "cuda"
+    if replace:
+        cuda_dir = out_dir / "cuda"
+        shutil.copytree(CSRC / "cuda", cuda_dir, dirs_exist_ok=True)
+        for name, text in replace.items():
+            (cuda_dir / name).write_text(text)
+    includes = [f"-I{cuda_dir}", f"-I{CSRC / 'include'}", f"-I{CSRC / 'sim'}", f"-I{CUDA_INCLUDE}"]
     exe = out_dir / "kernel_driver"
     flags = ["-std=c++20", "-O1", "-g", "-ffp-contract=off", "-DPEFT_KERNELS_CUDASIM"]
     if sanitizer:
@@ -121,6 +128,9 @@ class Case:
         self.adamw_grad = torch.randn(ADAMW_NUMEL, generator=g)
         rest = 80 + torch.randperm(ADAMW_NUMEL - 80, generator=g)[:ADAMW_K - len(ADAMW_HEAD)].sort().values
         self.adamw_idx = torch.cat([torch.tensor(ADAMW_HEAD), rest])
+        self.adamw8_param = torch.randn(ADAMW8_NUMEL, generator=g)
+        self.adamw8_grad = torch.randn(ADAMW8_STEPS, ADAMW8_NUMEL, generator=g) * 10 ** torch.empty(
+            ADAMW8_STEPS, ADAMW8_NUMEL).uniform_(-4, 0, generator=g)
         self.wide_x = torch.randn(WIDE_GEMV["m"], WIDE_GEMV["in_"], generator=g)
         self.wide_weight = torch.randn(WIDE_GEMV["out"] * WIDE_GEMV["in_"], generator=g)
         write(work / "weight.f32", self.weight)
@@ -293,6 +303,27 @@ class Case:
                 compare(f"masked_adamw {variant} v", read(self.work / "v.f32", torch.float32), v)
                 if bf16:
                     compare(f"masked_adamw {variant} master", read(self.work / "master.f32", torch.float32), master)
+        # 8-bit AdamW against the reference bit for bit: fp32 and bf16 params through the 16-byte path, an fp32
+        # param 4 bytes off alignment through the element-wise path
+        signed, unsigned = pk.dynamic_map(signed=True), pk.dynamic_map(signed=False)
+        write(self.work / "signed.f32", signed)
+        write(self.work / "unsigned.f32", unsigned)
+        for variant in ("f32", "bf16", "unaligned"):
+            dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+            param = self.adamw8_param.to(dtype)
+            grads = self.adamw8_grad.to(dtype)
+            write(self.work / "param.f32", param.float())
+            write(self.work / "grad.f32", grads.float())
+            if step("adamw8bit", ADAMW8_NUMEL, ADAMW8_STEPS, variant):
+                n, blocks = ADAMW8_NUMEL, -(-ADAMW8_NUMEL // 256)
+                state = [torch.full((n,), 127, dtype=torch.uint8), torch.zeros(blocks),
+                         torch.zeros(n, dtype=torch.uint8), torch.zeros(blocks)]
+                for s in range(ADAMW8_STEPS):
+                    R.adamw8bit_step_(param, grads[s], *state, signed, unsigned, s + 1, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+                compare(f"adamw8bit {variant} param", read(self.work / "param.f32", torch.float32), param.float())
+                for name, got, want in (("m.u8", torch.uint8, state[0]), ("m_absmax.f32", torch.float32, state[1]),
+                                        ("v.u8", torch.uint8, state[2]), ("v_absmax.f32", torch.float32, state[3])):
+                    compare(f"adamw8bit {variant} {name}", read(self.work / name, got), want)
         return problems
 
 
@@ -310,7 +341,8 @@ def test_kernels_clean_under_sanitizer(work, sanitizer):
 # The driver's kernels by source file
 KERNELS_OF = {"nf4.cu": {"encode", "quantize8", "decode", "decode8", "gemv"}, "nf4_gemm.cu": {"gemm", "dx"},
               "lora_linear.cu": {"lora_down", "lora_bwd"}, "kron_linear.cu": {"kron_fwd", "kron_bwd"},
-              "masked_adamw.cu": {"masked_adamw"}}
+              "masked_adamw.cu": {"masked_adamw"}, "adamw8bit.cu": {"adamw8bit"},
+              "launch.h": {"encode", "quantize8", "adamw8bit"}}
 SOURCES = {name: (CSRC / "cuda" / name).read_text() for name in KERNELS_OF}
 
 # (id, file, text to replace, replacement, sanitizer the mutant is built with, a regex for how it must be caught)
@@ -318,9 +350,9 @@ MUTANTS = [
     # quantize8: warp 0 reads the other warps' partial maxima with no barrier after they are written
     ("missing-barrier", "nf4.cu", "    __syncthreads();\n    if (warp == 0) {", "    if (warp == 0) {", "thread",
      r"^quantize8: exit 66: WARNING: ThreadSanitizer: data race"),
-    # the shuffle reduction skips the lanes 16 apart: half of each warp's maximum is lost
-    ("short-reduction", "nf4.cu", "for (int offset = 16; offset > 0; offset >>= 1) m =", "for (int offset = 8; offset > 0; offset >>= 1) m =", None,
-     r"^encode absmax: \d+ of 11"),
+    # the warps' absmax reduction (launch.h) skips the lanes 16 apart: half of each warp's maximum is lost
+    ("short-reduction", "launch.h", "for (int offset = 16; offset > 0; offset >>= 1) m =", "for (int offset = 8; offset > 0; offset >>= 1) m =", None,
+     r"^(encode absmax: \d+ of 11|adamw8bit f32 m_absmax.f32: \d+ of 22)"),
     # the 16-byte decode stores the pair past the last chunk: one 64-element group past the end of out
     ("off-by-one", "nf4.cu", "if (2 * d + q / 2 < chunks) {", "if (2 * d + q / 2 <= chunks) {", "address",
      r"^decode: exit 67: ==\d+==ERROR: AddressSanitizer: heap-buffer-overflow"),
@@ -423,6 +455,16 @@ MUTANTS = [
     ("adamw-grad-position", "masked_adamw.cu", "g[i] = load_f32(grad, e[i]);", "g[i] = load_f32(grad, slot.at(i));",
      None, r"^masked_adamw i64-dense-f32 param: \d+ of 4999"),
     # Child-Tuning_F's mask keyed by the position in the selection instead of the element
+    # 8-bit AdamW: the warp's span also taken whole when it runs past the parameter's end
+    ("adamw8bit-off-by-one", "adamw8bit.cu", "if (kAligned && base + kSpan <= p.n)", "if (kAligned && base < p.n)",
+     "address", r"^adamw8bit: exit 67: ==\d+==ERROR: AddressSanitizer: heap-buffer-overflow"),
+    # the codes read back in their loaded order (lane L's 16) instead of the parameter's order
+    ("adamw8bit-code-order", "adamw8bit.cu", "load_codes(staged[s] + O::element(a, lane, 0), q[s][a]);",
+     "load_codes(staged[s] + 16 * lane + a * W, q[s][a]);", None, r"^adamw8bit f32 param: \d+ of 5420"),
+    # lanes overwrite the staged codes with new ones while others may still be reading the old ones
+    ("adamw8bit-missing-syncwarp", "adamw8bit.cu",
+     "    __syncwarp();  // every lane has read its old codes out of `staged`\n", "", "thread",
+     r"^adamw8bit: exit 66: WARNING: ThreadSanitizer: data race"),
     ("adamw-child-key", "masked_adamw.cu", "sparse::child_scale(p.child, e[i])", "sparse::child_scale(p.child, slot.at(i))",
      None, r"^masked_adamw i64-dense-f32 param: \d+ of 4999"),
 ]

@@ -86,13 +86,6 @@ template <int W> __device__ __forceinline__ void store_codes(uint8_t* at, const 
   }
 }
 
-// The max of magnitudes over the warp, NaN-propagating (a NaN moment must reach the absmax, as on the CPU); the
-// xor butterfly gives every lane the same value in the same order.
-__device__ __forceinline__ float warp_absmax(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v = nf4::absmax_step(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
-
 // One warp's step over the span [base, base + kSpan). kFull: the span is inside the parameter and every pointer
 // 16-byte aligned, so all accesses are vectors; otherwise (the parameter's last span, or a view at an unaligned
 // offset) every element is read and written on its own and those past n are skipped.

@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "peft_kernels/hd.h"
+#include "peft_kernels/nf4.h"
 
 namespace peft_kernels::cuda {
 
@@ -94,6 +95,14 @@ template <class V> __device__ __forceinline__ void store8(void* p, const V& v) {
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
+}
+
+// The max of |v| over the 32 lanes of a warp, in every lane (all lanes must call it): NaN-propagating, so that a
+// NaN reaches an absmax (and the checks on it) as on the CPU; the xor butterfly combines in the same order in
+// every lane.
+__device__ __forceinline__ float warp_absmax(float m) {
+  for (int offset = 16; offset > 0; offset >>= 1) m = nf4::absmax_step(m, __shfl_xor_sync(0xffffffffu, m, offset));
+  return m;
 }
 
 // Runs launch.template operator()<T>() with T the CUDA element type of `dtype`, then reports the launch's

@@ -9,10 +9,6 @@
 namespace peft_kernels::cuda {
 namespace {
 
-__device__ __forceinline__ float warp_absmax(float m) {
-  for (int offset = 16; offset > 0; offset >>= 1) m = nf4::absmax_step(m, __shfl_xor_sync(0xffffffffu, m, offset));
-  return m;
-}
 
 // One warp per NF4 block: lane l owns element pairs l, l+32, ... (one byte of output each), so a warp reads
 // 64 consecutive elements per step (coalesced) and blocksize 64 — the common case — is one pair per lane.

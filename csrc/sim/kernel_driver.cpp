@@ -22,10 +22,15 @@
 //                           indices, dense fp32 grad), i32-compact-bf16 (int32 indices, compact bf16 grad [K],
 //                           bf16 param rounded from param.f32 with an fp32 master copy), unaligned (as the first,
 //                           exp_avg and exp_avg_sq 4 bytes off 16-byte alignment: the lane-strided path)
+//   kernel_driver adamw8bit DIR NUMEL STEPS VARIANT  param.f32 grad.f32 (STEPS x NUMEL) signed.f32 unsigned.f32
+//                           -> param.f32 m.u8 m_absmax.f32 v.u8 v_absmax.f32 after STEPS steps from zero moments;
+//                           VARIANT: f32, bf16 (param and grads rounded to bf16), unaligned (f32, param 4 bytes off
+//                           16-byte alignment: the element-wise path)
 //
 // SHIFT (default 0): decode writes out, gemv reads x, SHIFT floats into its allocation: 1 leaves it only 4-byte
 // aligned, for the kernels' paths that take any alignment.
 #include "launch.h"
+#include "adamw8bit.cu"
 #include "kron_linear.cu"
 #include "lora_linear.cu"
 #include "masked_adamw.cu"
@@ -304,6 +309,40 @@ int main(int argc, char** argv) {
     }
     save(dir, "m.f32", m, k);
     save(dir, "v.f32", v, k);
+  } else if (kernel == "adamw8bit") {
+    if (argc < 6) die("usage: kernel_driver adamw8bit DIR NUMEL STEPS VARIANT");
+    const int steps = std::atoi(argv[4]);
+    const std::string variant = argv[5];
+    if (variant != "f32" && variant != "bf16" && variant != "unaligned") die("unknown adamw8bit variant " + variant);
+    const Typed io(dir, variant == "bf16" ? "bf16" : "f32");
+    void* param = variant == "unaligned" ? static_cast<void*>(load<float>(dir, "param.f32", n, 1)) : io.input("param.f32", n);
+    const void* grads = io.input("grad.f32", size_t(steps) * n);
+    const int64_t blocks = adamw8bit::blocks(n);
+    uint8_t* m = alloc<uint8_t>(n);
+    uint8_t* v = alloc<uint8_t>(n);
+    float* m_absmax = alloc<float>(blocks);
+    float* v_absmax = alloc<float>(blocks);
+    cudaMemset(m, 127, n);  // the code of 0.0 in the signed map
+    cudaMemset(v, 0, n);
+    cudaMemset(m_absmax, 0, blocks * 4);
+    cudaMemset(v_absmax, 0, blocks * 4);
+    const float* signed_map = load<float>(dir, "signed.f32", 256);
+    const float* unsigned_map = load<float>(dir, "unsigned.f32", 256);
+    // lr 1e-2, betas (0.9, 0.999), eps 1e-8, weight decay 0.1: the scalars as the op body computes them
+    const double lr = 1e-2, beta1 = 0.9, beta2 = 0.999, wd = 0.1;
+    for (int step = 1; step <= steps; ++step) {
+      const sparse::AdamWScalars h{float(1.0 - lr * wd), float(1.0 - beta1), float(beta2), float(1.0 - beta2),
+                                   float(std::sqrt(1.0 - std::pow(beta2, double(step)))), 1e-8f,
+                                   float(-(lr / (1.0 - std::pow(beta1, double(step)))))};
+      const void* grad = static_cast<const char*>(grads) + size_t(step - 1) * n * (io.b16 ? 2 : 4);
+      check(cuda::adamw8bit({param, grad, m, m_absmax, v, v_absmax, signed_map, unsigned_map, n, io.dtype(), h}, nullptr),
+            "adamw8bit");
+    }
+    io.save_out("param.f32", param, n);
+    save(dir, "m.u8", m, n);
+    save(dir, "v.u8", v, n);
+    save(dir, "m_absmax.f32", m_absmax, blocks);
+    save(dir, "v_absmax.f32", v_absmax, blocks);
   } else {
     die("unknown kernel " + kernel);
   }
