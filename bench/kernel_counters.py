@@ -14,7 +14,7 @@ roofline for the product with a dense bf16 weight. 989 TFLOPS is the wgmma peak:
 thirds of it on H100, so at compute-bound sizes expect ~1.5x the predicted time. Grids over 512 blocks, and
 the tensor-core kernels' grids at every size, are sampled (the edge blocks and 8 interior ones; "sampled"). Registers and static shared bytes per
 block come from ptxas for sm_90 (python_tests/ptxas_report.py; "–" without nvcc), not from the executor.
-Where the driver names its buffers (masked_adamw), a second table gives each buffer's own sector efficiency,
+Where the driver names its buffers (masked_adamw, adamw8bit), a second table gives each buffer's own sector efficiency,
 warp requests and DRAM bytes.
 """
 
@@ -45,7 +45,8 @@ def dense_us(m: int, n_in: int, n_out: int) -> float:
 # dense bf16 roofline µs of the same product or None[, the case's DTYPE instead of --dtype])
 def _cases() -> dict[str, list[tuple[str, tuple, float, float | None]]]:
     cases: dict[str, list] = {"nf4_gemv": [], "nf4_gemm": [], "nf4_linear_dx": [], "nf4_decode": [], "lora_down": [],
-                              "lora_backward": [], "kron_forward": [], "kron_backward": [], "masked_adamw": []}
+                              "lora_backward": [], "kron_forward": [], "kron_backward": [], "masked_adamw": [],
+                              "adamw8bit": []}
     for n_in, n_out in ((4096, 4096), (4096, 11008), (11008, 4096)):
         w = n_in * n_out
         packed = w / 2 + w / 64 + 4 * w / 64 / 256  # codes, 8-bit absmax, nested fp32 absmax
@@ -86,6 +87,13 @@ def _cases() -> dict[str, list[tuple[str, tuple, float, float | None]]]:
         param = 2 * 4 * k if dtype == "f32" else size * k + 2 * 4 * k
         cases["masked_adamw"].append((f"4096x4096, 1% selected, {label}", (numel, k, bits, compact),
                                       bits // 8 * k + size * k + param + 4 * k * 2 * 2, None, dtype))
+    # AdamW8bit at LLaMA-7B's LoRA r = 64 factors (A of q_proj [64, 4096], B of up_proj [11008, 64]) and a full
+    # 4096 x 4096 weight. Minimum: param read and written, grad read, both codes read and written, the absmax.
+    for label, n, dtype in (("4096x64, fp32 (LoRA A, r=64)", 4096 * 64, "f32"),
+                            ("11008x64, fp32 (LoRA B, r=64)", 11008 * 64, "f32"),
+                            ("4096x4096, fp32", 4096 * 4096, "f32"), ("4096x4096, bf16", 4096 * 4096, "bf16")):
+        size = 4 if dtype == "f32" else B16
+        cases["adamw8bit"].append((label, (n, ), 3 * size * n + 2 * 2 * n + 2 * 2 * 4 * -(-n // 256), None, dtype))
     return cases
 
 

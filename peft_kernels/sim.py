@@ -46,6 +46,7 @@ OPS = {
     "kron_forward": "M AO AI BO BI DTYPE",
     "kron_backward": "M AO AI BO BI DTYPE",
     "masked_adamw": "NUMEL K BITS COMPACT DTYPE",
+    "adamw8bit": "NUMEL DTYPE",
 }
 
 

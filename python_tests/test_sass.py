@@ -31,6 +31,8 @@ from ptxas_report import ROOT, demangle, parse_report
 # twin, "..., false>", makes 4-byte accesses by design).
 _SPARSE_VECTOR = {f"{op}_kernel<{t}, {i}, true>" for op in ("adamw", "sgd") for t in ("float", "__nv_bfloat16")
                   for i in ("int", "long")}
+# The 8-bit AdamW's aligned instantiations move the parameter, gradient and codes 16 bytes at a time.
+_ADAMW8_VECTOR = {f"adamw8bit_kernel<{t}, true>" for t in ("float", "__nv_bfloat16", "__half")}
 _TENSOR_CORE = {"nf4_gemm_kernel", "nf4_dx_kernel", "down_tc_kernel", "dx_tc_kernel", "da_tc_kernel",
                 "kron_fwd_tc_kernel", "kron_bwd_tc_kernel"}
 # KronA's y (forward) and dx are read-modify-written 16 bytes at a time
@@ -38,8 +40,8 @@ _KRON_VECTOR = {"kron_fwd_tc_kernel", "kron_bwd_tc_kernel"}
 DECLARED: dict[str, set[str]] = {
     "tensor_core": _TENSOR_CORE,
     "pipelined": _TENSOR_CORE,
-    "vector16_load": _SPARSE_VECTOR | _KRON_VECTOR,
-    "vector16_store": _SPARSE_VECTOR | _KRON_VECTOR,
+    "vector16_load": _SPARSE_VECTOR | _KRON_VECTOR | _ADAMW8_VECTOR,
+    "vector16_store": _SPARSE_VECTOR | _KRON_VECTOR | _ADAMW8_VECTOR,
 }
 
 # The SASS opcode proving each trait on sm_80..sm_90: mma.sync -> HMMA, cp.async -> LDGSTS, a 16-byte global load

@@ -43,7 +43,7 @@ template <class T> struct Order {
   static constexpr int kWidth = 16 / static_cast<int>(sizeof(T));
   static constexpr int kAccesses = kPerLane / kWidth;
   static __device__ int element(int a, int lane, int c) { return (32 * a + lane) * kWidth + c; }
-  static constexpr int block(int a) { return a * kWidth * 32 / kBlock; }
+  static constexpr __host__ __device__ int block(int a) { return a * kWidth * 32 / kBlock; }
 };
 
 // 16 bytes of T as fp32 values, and back (round to nearest even).
@@ -161,11 +161,19 @@ PK_UNROLL
       peak[s][b] = warp_absmax(peak[s][b]);
       inv[s][b] = nf4::inv_scale(peak[s][b]);
     }
-  // Lanes 0-3 store the four new absmax values: one instruction.
-  if (lane < 2 * kSpanBlocks) {
-    const int s = lane / kSpanBlocks, b = lane % kSpanBlocks;
-    if (first_block + b < n_blocks) absmax[s][first_block + b] = peak[s][b];
-  }
+  // Lanes 0-3 store the four new absmax values: one instruction. Selected with compile-time indices: indexing
+  // peak by the lane would put it in local memory.
+  float value = 0.0f;
+  float* to = nullptr;
+PK_UNROLL
+  for (int s = 0; s < 2; ++s)
+PK_UNROLL
+    for (int b = 0; b < kSpanBlocks; ++b)
+      if (lane == s * kSpanBlocks + b && first_block + b < n_blocks) {
+        value = peak[s][b];
+        to = absmax[s] + first_block + b;
+      }
+  if (to != nullptr) *to = value;
 PK_UNROLL
   for (int s = 0; s < 2; ++s)
 PK_UNROLL

@@ -15,9 +15,15 @@
 //                                                 64), the grad compact [K] (COMPACT 1) or dense [NUMEL] (0);
 //                                                 16-bit DTYPE with an fp32 master copy. Buffers are named for
 //                                                 the per-buffer counters.
+//   pk_simprof adamw8bit     NUMEL DTYPE          one 8-bit AdamW step of a parameter of NUMEL elements; its codes
+//                                                 start uniformly random (every lane of a warp decodes a
+//                                                 different map entry: the most bank conflicts a real state
+//                                                 can cause) with absmax 0.5. Buffers are named.
 //
 // DTYPE: bf16, f16 or f32. Values are a fixed pseudo-random pattern: counters do not depend on them (no kernel
-// here branches on data, except the sparse indices, which are spread evenly as a magnitude mask would be).
+// here branches on data, except the sparse indices, which are spread evenly as a magnitude mask would be, and the
+// 8-bit optimizer's map lookups, whose shared-memory banks follow the codes).
+#include "adamw8bit_launch.h"
 #include "kron_launch.h"
 #include "lora_launch.h"
 #include "masked_adamw_launch.h"
@@ -28,6 +34,7 @@
 
 #include "cudasim.h"  // label_buffer
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -228,6 +235,60 @@ int main(int argc, char** argv) {
     const sparse::AdamWScalars h{0.999f, 0.1f, 0.999f, 0.001f, 0.0316f, 1e-8f, -1e-3f};
     const sparse::ChildMask child{0, 1, 0u, 1.0f};
     check(cuda::masked_adamw({sel, m, v, h, child}, nullptr), "masked_adamw");
+  } else if (op == "adamw8bit") {
+    need(2, "NUMEL DTYPE");
+    const int64_t n = arg(argv, 2);
+    const DType t = dtype_of(argv[3]);
+    if (n < 1) die("adamw8bit needs NUMEL >= 1, got " + std::to_string(n));
+    const int64_t blocks = adamw8bit::blocks(n);
+    // bitsandbytes' signed and unsigned dynamic maps up to fp32 rounding (peft_kernels.dynamic_map builds the
+    // exact ones with torch.linspace): the counters need their order, not their last bits
+    std::vector<float> signed_map{0.0f, 1.0f}, unsigned_map{0.0f, 1.0f};
+    for (int i = 0; i < 7; ++i) {
+      const double scale = std::pow(10.0, i - 6);
+      for (int is_signed = 0; is_signed < 2; ++is_signed) {
+        const int count = is_signed ? 1 << i : 2 << i;
+        for (int j = 0; j < count; ++j) {
+          const float mid = float(scale * (0.1 + 0.9 * (j + 0.5) / count));
+          (is_signed ? signed_map : unsigned_map).push_back(mid);
+          if (is_signed) signed_map.push_back(-mid);
+        }
+      }
+    }
+    std::sort(signed_map.begin(), signed_map.end());
+    std::sort(unsigned_map.begin(), unsigned_map.end());
+    void* maps = nullptr;
+    cudaMalloc(&maps, 2 * 256 * 4);
+    cudaMemcpy(maps, signed_map.data(), 256 * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(static_cast<float*>(maps) + 256, unsigned_map.data(), 256 * 4, cudaMemcpyHostToDevice);
+    std::vector<uint8_t> codes(size_t(2 * n));
+    uint32_t s = 0x2545F491u;
+    for (auto& c : codes) {
+      s = s * 1664525u + 1013904223u;
+      c = uint8_t(s >> 24);
+    }
+    auto* m = static_cast<uint8_t*>(bytes(size_t(n), 0));
+    auto* v = static_cast<uint8_t*>(bytes(size_t(n), 0));
+    cudaMemcpy(m, codes.data(), size_t(n), cudaMemcpyHostToDevice);
+    cudaMemcpy(v, codes.data() + n, size_t(n), cudaMemcpyHostToDevice);
+    std::vector<float> half(size_t(blocks), 0.5f);
+    auto* m_absmax = static_cast<float*>(bytes(size_t(blocks) * 4, 0));
+    auto* v_absmax = static_cast<float*>(bytes(size_t(blocks) * 4, 0));
+    cudaMemcpy(m_absmax, half.data(), half.size() * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(v_absmax, half.data(), half.size() * 4, cudaMemcpyHostToDevice);
+    void* param = values(size_t(n), t, 1);
+    void* grad = values(size_t(n), t, 2);
+    cudasim::label_buffer(param, "param");
+    cudasim::label_buffer(grad, "grad");
+    cudasim::label_buffer(m, "exp_avg codes");
+    cudasim::label_buffer(v, "exp_avg_sq codes");
+    cudasim::label_buffer(m_absmax, "exp_avg absmax");
+    cudasim::label_buffer(v_absmax, "exp_avg_sq absmax");
+    cudasim::label_buffer(maps, "maps");
+    const sparse::AdamWScalars h{0.999f, 0.1f, 0.999f, 0.001f, 0.0316f, 1e-8f, -1e-3f};
+    check(cuda::adamw8bit({param, grad, m, m_absmax, v, v_absmax, static_cast<const float*>(maps),
+                           static_cast<const float*>(maps) + 256, n, t, h}, nullptr),
+          "adamw8bit");
   } else {
     die("unknown op " + op);
   }
