@@ -44,8 +44,11 @@ Printed per run, in MiB:
   allocator at marks in the step (a forward hook at the decoder's end, a gradient hook on its output, after
   forward and after backward): what the decoder's forward leaves (checkpoints, the final norm's saved tensors);
   the loss path (head, loss and their backward) above that; the decoder's backward above its start (one layer's
-  recompute and backward under checkpointing); what is alive at backward's end (the adapter gradients); the
-  optimizer step's temporaries; the peak of each phase and of the step (their maximum), and at rest + peak.
+  recompute and backward under checkpointing); the adapter gradients (computed: the adapters' bytes) and what
+  is alive at backward's end (measured: those gradients, and the embeddings' output with its ``.grad``, freed
+  with the graph when the step drops ``loss``: HF's gradient_checkpointing_enable calls
+  enable_input_require_grads, which makes that output a leaf that requires grad, so backward runs through layer
+  0 to it and stores a batch x seq x hidden gradient there); the optimizer step's temporaries; the peak of each phase and of the step (their maximum), and at rest + peak.
 ``--extrapolate`` measures 1 and 2 layers and extrapolates each row linearly to the model's depth (32 / 30);
 the step's peak there is the maximum of the phases' extrapolated peaks, since the phase holding the peak can
 change with depth (the loss path's does not grow with layers, the decoder's backward grows by one checkpoint).
@@ -325,6 +328,7 @@ class Run:
         out["kept"] = p["decoder forward"].end
         out["loss"] = max(p["loss forward"].peak, p["loss backward"].peak) - p["decoder forward"].end
         out["recompute"] = p["decoder backward"].peak - p["decoder backward"].start
+        out["adapter grads"] = self.rest["adapters"]
         out["grads"] = p["decoder backward"].end
         out["optim"] = p["optimizer step"].peak - p["optimizer step"].start
         for name in PHASES:
@@ -346,7 +350,8 @@ ROWS = [  # key, label, how it is counted
     ("kept", "left by the decoder's forward (checkpoints, final norm)", "allocator"),
     ("loss", "loss path (head, loss, backward) above that", "allocator"),
     ("recompute", "decoder backward above its start (a layer's recompute)", "allocator"),
-    ("grads", "alive at backward's end (adapter gradients)", "allocator"),
+    ("adapter grads", "adapter gradients (fp32, as the adapters)", "shapes"),
+    ("grads", "alive at backward's end (gradients, embeddings' output and its grad)", "allocator"),
     ("optim", "optimizer step's temporaries", "allocator"),
     *[("peak " + name, f"peak in {name}", "allocator") for name in PHASES],
     ("peak", "**second-step peak above at rest**", "allocator"),
