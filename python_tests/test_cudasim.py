@@ -461,9 +461,11 @@ MUTANTS = [
     # the codes read back in their loaded order (lane L's 16) instead of the parameter's order
     ("adamw8bit-code-order", "adamw8bit.cu", "load_codes(staged[s] + O::element(a, lane, 0), q[s][a]);",
      "load_codes(staged[s] + 16 * lane + a * W, q[s][a]);", None, r"^adamw8bit f32 param: \d+ of 5420"),
-    # lanes overwrite the staged codes with new ones while others may still be reading the old ones
+    # lanes read the staged new codes back in the global order before the others have written theirs (the barrier
+    # before that read; the one before the writes is also ordered by warp_absmax's shuffles in the executor)
     ("adamw8bit-missing-syncwarp", "adamw8bit.cu",
-     "    __syncwarp();  // every lane has read its old codes out of `staged`\n", "", "thread",
+     "      for (int a = 0; a < A; ++a) store_codes(staged[s] + O::element(a, lane, 0), q[s][a]);\n    __syncwarp();",
+     "      for (int a = 0; a < A; ++a) store_codes(staged[s] + O::element(a, lane, 0), q[s][a]);", "thread",
      r"^adamw8bit: exit 66: WARNING: ThreadSanitizer: data race"),
     ("adamw-child-key", "masked_adamw.cu", "sparse::child_scale(p.child, e[i])", "sparse::child_scale(p.child, slot.at(i))",
      None, r"^masked_adamw i64-dense-f32 param: \d+ of 4999"),
