@@ -34,12 +34,7 @@ void step_op(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& 
              const at::Tensor& unsigned_map, int64_t step, double lr, double beta1, double beta2, double eps,
              double weight_decay) {
   constexpr const char* op = "adamw8bit_step_";
-  sparse::check_step(op, step);
-  sparse::check_range(op, "lr", lr, 0.0, INFINITY, false);
-  sparse::check_range(op, "beta1", beta1, 0.0, 1.0, false);
-  sparse::check_range(op, "beta2", beta2, 0.0, 1.0, false);
-  sparse::check_range(op, "eps", eps, 0.0, INFINITY, false);
-  sparse::check_range(op, "weight_decay", weight_decay, 0.0, INFINITY, false);
+  const sparse::AdamWScalars h = sparse::adamw_scalars(op, step, lr, beta1, beta2, eps, weight_decay);
   const DType dtype = check::float_dtype(op, "param", param.scalar_type());
   check::contiguous(op, "param", param);
   const at::Device device = param.device();
@@ -55,14 +50,6 @@ void step_op(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& 
   check_map(op, "signed_map", signed_map, device);
   check_map(op, "unsigned_map", unsigned_map, device);
   if (n == 0) return;
-  const double steps = static_cast<double>(step);
-  const sparse::AdamWScalars h{static_cast<float>(1.0 - lr * weight_decay),
-                               static_cast<float>(1.0 - beta1),
-                               static_cast<float>(beta2),
-                               static_cast<float>(1.0 - beta2),
-                               static_cast<float>(std::sqrt(1.0 - std::pow(beta2, steps))),
-                               static_cast<float>(eps),
-                               static_cast<float>(-(lr / (1.0 - std::pow(beta1, steps))))};
   typename Backend::Guard guard(device);
   Backend::step(Params{param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr<uint8_t>(), exp_avg_absmax.data_ptr<float>(),
                        exp_avg_sq.data_ptr<uint8_t>(), exp_avg_sq_absmax.data_ptr<float>(),

@@ -112,31 +112,38 @@ inline void check_step(const char* op, int64_t step) {
   TORCH_CHECK_VALUE(step >= 1, op, ": argument 'step' must be >= 1 (the 1-based count of this update), got ", step);
 }
 
-template <class Backend>
-void adamw_op(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& exp_avg,
-              const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& master, int64_t step, double lr,
-              double beta1, double beta2, double eps, double weight_decay, double child_p, int64_t seed) {
-  constexpr const char* op = "masked_adamw_step_";
+// Validates AdamW's hyperparameters and returns torch.optim.AdamW's scalars for this step (shared by the sparse and
+// the 8-bit AdamW ops).
+inline AdamWScalars adamw_scalars(const char* op, int64_t step, double lr, double beta1, double beta2, double eps,
+                                  double weight_decay) {
   check_step(op, step);
   check_range(op, "lr", lr, 0.0, INFINITY, false);
   check_range(op, "beta1", beta1, 0.0, 1.0, false);
   check_range(op, "beta2", beta2, 0.0, 1.0, false);
   check_range(op, "eps", eps, 0.0, INFINITY, false);
   check_range(op, "weight_decay", weight_decay, 0.0, INFINITY, false);
+  const double steps = static_cast<double>(step);
+  return {static_cast<float>(1.0 - lr * weight_decay),
+          static_cast<float>(1.0 - beta1),
+          static_cast<float>(beta2),
+          static_cast<float>(1.0 - beta2),
+          static_cast<float>(std::sqrt(1.0 - std::pow(beta2, steps))),
+          static_cast<float>(eps),
+          static_cast<float>(-(lr / (1.0 - std::pow(beta1, steps))))};
+}
+
+template <class Backend>
+void adamw_op(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& exp_avg,
+              const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& master, int64_t step, double lr,
+              double beta1, double beta2, double eps, double weight_decay, double child_p, int64_t seed) {
+  constexpr const char* op = "masked_adamw_step_";
+  const AdamWScalars h = adamw_scalars(op, step, lr, beta1, beta2, eps, weight_decay);
   const ChildMask child = make_child_mask(op, child_p, seed, step);
   const int64_t k = indices.numel();
   check_state(op, "exp_avg", exp_avg, k, param.device());
   check_state(op, "exp_avg_sq", exp_avg_sq, k, param.device());
   const Selection sel = check_selection(op, param, grad, indices, master);
   if (k == 0) return;
-  const double steps = static_cast<double>(step);
-  const AdamWScalars h{static_cast<float>(1.0 - lr * weight_decay),
-                       static_cast<float>(1.0 - beta1),
-                       static_cast<float>(beta2),
-                       static_cast<float>(1.0 - beta2),
-                       static_cast<float>(std::sqrt(1.0 - std::pow(beta2, steps))),
-                       static_cast<float>(eps),
-                       static_cast<float>(-(lr / (1.0 - std::pow(beta1, steps))))};
   typename Backend::Guard guard(param.device());
   Backend::adamw(AdamWParams{sel, exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), h, child});
 }
