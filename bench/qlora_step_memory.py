@@ -268,12 +268,14 @@ def rest_bytes(model, opt) -> dict[str, int]:
 class Run:
     """One model, its optimizer and inputs; step(i) runs training step i (step 2 under the meter)."""
 
-    def __init__(self, name, model, args, fused: bool, optim: str, peer: bool):
+    def __init__(self, name, model, args, fused: bool, optim: str, peer: bool, micro_batch: bool):
         self.name, self.model, self.device = name, model, args.device
         self.model.to(args.device).train()
-        if args.checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm = causal_lm(model)
+        if args.checkpointing and micro_batch:
+            peft_kernels.checkpoint_in_micro_batches(lm, micro_batch_tokens=args.micro_batch_tokens)
+        elif args.checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if fused:
             peft_kernels.fuse_causal_lm_loss(lm)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -379,14 +381,15 @@ def measure_layers(args, shape: str, layers: int, dtype: torch.dtype) -> dict[st
     """Build the runs at `layers` decoder layers, take their steps in turn, print the table; returns the rows."""
     print(f"\n## {plural(layers)}: building the {args.dtype} model", flush=True)
     base = build_base(shape, layers, dtype)
-    plans = [("ours", ours, args.fused_loss, args.optim, False)]
+    micro = args.micro_batch_tokens is not None
+    plans = [("ours", ours, args.fused_loss, args.optim, False, micro)]
     if args.compare_baseline:
-        plans.append(("ours HF+AdamW", ours, False, "adamw", False))
-    plans.append(("bnb+peft", bnb_peft, args.fused_loss, args.optim, True))
+        plans.append(("ours HF+AdamW", ours, False, "adamw", False, False))
+    plans.append(("bnb+peft", bnb_peft, args.fused_loss, args.optim, True, False))
     runs = []
-    for name, build, fused, optim, peer in plans:
+    for name, build, fused, optim, peer, micro_batch in plans:
         print(f"  [{name}] quantizing to NF4, adding adapters", flush=True)
-        runs.append(Run(name, build(base, dtype, args.rank, args.alpha), args, fused, optim, peer))
+        runs.append(Run(name, build(base, dtype, args.rank, args.alpha), args, fused, optim, peer, micro_batch))
         print(f"  [{name}] {runs[-1].label}; {runs[-1].trainable:,} trainable parameters", flush=True)
     del base
     gc.collect()
@@ -458,6 +461,9 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
     ap.add_argument("--checkpointing", action="store_true", help="non-reentrant gradient checkpointing")
+    ap.add_argument("--micro-batch-tokens", type=int, default=None,
+                    help="with --checkpointing, ours uses peft_kernels.checkpoint_in_micro_batches with micro-batches "
+                         "of this many tokens (the others keep HF's checkpointing)")
     ap.add_argument("--fused-loss", action="store_true", help="peft_kernels.fuse_causal_lm_loss on both models")
     ap.add_argument("--optim", choices=("adamw", "adamw8bit"), default="adamw")
     ap.add_argument("--compare-baseline", action="store_true",
@@ -476,6 +482,8 @@ def main():
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if min(layer_counts) < 1:
         ap.error(f"--layers must be >= 1, got {args.layers}")
+    if args.micro_batch_tokens is not None and (not args.checkpointing or args.micro_batch_tokens < 1):
+        ap.error(f"--micro-batch-tokens needs --checkpointing and a value >= 1, got {args.micro_batch_tokens}")
     if args.steps < 2:
         ap.error(f"--steps must be >= 2 (step 2 is the measured one), got {args.steps}")
     if args.compare_baseline and not args.fused_loss and args.optim == "adamw":
@@ -491,9 +499,11 @@ def main():
     dtype, shape = DTYPES[args.dtype], "smollm2-135m" if args.small else "llama-7b"
     where = (torch.cuda.get_device_name() if args.device == "cuda"
              else f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    checkpointing = ("off" if not args.checkpointing else "on" if args.micro_batch_tokens is None
+                     else f"in micro-batches of {args.micro_batch_tokens} tokens (ours)")
     print(f"# QLoRA step memory: {shape} shapes, batch {args.batch} x seq {args.seq}, r {args.rank} alpha "
           f"{args.alpha:g} dropout {DROPOUT} on {len(TARGETS)} projections, {args.dtype}, checkpointing "
-          f"{'on' if args.checkpointing else 'off'}, loss {'fused' if args.fused_loss else 'HF'}, --optim "
+          f"{checkpointing}, loss {'fused' if args.fused_loss else 'HF'}, --optim "
           f"{args.optim}, {args.steps} steps | torch {torch.__version__} | {where} | load {os.getloadavg()[0]:.2f} | "
           f"{datetime.datetime.now().isoformat(timespec='seconds')}", flush=True)
     tables = {layers: measure_layers(args, shape, layers, dtype) for layers in layer_counts}

@@ -7,6 +7,7 @@ from ._ops import build_info
 from .adapters import AdapterConfig, BitFitConfig, CompacterConfig, HadamardAdapterConfig, IA3Config
 from .composite import AdapterFusionConfig, CompositeConfig, S4Config, SparseAdapterConfig
 from .hybrids import MAMConfig, UniPELTConfig
+from .checkpoint import checkpoint_in_micro_batches
 from .krona import KronAConfig
 from .lora import LoRAConfig, load_adapter, save_adapter
 from .loss import fuse_causal_lm_loss
@@ -50,6 +51,7 @@ __all__ = [
     "apply",
     "bnb_nf4_state_dict",
     "build_info",
+    "checkpoint_in_micro_batches",
     "compose",
     "composite",
     "consistency_loss",
