@@ -2,13 +2,18 @@
 vs bitsandbytes NF4 + HF PEFT LoRA, on the same model, tokens and adapter settings.
 
     python -P bench/qlora_step_memory.py [--layers 2 | --extrapolate] [--batch 1] [--seq 512] [--rank 16]
-        [--alpha 32] [--checkpointing] [--fused-loss] [--optim adamw|adamw8bit] [--compare-baseline]
-        [--steps 2] [--dtype bf16|fp32] [--small] [--device cpu|cuda]
+        [--alpha 32] [--checkpointing [--micro-batch-tokens N]] [--fused-loss] [--optim adamw|adamw8bit]
+        [--compare-baseline | --only-ours] [--steps 2] [--dtype bf16|fp32] [--small] [--device cpu|cuda]
 
 The full LLaMA-7B QLoRA recipe (issue 27) at 1 and 2 layers, extrapolated to 32:
 
     python -P bench/qlora_step_memory.py --extrapolate --batch 16 --seq 512 --rank 64 --alpha 16 \\
-        --checkpointing --fused-loss --optim adamw8bit --compare-baseline
+        --checkpointing --micro-batch-tokens 2048 --fused-loss --optim adamw8bit --compare-baseline
+
+and measured at all 32 layers (ours alone, quantized in place: the 16-bit model is 13.5 GB):
+
+    python -P bench/qlora_step_memory.py --layers 32 --only-ours --batch 16 --seq 512 --rank 64 --alpha 16 \\
+        --checkpointing --micro-batch-tokens 2048 --fused-loss --optim adamw8bit
 
 Model: transformers ``LlamaForCausalLM`` at LLaMA-7B's shapes (hidden 4096, MLP 11008, 32 heads, vocabulary
 32000, 32 layers; ``--small`` takes SmolLM2-135M's: 576 / 1536 / 9 heads / 49152 / 30 layers), ``--layers``
@@ -20,7 +25,8 @@ op, PEFT casts each adapter's input to fp32. Dropout 0.1, the QLoRA paper's for 
 recipe: it costs ours nothing kept (the mask is redrawn in backward), PEFT one dropped fp32 copy of each
 projection's input, inside one layer's recompute under ``--checkpointing``; the comparison counts that as PEFT's.
 ``--checkpointing``: ``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})`` on
-both. ``--fused-loss``: ``peft_kernels.fuse_causal_lm_loss`` on both (on PEFT's wrapped LlamaForCausalLM,
+both; with ``--micro-batch-tokens N`` ours uses ``peft_kernels.checkpoint_in_micro_batches`` instead (micro-batches of
+N tokens of whole sequences), the others keep HF's. ``--fused-loss``: ``peft_kernels.fuse_causal_lm_loss`` on both (on PEFT's wrapped LlamaForCausalLM,
 ``get_base_model()``; PEFT's forward reaches the patched instance). ``--optim``: torch AdamW on both, or
 ``peft_kernels.optim.AdamW8bit`` on ours and ``bitsandbytes.optim.AdamW8bit`` (its CPU implementation runs
 here) on bitsandbytes + PEFT; lr 1e-4, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 in all.
@@ -66,6 +72,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import functools
 import gc
 import os
 import statistics
@@ -105,11 +112,20 @@ def build_base(shape: str, layers: int, dtype: torch.dtype):
                          num_key_value_heads=heads, num_hidden_layers=layers, vocab_size=vocab,
                          tie_word_embeddings=False)
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(dtype).eval()
+    # Built in the compute dtype: LLaMA-7B's 6.7 B parameters take 13.5 GB in bf16, 27 GB in fp32 (over this
+    # machine's memory at 32 layers).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
 
 
-def ours(base, dtype, rank, alpha):
-    return peft_kernels.apply(copy.deepcopy(base), peft_kernels.QLoRAConfig(
+def ours(base, dtype, rank, alpha, in_place=False):
+    """`base` quantized and adapted: a copy, or `base` itself with `in_place` (its Linear weights are freed one by one
+    as they are quantized: the 32-layer run never holds two 16-bit copies)."""
+    return peft_kernels.apply(base if in_place else copy.deepcopy(base), peft_kernels.QLoRAConfig(
         r=rank, alpha=alpha, dropout=DROPOUT, target_modules=TARGETS, quantize="all_linear", compute_dtype=dtype))
 
 
@@ -382,10 +398,11 @@ def measure_layers(args, shape: str, layers: int, dtype: torch.dtype) -> dict[st
     print(f"\n## {plural(layers)}: building the {args.dtype} model", flush=True)
     base = build_base(shape, layers, dtype)
     micro = args.micro_batch_tokens is not None
-    plans = [("ours", ours, args.fused_loss, args.optim, False, micro)]
+    plans = [("ours", functools.partial(ours, in_place=args.only_ours), args.fused_loss, args.optim, False, micro)]
     if args.compare_baseline:
         plans.append(("ours HF+AdamW", ours, False, "adamw", False, False))
-    plans.append(("bnb+peft", bnb_peft, args.fused_loss, args.optim, True, False))
+    if not args.only_ours:
+        plans.append(("bnb+peft", bnb_peft, args.fused_loss, args.optim, True, False))
     runs = []
     for name, build, fused, optim, peer, micro_batch in plans:
         print(f"  [{name}] quantizing to NF4, adding adapters", flush=True)
@@ -404,9 +421,10 @@ def measure_layers(args, shape: str, layers: int, dtype: torch.dtype) -> dict[st
             table[run.name]["checkpoints"] = layers * args.batch * args.seq * SHAPES[shape][0] * elem
     peak_in = ", ".join(f"{r.name}: {max(r.phases, key=lambda p: p.peak).name}" for r in runs)
     print_table(f"{plural(layers)}; the peak is reached in {peak_in}", table, elem)
-    a, b = table["ours"], table["bnb+peft"]
-    print(f"\nours / bnb+peft: step peak {a['peak'] / b['peak']:.3f}, total {a['total'] / b['total']:.3f} "
-          f"({(b['total'] - a['total']) / MIB:+.1f} MiB in ours' favour)")
+    a, b = table["ours"], table.get("bnb+peft")
+    if b is not None:
+        print(f"\nours / bnb+peft: step peak {a['peak'] / b['peak']:.3f}, total {a['total'] / b['total']:.3f} "
+              f"({(b['total'] - a['total']) / MIB:+.1f} MiB in ours' favour)")
     if args.compare_baseline:
         ratio = a["time"] / table["ours HF+AdamW"]["time"]
         print(f"step time, ours ({runs[0].label}) / ours ({runs[1].label}): {ratio:.3f} "
@@ -461,6 +479,9 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
     ap.add_argument("--checkpointing", action="store_true", help="non-reentrant gradient checkpointing")
+    ap.add_argument("--only-ours", action="store_true",
+                    help="measure ours alone, quantizing the model in place (no bitsandbytes + PEFT run, no copy of "
+                         "the 16-bit model): what fits the full 32 layers in this machine's memory")
     ap.add_argument("--micro-batch-tokens", type=int, default=None,
                     help="with --checkpointing, ours uses peft_kernels.checkpoint_in_micro_batches with micro-batches "
                          "of this many tokens (the others keep HF's checkpointing)")
@@ -482,6 +503,8 @@ def main():
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if min(layer_counts) < 1:
         ap.error(f"--layers must be >= 1, got {args.layers}")
+    if args.only_ours and args.compare_baseline:
+        ap.error("--only-ours quantizes the model in place: it cannot also build the --compare-baseline run")
     if args.micro_batch_tokens is not None and (not args.checkpointing or args.micro_batch_tokens < 1):
         ap.error(f"--micro-batch-tokens needs --checkpointing and a value >= 1, got {args.micro_batch_tokens}")
     if args.steps < 2:
