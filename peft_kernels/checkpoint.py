@@ -134,9 +134,9 @@ def micro_batch_checkpoint(function, *args, micro_batch_tokens: int = DEFAULT_MI
 
 def checkpoint_in_micro_batches(model: nn.Module, micro_batch_tokens: int | None = None) -> nn.Module:
     """Enables gradient checkpointing on every decoder layer of ``model`` (a Hugging Face model whose layers are
-    ``GradientCheckpointingLayer``s: LLaMA, Mistral, Qwen2, SmolLM2, ...), with a backward that recomputes a layer
-    over micro-batches of ``micro_batch_tokens`` tokens of whole sequences (default 2048; a micro-batch holds at least
-    one sequence). Each layer keeps its input, as with ``model.gradient_checkpointing_enable()``; one layer's
+    ``GradientCheckpointingLayer``s: LLaMA, Mistral, Qwen2, SmolLM2, ...; or an HF PEFT model of one), with a
+    backward that recomputes a layer over micro-batches of ``micro_batch_tokens`` tokens of whole sequences (default
+    2048; a micro-batch holds at least one sequence). Each layer keeps its input, as with ``model.gradient_checkpointing_enable()``; one layer's
     recompute + backward holds micro-batch / batch of what it holds there, for the same work. Active in training mode
     with gradients enabled; eager mode (the layer's backward runs autograd itself, which torch.compile does not trace).
     Returns ``model``."""
@@ -148,18 +148,20 @@ def checkpoint_in_micro_batches(model: nn.Module, micro_batch_tokens: int | None
     if isinstance(micro_batch_tokens, bool) or not isinstance(micro_batch_tokens, int) or micro_batch_tokens <= 0:
         raise ValueError(f"checkpoint_in_micro_batches: argument 'micro_batch_tokens' must be a positive int or None, "
                          f"got {micro_batch_tokens!r}")
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"checkpoint_in_micro_batches: argument 'model' must be a Hugging Face PreTrainedModel, got "
-                        f"{type(model).__name__}")
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    # HF PEFT's PeftModel wraps the transformers model: checkpointing is enabled on that.
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(hf_model, PreTrainedModel):
+        raise TypeError(f"checkpoint_in_micro_batches: argument 'model' must be a Hugging Face PreTrainedModel (or an "
+                        f"HF PEFT model wrapping one), got {type(model).__name__}")
+    layers = [m for m in hf_model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
-        raise ValueError(f"checkpoint_in_micro_batches: {type(model).__name__} has no GradientCheckpointingLayer "
+        raise ValueError(f"checkpoint_in_micro_batches: {type(hf_model).__name__} has no GradientCheckpointingLayer "
                          f"(its decoder layers do not support Hugging Face's gradient checkpointing)")
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; the older name warns
+    enable = getattr(hf_model, "activation_checkpointing_enable", None)  # transformers >= 5.x; the older name warns
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     func = functools.partial(micro_batch_checkpoint, micro_batch_tokens=micro_batch_tokens)
     for layer in layers:
         layer._gradient_checkpointing_func = func
