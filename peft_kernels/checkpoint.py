@@ -12,7 +12,9 @@ efficient). The checkpoints themselves (one layer input per layer) are the same.
 
 Dropout draws the same masks in the recompute as in forward: the RNG state (CPU, and the layer's device) is
 recorded before the micro-batches' forward and restored for their recompute, which runs in the same order. Autocast
-state is recorded and re-entered the same way. Adapter gradients are the sum of the micro-batches'.
+state is recorded and re-entered the same way. The layer's trainable parameters are inputs of the checkpoint op:
+their gradients are summed over the micro-batches and come out once per step, as from any op, so DDP's and FSDP2's
+gradient hooks see one gradient per parameter (python_tests/test_distributed.py trains under both).
 """
 
 from __future__ import annotations
@@ -45,12 +47,12 @@ def _device_rng_state(device: torch.device):
 class _MicroBatchCheckpoint(torch.autograd.Function):
     """out = layer(hidden, **kwargs), run by micro-batches [s, e) of the batch; only ``hidden`` is saved.
 
-    ``anchor`` is an empty tensor that requires grad, so the output requires grad (and backward runs, giving the
-    layer's parameters their gradients) even when ``hidden`` does not: the embeddings' output in a frozen-embedding
-    fine-tune."""
+    The layer's trainable parameters are inputs, so that backward returns each one's gradient summed over the
+    micro-batches, once: autograd accumulates it as for any op, and gradient hooks (DDP's, an optimizer step in
+    backward) fire once per parameter and step."""
 
     @staticmethod
-    def forward(ctx, layer_call, kwargs, bounds, anchor, hidden):
+    def forward(ctx, layer_call, kwargs, bounds, hidden, *params):
         batch = hidden.shape[0]
         ctx.layer_call, ctx.kwargs, ctx.bounds = layer_call, kwargs, bounds
         ctx.cpu_rng = torch.get_rng_state()
@@ -66,29 +68,36 @@ class _MicroBatchCheckpoint(torch.autograd.Function):
             if out is None:
                 out = y.new_empty((batch, *y.shape[1:]))
             out[start:end] = y
-        ctx.save_for_backward(hidden)
-        ctx.hidden_requires_grad = hidden.requires_grad
+        ctx.save_for_backward(hidden, *params)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        (hidden,) = ctx.saved_tensors
+        hidden, *params = ctx.saved_tensors
+        need_hidden, need_params = ctx.needs_input_grad[3], ctx.needs_input_grad[4:]
+        wanted = [p for p, need in zip(params, need_params) if need]
         batch = hidden.shape[0]
-        grad_hidden = torch.empty_like(hidden) if ctx.hidden_requires_grad else None
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        sums: list[torch.Tensor | None] = [None] * len(wanted)
         devices = [] if hidden.device.type == "cpu" else [hidden.device]
         with torch.random.fork_rng(devices=devices, device_type=hidden.device.type):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.device_rng is not None:
                 torch.get_device_module(hidden.device.type).set_rng_state(ctx.device_rng, hidden.device)
             for start, end in ctx.bounds:
-                part = hidden[start:end].detach().requires_grad_(ctx.hidden_requires_grad)
+                part = hidden[start:end].detach().requires_grad_(need_hidden)
                 with torch.enable_grad(), _autocast(ctx.autocast):
                     y = ctx.layer_call(part, **_slice(ctx.kwargs, batch, start, end))
-                torch.autograd.backward(y, grad_out[start:end])
-                if grad_hidden is not None:
-                    grad_hidden[start:end] = part.grad
-                del y, part
-        return None, None, None, None, grad_hidden
+                inputs = ([part] if need_hidden else []) + wanted
+                grads = torch.autograd.grad(y, inputs, grad_out[start:end], allow_unused=True)
+                if need_hidden:
+                    grad_hidden[start:end] = grads[0]
+                for i, g in enumerate(grads[len(inputs) - len(wanted):]):
+                    if g is not None:
+                        sums[i] = g if sums[i] is None else sums[i].add_(g)
+                del y, part, grads
+        it = iter(sums)
+        return (None, None, None, grad_hidden, *(next(it) if need else None for need in need_params))
 
 
 class _autocast:
@@ -110,26 +119,27 @@ def micro_batch_checkpoint(function, *args, micro_batch_tokens: int = DEFAULT_MI
     """The checkpoint function for one layer call, in the form Hugging Face's ``GradientCheckpointingLayer`` calls it:
     ``function`` is ``functools.partial(forward, layer, **kwargs)`` and ``args`` is ``(hidden_states,)``
     [batch, seq, hidden]. Micro-batches hold ``max(1, micro_batch_tokens // seq)`` sequences."""
+    if not (isinstance(function, functools.partial) and function.args and isinstance(function.args[0], nn.Module)):
+        raise TypeError(f"checkpoint_in_micro_batches: the layer call must be functools.partial(forward, layer, "
+                        f"**kwargs), as transformers' GradientCheckpointingLayer makes it (its parameters are found "
+                        f"through the layer), got {function!r}")
     if len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
         raise TypeError("checkpoint_in_micro_batches: a decoder layer must be called with its hidden states "
                         "[batch, seq, ...] as the only positional argument, got "
                         f"{[type(a).__name__ for a in args]}")
     hidden = args[0]
-    if isinstance(function, functools.partial):
-        layer_call, kwargs = functools.partial(function.func, *function.args), dict(function.keywords)
-    else:
-        layer_call, kwargs = function, {}
+    layer_call, kwargs = functools.partial(function.func, *function.args), dict(function.keywords)
     for name, value in kwargs.items():
         leaves = value if isinstance(value, (tuple, list)) else (value,)
         if any(isinstance(v, torch.Tensor) and v.requires_grad for v in leaves):
-            # Its gradient would be lost: backward only returns the hidden states'.
+            # Its gradient would be lost: backward only returns the hidden states' and the parameters'.
             raise ValueError(f"checkpoint_in_micro_batches: keyword argument {name!r} of the decoder layer requires "
                              f"grad; only the hidden states may")
+    params = [p for p in function.args[0].parameters() if p.requires_grad]
     batch, seq = hidden.shape[0], hidden.shape[1]
     per = max(1, micro_batch_tokens // max(1, seq))
     bounds = [(s, min(batch, s + per)) for s in range(0, batch, per)]
-    anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-    return _MicroBatchCheckpoint.apply(layer_call, kwargs, bounds, anchor, hidden)
+    return _MicroBatchCheckpoint.apply(layer_call, kwargs, bounds, hidden, *params)
 
 
 def checkpoint_in_micro_batches(model: nn.Module, micro_batch_tokens: int | None = None) -> nn.Module:

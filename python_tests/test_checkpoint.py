@@ -123,6 +123,18 @@ def test_backward_holds_a_micro_batch():
     assert ours < 0.4 * hf, (ours, hf)
 
 
+def test_each_gradient_is_accumulated_once_per_step():
+    """The layer's parameters are inputs of its checkpoint op: over 3 micro-batches each adapter gets one gradient
+    accumulation (DDP's hooks and an optimizer step in backward rely on that), holding the micro-batches' sum."""
+    model = pk.checkpoint_in_micro_batches(lora_llama(dropout=0.0), micro_batch_tokens=14)
+    counts = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda p, name=name: counts.update({name: counts.get(name, 0) + 1}))
+    grads(model, tokens(LLAMA_VOCAB, (5, 7)))
+    assert len(counts) == 2 * 2 * len(TARGETS) and set(counts.values()) == {1}, counts
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_hf_peft_model():
     """An HF PEFT LoRA model (its dropout is torch's nn.Dropout): one micro-batch per batch gives HF checkpointing's
@@ -169,9 +181,12 @@ def test_bad_input():
     layer = model.model.layers[0]
     hidden = torch.randn(2, 3, 64)
     needs_grad = torch.randn(2, 3, 64, requires_grad=True)
+    call = functools.partial(type(layer).forward, layer)
+    with pytest.raises(TypeError, match=r"the layer call must be functools.partial\(forward, layer, \*\*kwargs\)"):
+        micro_batch_checkpoint(layer, hidden)
     with pytest.raises(ValueError, match=r"keyword argument 'extra' of the decoder layer requires grad"):
-        micro_batch_checkpoint(functools.partial(lambda h, extra: h + extra, extra=needs_grad), hidden)
+        micro_batch_checkpoint(functools.partial(lambda self, h, extra: h + extra, layer, extra=needs_grad), hidden)
     with pytest.raises(TypeError, match=r"hidden states \[batch, seq, \.\.\.\] as the only positional argument"):
-        micro_batch_checkpoint(layer, hidden, hidden)
+        micro_batch_checkpoint(call, hidden, hidden)
     with pytest.raises(TypeError, match=r"must return the hidden states as one tensor"):
-        micro_batch_checkpoint(lambda h: (h, None), hidden.requires_grad_())
+        micro_batch_checkpoint(functools.partial(lambda self, h: (h, None), layer), hidden.requires_grad_())

@@ -25,7 +25,9 @@ import peft_kernels as pk
 from tiny_models import num_threads
 
 WORLD, STEPS = 2, 4
-KINDS = ["lora", "qlora", "qlora-sharded"]
+# lora-micro: LoRA under checkpoint_in_micro_batches, micro-batches of one sequence (the parameters' gradients come
+# out of its checkpoint op once per step, summed over the micro-batches, where DDP and FSDP2 hook them).
+KINDS = ["lora", "qlora", "qlora-sharded", "lora-micro"]
 # The global batch, every step (so that the loss falls): 4 sequences of 12 tokens; rank k of 2 takes rows 2k,
 # 2k+1. Every sequence has the same number of tokens, so the mean of the ranks' mean losses is the global one.
 TOKENS = torch.randint(0, 101, (4, 12), generator=torch.Generator().manual_seed(5))
@@ -38,6 +40,8 @@ def make_model(kind):
     model = LlamaForCausalLM(config)
     if kind == "lora":
         return pk.apply(model, pk.LoRAConfig(r=4, alpha=8))
+    if kind == "lora-micro":
+        return pk.checkpoint_in_micro_batches(pk.apply(model, pk.LoRAConfig(r=4, alpha=8)), micro_batch_tokens=12)
     storage = torch.float32 if kind == "qlora-sharded" else torch.uint8
     return pk.apply(model, pk.QLoRAConfig(r=4, alpha=8, quantize="all_linear", compute_dtype=torch.float32,
                                           quant_storage=storage))
