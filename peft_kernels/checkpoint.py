@@ -19,6 +19,7 @@ gradient hooks see one gradient per parameter (python_tests/test_distributed.py 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -30,9 +31,9 @@ DEFAULT_MICRO_BATCH_TOKENS = 2048
 
 
 def _slice(value, batch: int, start: int, end: int):
-    """value[start:end] for a tensor of >= 2 dims whose first is the batch's (hidden states, position ids, a per-sequence
-    mask, per-sequence rotary tables); tuples and lists element by element; anything else (a shared [1, ...] table, a
-    1-D cache position, None, flags) as it is."""
+    """value[start:end] for a tensor of >= 2 dims whose first is the batch's (hidden states, position ids, a
+    per-sequence mask, per-sequence rotary tables); tuples and lists element by element; anything else (a shared
+    [1, ...] table, a 1-D cache position, None, flags) as it is."""
     if isinstance(value, torch.Tensor):
         return value[start:end] if value.dim() >= 2 and value.shape[0] == batch else value
     if isinstance(value, (tuple, list)):
@@ -86,7 +87,9 @@ class _MicroBatchCheckpoint(torch.autograd.Function):
                 torch.get_device_module(hidden.device.type).set_rng_state(ctx.device_rng, hidden.device)
             for start, end in ctx.bounds:
                 part = hidden[start:end].detach().requires_grad_(need_hidden)
-                with torch.enable_grad(), _autocast(ctx.autocast):
+                with torch.enable_grad(), contextlib.ExitStack() as autocast:
+                    for kind, enabled, dtype in ctx.autocast:  # the forward's autocast state, per device type
+                        autocast.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
                     y = ctx.layer_call(part, **_slice(ctx.kwargs, batch, start, end))
                 inputs = ([part] if need_hidden else []) + wanted
                 grads = torch.autograd.grad(y, inputs, grad_out[start:end], allow_unused=True)
@@ -98,21 +101,6 @@ class _MicroBatchCheckpoint(torch.autograd.Function):
                 del y, part, grads
         it = iter(sums)
         return (None, None, None, grad_hidden, *(next(it) if need else None for need in need_params))
-
-
-class _autocast:
-    """Re-enters the recorded autocast state of each device type (a no-op where it was off)."""
-
-    def __init__(self, states):
-        self.contexts = [torch.autocast(kind, dtype=dtype, enabled=enabled) for kind, enabled, dtype in states]
-
-    def __enter__(self):
-        for c in self.contexts:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in reversed(self.contexts):
-            c.__exit__(*exc)
 
 
 def micro_batch_checkpoint(function, *args, micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS):
@@ -144,12 +132,12 @@ def micro_batch_checkpoint(function, *args, micro_batch_tokens: int = DEFAULT_MI
 
 def checkpoint_in_micro_batches(model: nn.Module, micro_batch_tokens: int | None = None) -> nn.Module:
     """Enables gradient checkpointing on every decoder layer of ``model`` (a Hugging Face model whose layers are
-    ``GradientCheckpointingLayer``s: LLaMA, Mistral, Qwen2, SmolLM2, ...; or an HF PEFT model of one), with a
-    backward that recomputes a layer over micro-batches of ``micro_batch_tokens`` tokens of whole sequences (default
-    2048; a micro-batch holds at least one sequence). Each layer keeps its input, as with ``model.gradient_checkpointing_enable()``; one layer's
-    recompute + backward holds micro-batch / batch of what it holds there, for the same work. Active in training mode
-    with gradients enabled; eager mode (the layer's backward runs autograd itself, which torch.compile does not trace).
-    Returns ``model``."""
+    ``GradientCheckpointingLayer``s: LLaMA, Mistral, Qwen2, SmolLM2, ...; or an HF PEFT model of one), with a backward
+    that recomputes a layer over micro-batches of ``micro_batch_tokens`` tokens of whole sequences (default 2048; a
+    micro-batch holds at least one sequence). Each layer keeps its input, as with
+    ``model.gradient_checkpointing_enable()``; one layer's recompute + backward holds micro-batch / batch of what it
+    holds there, for the same work. Active in training mode with gradients enabled; eager mode (the layer's backward
+    runs autograd itself, which torch.compile does not trace). Returns ``model``."""
     from transformers import PreTrainedModel
     from transformers.modeling_layers import GradientCheckpointingLayer
 
